@@ -1,0 +1,37 @@
+//! Errors shared by every pfnstore crate.
+//!
+//! Each crate has its own error enum for what only it can get wrong (a double free, a pinned
+//! range, a missing hugetlb pool) and wraps [`RangeError`] for the validation they all share.
+//! Every variant names the offending PFN so that a VMM can report it without guessing.
+
+use crate::{PageSize, Pfn};
+
+/// A PFN range that cannot be formed or is not acceptable where it was passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    /// `start..end` contains no page (`end <= start`).
+    #[error("empty range starting at {start} (end {end})")]
+    Empty { start: Pfn, end: Pfn },
+    /// `start + pages` does not fit in the PFN space.
+    #[error("range of {pages} pages starting at {start} overflows the PFN space")]
+    Overflow { start: Pfn, pages: u64 },
+    /// A boundary is not aligned as the operation requires.
+    #[error("{pfn} is not aligned to {align_pages} pages")]
+    Unaligned { pfn: Pfn, align_pages: u64 },
+    /// The range reaches outside what the callee manages; `pfn` is the first page outside.
+    #[error("{pfn} is outside the managed PFN space")]
+    OutOfBounds { pfn: Pfn },
+    /// A page-size request that does not fit the geometry.
+    #[error("{size:?} is not a valid block size here")]
+    BadPageSize { size: PageSize },
+}
+
+/// A [`crate::Geometry`] that cannot be built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GeometryError {
+    /// The orders must satisfy `0 < mid_order < chunk_order <= 30`.
+    #[error(
+        "invalid geometry: mid order {mid_order}, chunk order {chunk_order} (need 0 < mid < chunk <= 30)"
+    )]
+    BadOrders { mid_order: u32, chunk_order: u32 },
+}

@@ -1,0 +1,130 @@
+//! Page frame numbers.
+
+use std::fmt;
+
+/// log2 of the base page size (4 KiB) that every PFN counts in.
+pub const PAGE_SHIFT: u32 = 12;
+/// The base page size in bytes.
+pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
+
+/// One past the highest PFN any range may reach: 64-bit byte addresses in 4 KiB pages.
+///
+/// Keeping every range below 2^52 means that byte addresses, block ends and chunk ends never
+/// overflow, so no arithmetic on a validated range needs a checked operation.
+pub const PFN_LIMIT: Pfn = Pfn(1 << (64 - PAGE_SHIFT));
+
+/// A page frame number: the index of a 4 KiB page in a PFN space.
+///
+/// The PFN space is usually physical memory (PFNs read from `/proc/self/pagemap`), but the
+/// metadata and allocator crates treat it as an abstract index space: synthetic PFNs, or page
+/// offsets inside a guest-memory file, work the same way.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Pfn(pub u64);
+
+impl Pfn {
+    /// The PFN of the page that contains byte address `addr`.
+    pub const fn from_addr(addr: u64) -> Pfn {
+        Pfn(addr >> PAGE_SHIFT)
+    }
+
+    /// The byte address of the first byte of this page, or `None` if it does not fit in a u64.
+    pub const fn to_addr(self) -> Option<u64> {
+        self.0.checked_mul(PAGE_SIZE)
+    }
+
+    /// The raw number.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// `self + pages`, or `None` on overflow.
+    pub const fn checked_add(self, pages: u64) -> Option<Pfn> {
+        match self.0.checked_add(pages) {
+            Some(v) => Some(Pfn(v)),
+            None => None,
+        }
+    }
+
+    /// The number of pages from `earlier` to `self`, or `None` if `earlier` is after `self`.
+    pub const fn checked_distance_from(self, earlier: Pfn) -> Option<u64> {
+        self.0.checked_sub(earlier.0)
+    }
+
+    /// Whether this PFN is a multiple of `pages` (which must be a power of two).
+    pub const fn is_aligned_to(self, pages: u64) -> bool {
+        debug_assert!(pages.is_power_of_two());
+        self.0 & (pages - 1) == 0
+    }
+
+    /// Rounds down to a multiple of `pages` (a power of two).
+    pub const fn align_down(self, pages: u64) -> Pfn {
+        debug_assert!(pages.is_power_of_two());
+        Pfn(self.0 & !(pages - 1))
+    }
+
+    /// Rounds up to a multiple of `pages` (a power of two), or `None` on overflow.
+    pub const fn checked_align_up(self, pages: u64) -> Option<Pfn> {
+        debug_assert!(pages.is_power_of_two());
+        match self.0.checked_add(pages - 1) {
+            Some(v) => Some(Pfn(v & !(pages - 1))),
+            None => None,
+        }
+    }
+}
+
+impl fmt::Debug for Pfn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pfn({:#x})", self.0)
+    }
+}
+
+impl fmt::Display for Pfn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pfn {:#x}", self.0)
+    }
+}
+
+impl From<u64> for Pfn {
+    fn from(v: u64) -> Pfn {
+        Pfn(v)
+    }
+}
+
+impl From<Pfn> for u64 {
+    fn from(p: Pfn) -> u64 {
+        p.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_round_trip() {
+        assert_eq!(Pfn::from_addr(0x4000_0000), Pfn(0x40000));
+        assert_eq!(Pfn(0x40000).to_addr(), Some(0x4000_0000));
+        assert_eq!(Pfn(u64::MAX).to_addr(), None);
+        assert_eq!(Pfn::from_addr(0x1fff), Pfn(1));
+    }
+
+    #[test]
+    fn alignment() {
+        assert!(Pfn(512).is_aligned_to(512));
+        assert!(!Pfn(513).is_aligned_to(512));
+        assert_eq!(Pfn(1023).align_down(512), Pfn(512));
+        assert_eq!(Pfn(513).checked_align_up(512), Some(Pfn(1024)));
+        assert_eq!(Pfn(512).checked_align_up(512), Some(Pfn(512)));
+        assert_eq!(Pfn(u64::MAX).checked_align_up(512), None);
+    }
+
+    #[test]
+    fn arithmetic_and_display() {
+        assert_eq!(Pfn(5).checked_add(3), Some(Pfn(8)));
+        assert_eq!(Pfn(u64::MAX).checked_add(1), None);
+        assert_eq!(Pfn(8).checked_distance_from(Pfn(5)), Some(3));
+        assert_eq!(Pfn(5).checked_distance_from(Pfn(8)), None);
+        assert_eq!(Pfn(0x40000).to_string(), "pfn 0x40000");
+        assert_eq!(format!("{:?}", Pfn(16)), "Pfn(0x10)");
+    }
+}

@@ -1,0 +1,27 @@
+//! # pfnstore loom models
+//!
+//! The models live in `tests/` (one file per concurrent path) and in `#[cfg(all(test,
+//! pfnstore_loom))]` modules of the crates whose private items they need. They compile to
+//! nothing unless the workspace is built with `RUSTFLAGS="--cfg pfnstore_loom"`, which switches
+//! the sync facade in `pfnstore-core` to loom's primitives:
+//!
+//! ```text
+//! RUSTFLAGS="--cfg pfnstore_loom" LOOM_MAX_PREEMPTIONS=2 \
+//!     cargo test --release --target-dir target/loom -p pfnstore-loom-tests
+//! ```
+//!
+//! `scripts/test-all.sh` runs them that way; ARCHITECTURE.md says how to run one model deeper.
+
+/// The preemption bound the models use unless `LOOM_MAX_PREEMPTIONS` says otherwise.
+pub const DEFAULT_MAX_PREEMPTIONS: usize = 2;
+
+/// A loom builder with the project's defaults: a bounded number of preemptions (overridable
+/// through `LOOM_MAX_PREEMPTIONS`), so the whole suite stays within CI's budget.
+#[cfg(pfnstore_loom)]
+pub fn model_builder() -> loom::model::Builder {
+    let mut builder = loom::model::Builder::new();
+    if builder.preemption_bound.is_none() {
+        builder.preemption_bound = Some(DEFAULT_MAX_PREEMPTIONS);
+    }
+    builder
+}
