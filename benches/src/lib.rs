@@ -1,1 +1,5 @@
-//! Work in progress.
+//! # pfnstore-benches: the baselines pfnstore is measured against
+//!
+//! The criterion benches in `benches/` compare pfnstore's crates with the designs a VMM or the
+//! kernel would otherwise use (see ARCHITECTURE.md, "Benchmarks"). The baselines live here so
+//! that they are built once, tested, and shared by the benches.
