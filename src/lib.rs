@@ -6,20 +6,54 @@
 //! 4 KiB page, converts memory between shared and private in place, and tells every user of the
 //! memory (KVM's MMU, an IOMMU mapper, the VMM's host view) through notifier callbacks.
 //!
+//! ## Concepts
+//!
+//! * A [`Store`] owns the memory: a [`pfnstore_hugetlb::MemorySource`] (hugetlb pages, or
+//!   synthetic PFNs for scale), the lock-sharded allocator, and the physical metadata (which
+//!   file owns a PFN, what needs scrubbing, what is quarantined).
+//! * A [`GuestMemory`] file is what a VM's memory region is backed by (guest_memfd's
+//!   counterpart). Shareability and pins belong to its *offsets*: converting offsets that have
+//!   no memory yet is recorded and holds when memory arrives. Memory is allocated lazily (or
+//!   eagerly), a block at a time, with PFNs aligned like the offsets so that it can be mapped
+//!   huge.
+//! * [`GuestMemory::convert`] is the conversion transaction of
+//!   [`pfnstore_metadata::conversion`]: pin check, prepare (veto), commit with an exact block
+//!   plan, immediate merges, quarantine on unmap failure.
+//! * Subscribers ([`Subscriber`]) are the users of the memory; [`subscribers`] has two
+//!   reference ones (an iommufd-like DMA mapper and a KVM-like MMU) that check the plans.
+//! * The host view: [`GuestMemory::read`] and [`GuestMemory::write`] reach shared memory only;
+//!   huge pages that are entirely private are also revoked (PROT_NONE) in the VMM's mapping.
+//!
 //! The crates underneath:
 //!
 //! * [`core`](pfnstore_core): PFNs, ranges, block geometry, shared errors, the sync facade;
 //! * [`hugetlb`](pfnstore_hugetlb): where memory comes from;
 //! * [`allocator`](pfnstore_allocator): the lock-sharded PFN-range allocator;
-//! * [`metadata`](pfnstore_metadata): the range-tree metadata store.
+//! * [`metadata`](pfnstore_metadata): the range-tree metadata store and conversions.
 //!
-//! This crate glues them into what a VMM embeds; see ARCHITECTURE.md for the layering.
+//! See ARCHITECTURE.md for the layering.
 
 pub use pfnstore_allocator as allocator;
 pub use pfnstore_core as core;
 pub use pfnstore_hugetlb as hugetlb;
 pub use pfnstore_metadata as metadata;
 
+pub use pfnstore_metadata::conversion::{
+    ConversionOutcome, ConversionPlan, ConversionRequest, Interest, Invalidation, PlanEntry, Registration, Subscriber,
+    UnmapError, Veto,
+};
+pub use pfnstore_metadata::{FileId, PinOwner, Shareability};
+
+mod backing;
 mod config;
+mod error;
+mod file;
+mod memory;
+mod store;
+pub mod subscribers;
 
 pub use config::{ConfigError, StoreConfig};
+pub use error::StoreError;
+pub use file::{ConvertMode, Fault, FileOptions, FileStats, GuestMemory};
+pub use memory::Views;
+pub use store::{Store, StoreOptions, StoreStats};

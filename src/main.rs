@@ -21,12 +21,18 @@ struct Cli {
 enum Command {
     /// The hugetlb situation of this machine and the configuration of a store (the default).
     Status(cli::status::Args),
+    /// The hugetlb pools, whether 1G pages can be reserved here, and what a store would get.
+    Hugetlb(cli::hugetlb::Args),
+    /// Measures obtaining and prefaulting memory: MAP_POPULATE vs threads, 1G/2M/ordinary.
+    Prefault(cli::prefault::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Status(args)) => cli::status::run(&args),
+        Some(Command::Hugetlb(args)) => cli::hugetlb::run(&args),
+        Some(Command::Prefault(args)) => cli::prefault::run(&args),
         None => cli::status::run(&cli::status::Args::default()),
     };
     match result {

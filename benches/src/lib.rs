@@ -3,3 +3,5 @@
 //! The criterion benches in `benches/` compare pfnstore's crates with the designs a VMM or the
 //! kernel would otherwise use (see ARCHITECTURE.md, "Benchmarks"). The baselines live here so
 //! that they are built once, tested, and shared by the benches.
+
+pub mod metadata_baselines;

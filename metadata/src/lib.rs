@@ -1,1 +1,103 @@
-//! Work in progress.
+//! # pfnstore-metadata: per-range attributes of physical memory, without per-page metadata
+//!
+//! A [`MetadataStore`] records, for every page of the chunks it manages, the attributes of
+//! pfnstore's contract: [`Shareability`] (shared with the host or private to the guest), pins
+//! ([`PinSet`]: owner → count, owners may overlap), quarantine (with a
+//! [`QuarantineReason`]), dirty (needs a scrub before reuse) and the owning file ([`FileId`]).
+//! It never stores anything per 4K page unless the memory really is fragmented at 4K, and
+//! even then never more than a one-bit-per-page bitmap would.
+//!
+//! ## Chunks are the shards
+//!
+//! The store covers a chunk-aligned PFN *span* fixed at construction and keeps one 64-byte,
+//! cache-line-aligned slot per chunk of it (a 16 TiB span of 1G chunks is 1 MiB of slots).
+//! Chunks become *managed* with [`MetadataStore::add_chunk`]. Each slot holds the chunk's lock
+//! (from [`pfnstore_core::sync`]), a lock-free summary word, and the chunk's state, which for a
+//! uniform chunk is entirely inline: a uniform GiB costs those 64 bytes and nothing else.
+//!
+//! The state has two planes (see `IMPLEMENTATION.md` for the details and the memory math):
+//!
+//! * **shareability**, the attribute that fragments at 4K: uniform, a few flip offsets inline,
+//!   a list of flip offsets, or a bitmap, chosen by the number of flips alone;
+//! * **coarse** attributes (owner, quarantine, dirty, pins): a run list, inline when uniform.
+//!
+//! Both are *canonical*: the representation is a function of the content, equal adjacent runs
+//! are always merged, and converting everything back restores the exact uniform form and
+//! byte count. [`MetadataStore::check_invariants`] verifies this.
+//!
+//! ## Mapping attributes
+//!
+//! [`MetadataStore::max_mapping_order`], [`MetadataStore::block_plan`] and [`MappingChange`]
+//! consider only the [`MappingAttributes`]: shareability, owner (a huge mapping cannot span two
+//! files) and whether the memory is quarantined. Pins and scrub state do **not** make a block
+//! non-uniform: a DMA pin on one 4K page must not split KVM's 1G mapping.
+//!
+//! ## Mutations
+//!
+//! [`MetadataStore::set_shareability`], [`MetadataStore::pin`]/[`MetadataStore::unpin`],
+//! [`MetadataStore::quarantine`], [`MetadataStore::set_dirty`],
+//! [`MetadataStore::assign_owner`]/[`MetadataStore::release_owner`] are all-or-nothing: the
+//! whole range is validated with its chunks locked, and a refused call changes nothing. Errors
+//! name the first offending page (ascending); when one page fails several checks, the check
+//! listed first in the method's docs wins. Every mutation returns a [`MappingChange`]: the
+//! blocks that lost their uniformity (split) and those that regained it (merge), in the same
+//! call — converting the 4K page back merges the 1G block at once.
+//!
+//! ## Lock order
+//!
+//! There is one lock per chunk. An operation on a range takes the locks of all its chunks
+//! **in ascending PFN order** (write locks for mutations, read locks for `ranges`,
+//! `block_plan`, `owner_of`), holds them until it returns, and never takes a chunk lock while
+//! holding a lock of a higher chunk. No user code runs under a chunk lock. `stats` and
+//! `check_invariants` take one read lock at a time.
+//!
+//! ## The fault path
+//!
+//! `max_mapping_order` reads the chunk's summary word with one atomic load: a bit saying the
+//! chunk is mapping-uniform, and 32 bits saying that every middle block of a group (1/32 of
+//! the chunk) is. When the bit for `pfn` is set, the answer needs no lock; otherwise the
+//! chunk's read lock is taken for an O(log n) look-up. The summary is written only under the
+//! chunk's write lock, after the state changed, with release ordering: a lock-free reader sees
+//! the summary of the state before or after a concurrent mutation, each exact for its state.
+//!
+//! ## Testing support
+//!
+//! [`reference::ReferenceStore`] is a naive per-page array with the same API and errors. The
+//! property tests compare the two after every step; other crates' tests and the benches may use
+//! it as the "struct page" model.
+
+mod attrs;
+mod change;
+mod chunk;
+mod coarse_plane;
+pub mod conversion;
+mod error;
+mod inline_vec;
+#[cfg(all(test, pfnstore_loom))]
+mod loom_models;
+mod plan;
+pub mod reference;
+mod share_plane;
+mod stats;
+mod store;
+
+pub use attrs::{
+    Attributes, FileId, MappingAttributes, PinOwner, PinSet, QuarantineReason, Shareability,
+};
+pub use change::MappingChange;
+pub(crate) use change::Transition;
+pub use error::MetadataError;
+pub use plan::BlockPlan;
+pub use stats::Stats;
+pub use store::{MAX_CHUNKS, MetadataStore};
+
+#[cfg(all(test, not(pfnstore_loom)))]
+mod layout_tests {
+    use super::*;
+
+    #[test]
+    fn a_uniform_chunk_is_one_cache_line() {
+        assert_eq!(std::mem::size_of::<chunk::ChunkState>(), 48);
+        assert_eq!(store::slot_size(), 64);
+    }
+}

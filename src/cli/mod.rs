@@ -1,3 +1,5 @@
 //! One module per subcommand.
 
+pub mod hugetlb;
+pub mod prefault;
 pub mod status;

@@ -1,0 +1,445 @@
+//! One test per placement rule, per kind of bad input, and per accounting promise, on the
+//! real x86-64 geometry (4 KiB / 2 MiB / 1 GiB): per-extent metadata makes that cheap.
+#![cfg(not(pfnstore_loom))]
+
+use pfnstore_allocator::{
+    AllocError, AllocRequest, Allocator, AllocatorConfig, ShardHint, ShardId,
+};
+use pfnstore_core::{Geometry, Pfn, PfnRange, RangeError};
+
+const G: Geometry = Geometry::X86_64;
+const M: u64 = 512;
+const C: u64 = 512 * 512;
+
+fn range(start: u64, len: u64) -> PfnRange {
+    PfnRange::from_len(Pfn(start), len).unwrap()
+}
+
+fn one_shard(chunks: &[u64]) -> Allocator {
+    let a = Allocator::new(AllocatorConfig {
+        geometry: G,
+        shards: 1,
+    })
+    .unwrap();
+    for &c in chunks {
+        a.add_chunk(Pfn(c * C), true).unwrap();
+    }
+    a
+}
+
+fn alloc(a: &Allocator, pages: u64, align: u64) -> PfnRange {
+    a.alloc(AllocRequest::new(pages).aligned(align))
+        .unwrap()
+        .range
+}
+
+#[test]
+fn chunk_requests_take_whole_chunks() {
+    let a = one_shard(&[0, 1, 2, 3]);
+    let small = alloc(&a, 1, 1);
+    assert_eq!(small.start(), Pfn(0));
+    // Unaligned 1G request: still placed on a chunk boundary, not at page 1.
+    let big = alloc(&a, C, 1);
+    assert_eq!(big, range(C, C));
+    let two = alloc(&a, 2 * C, C);
+    assert_eq!(two, range(2 * C, 2 * C));
+    assert_eq!(
+        a.alloc(AllocRequest::new(C).aligned(C)).unwrap_err(),
+        AllocError::OutOfMemory {
+            pages: C,
+            align_pages: C
+        }
+    );
+    a.free(two).unwrap();
+    a.free(big).unwrap();
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn mid_requests_use_a_partly_used_chunk_before_breaking_a_free_one() {
+    // Chunk 0 is wholly free and lower; chunk 2 has one page in use.
+    let a = one_shard(&[0, 2]);
+    a.alloc_at(range(2 * C + 7 * M + 3, 1)).unwrap();
+    let mid = alloc(&a, M, M);
+    assert!(
+        mid.start().0 >= 2 * C && mid.end().0 <= 3 * C,
+        "{mid:?} broke the free chunk 0"
+    );
+    assert!(mid.start().is_aligned_to(M));
+    assert_eq!(a.stats().total.free_chunks, 1);
+    // Now leave chunk 2 without any whole free 2M block: one page used in every block.
+    for b in 0..512 {
+        let _ = a.alloc_at(range(2 * C + b * M + 1, 1));
+    }
+    let next = alloc(&a, M, M);
+    assert!(next.end().0 <= C, "{next:?} should come from chunk 0 now");
+    assert_eq!(a.stats().total.free_chunks, 0);
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn small_requests_pack_into_split_mid_blocks_first() {
+    let a = one_shard(&[0, 2]);
+    // Split one 2M block of chunk 2: a page in its middle.
+    a.alloc_at(range(2 * C + 5 * M + 100, 1)).unwrap();
+    let p = alloc(&a, 1, 1);
+    assert!(
+        p.start().0 >= 2 * C + 5 * M && p.end().0 <= 2 * C + 6 * M,
+        "{p:?} is not in the split block"
+    );
+    // Fill that block's rest, 4K at a time: every one stays inside it.
+    let free_mids_before = a.stats().total.free_mid_blocks;
+    for _ in 0..(M - 2) {
+        let q = alloc(&a, 1, 1);
+        assert!(q.start().0 >= 2 * C + 5 * M && q.end().0 <= 2 * C + 6 * M);
+    }
+    assert_eq!(a.stats().total.free_mid_blocks, free_mids_before);
+    // The block is full: the next 4K splits a 2M block of the partly used chunk 2, not
+    // chunk 0.
+    let r = alloc(&a, 1, 1);
+    assert!(r.start().0 >= 2 * C, "{r:?} broke the free chunk 0");
+    assert_eq!(a.stats().total.free_mid_blocks, free_mids_before - 1);
+    assert_eq!(a.stats().total.free_chunks, 1);
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn a_free_chunk_is_broken_only_when_nothing_else_fits() {
+    let a = one_shard(&[0, 2]);
+    // Use all of chunk 2 but one page at its very end.
+    a.alloc_at(range(2 * C, C - 1)).unwrap();
+    // One page: fits the sliver at the end of chunk 2.
+    assert_eq!(alloc(&a, 1, 1), range(3 * C - 1, 1));
+    // Chunk 2 is full; two pages must break chunk 0.
+    assert_eq!(alloc(&a, 2, 1), range(0, 2));
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn fragmentation_figures() {
+    let a = one_shard(&[0]);
+    a.alloc_at(range(M + 1, 1)).unwrap();
+    let s = a.stats().total;
+    assert_eq!(s.free_chunks, 0);
+    assert_eq!(s.free_mid_blocks, 511);
+    assert_eq!(s.free_extents, 2);
+    assert_eq!(s.largest_free_extent, C - M - 2);
+    assert_eq!(s.largest_free_mid_aligned, C - 2 * M);
+    // From PFN 0, a chunk boundary, 513 pages are free.
+    assert_eq!(s.largest_free_chunk_aligned, M + 1);
+    assert_eq!(s.allocated_extents, 1);
+}
+
+#[test]
+fn ten_thousand_holes_do_not_stop_2m_allocations() {
+    let a = one_shard(&[0, 1, 2, 3]);
+    // Every other 4K page of the first 20,000 is allocated: 10,000 holes.
+    let mut held = Vec::new();
+    for i in 0..10_000 {
+        let r = range(2 * i, 1);
+        a.alloc_at(r).unwrap();
+        held.push(r);
+    }
+    assert_eq!(a.stats().total.free_extents, 10_000);
+    for _ in 0..100 {
+        let r = alloc(&a, M, M);
+        assert!(r.start().0 >= 20_000 && r.start().is_aligned_to(M));
+        a.free(r).unwrap();
+    }
+    for r in held {
+        a.free(r).unwrap();
+    }
+    assert_eq!(a.stats().total.free_extents, 1);
+    assert_eq!(a.stats().total.free_chunks, 4);
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn punch_holes_split_allocations_and_frees_coalesce() {
+    let a = one_shard(&[0]);
+    let r = alloc(&a, 3 * M, M);
+    a.free(range(r.start().0 + M, M)).unwrap();
+    assert_eq!(a.stats().total.allocated_extents, 2);
+    // The hole is free: freeing across it fails naming the hole's first page.
+    assert_eq!(
+        a.free(r),
+        Err(AllocError::DoubleFree {
+            pfn: Pfn(r.start().0 + M)
+        })
+    );
+    a.free(range(r.start().0, M)).unwrap();
+    a.free(range(r.start().0 + 2 * M, M)).unwrap();
+    assert_eq!(a.stats().total.free_extents, 1);
+    assert_eq!(a.stats().total.allocated_pages, 0);
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn bad_input_is_rejected_naming_the_pfn_and_changes_nothing() {
+    let a = Allocator::new(AllocatorConfig {
+        geometry: G,
+        shards: 2,
+    })
+    .unwrap();
+    a.add_chunk_to(Pfn(0), true, ShardId(0)).unwrap();
+    a.add_chunk_to(Pfn(C), true, ShardId(1)).unwrap();
+    a.alloc_at(range(10, 20)).unwrap();
+    a.alloc_at(range(30, 5)).unwrap();
+    a.quarantine(range(12, 2)).unwrap();
+    let before = a.stats();
+    let req = AllocRequest::new;
+    let cases: Vec<(AllocError, Result<(), AllocError>)> = vec![
+        (AllocError::ZeroPages, a.alloc(req(0)).map(drop)),
+        (
+            AllocError::BadAlignment { align_pages: 3 },
+            a.alloc(req(1).aligned(3)).map(drop),
+        ),
+        (
+            AllocError::BadAlignment { align_pages: 2 * C },
+            a.alloc(req(1).aligned(2 * C)).map(drop),
+        ),
+        (
+            AllocError::BadAlignment { align_pages: 0 },
+            a.alloc(req(1).aligned(0)).map(drop),
+        ),
+        (
+            AllocError::TooLarge {
+                pages: C + 1,
+                largest_shard_pages: C,
+            },
+            a.alloc(req(C + 1)).map(drop),
+        ),
+        (
+            AllocError::NoSuchShard { shard: ShardId(2) },
+            a.alloc(req(1).hint(ShardHint::Only(ShardId(2)))).map(drop),
+        ),
+        (
+            AllocError::DoubleFree { pfn: Pfn(40) },
+            a.free(range(40, 2)),
+        ),
+        (
+            AllocError::DoubleFree { pfn: Pfn(35) },
+            a.free(range(31, 5)),
+        ),
+        (
+            AllocError::SpansAllocations { pfn: Pfn(30) },
+            a.free(range(28, 4)),
+        ),
+        (
+            AllocError::Quarantined { pfn: Pfn(12) },
+            a.free(range(10, 4)),
+        ),
+        (
+            AllocError::Quarantined { pfn: Pfn(13) },
+            a.free(range(13, 1)),
+        ),
+        (
+            AllocError::NotAllocated { pfn: Pfn(5) },
+            a.quarantine(range(5, 1)),
+        ),
+        (
+            AllocError::NotManaged { pfn: Pfn(2 * C) },
+            a.free(range(2 * C, 1)),
+        ),
+        (
+            AllocError::CrossesShards { pfn: Pfn(C) },
+            a.mark_clean(range(C - 4, 8)),
+        ),
+        (
+            AllocError::NotManaged { pfn: Pfn(2 * C) },
+            a.mark_clean(range(2 * C - 4, 8)),
+        ),
+        (
+            AllocError::NotFree { pfn: Pfn(10) },
+            a.mark_clean(range(0, 11)),
+        ),
+        (
+            AllocError::NotFree { pfn: Pfn(29) },
+            a.alloc_at(range(29, 2)).map(drop),
+        ),
+        (
+            AllocError::NotFree { pfn: Pfn(10) },
+            a.alloc_at(range(9, 2)).map(drop),
+        ),
+        (
+            AllocError::ChunkInUse {
+                base: Pfn(0),
+                pfn: Pfn(10),
+            },
+            a.remove_chunk(Pfn(0)),
+        ),
+        (
+            AllocError::NotManaged { pfn: Pfn(5 * C) },
+            a.remove_chunk(Pfn(5 * C)),
+        ),
+        (
+            AllocError::Range(RangeError::Unaligned {
+                pfn: Pfn(7),
+                align_pages: C,
+            }),
+            a.remove_chunk(Pfn(7)),
+        ),
+        (
+            AllocError::Range(RangeError::Unaligned {
+                pfn: Pfn(7),
+                align_pages: C,
+            }),
+            a.add_chunk(Pfn(7), true).map(drop),
+        ),
+        (
+            AllocError::Overlap { pfn: Pfn(C) },
+            a.add_chunk(Pfn(C), false).map(drop),
+        ),
+        (
+            AllocError::NoSuchShard { shard: ShardId(9) },
+            a.add_chunk_to(Pfn(4 * C), false, ShardId(9)),
+        ),
+    ];
+    for (i, (expected, got)) in cases.into_iter().enumerate() {
+        assert_eq!(got, Err(expected), "case {i}");
+        assert!(!expected.to_string().is_empty());
+    }
+    assert_eq!(a.stats(), before);
+    a.check_invariants().unwrap();
+    // Out of memory after filling both shards.
+    a.alloc(req(C).hint(ShardHint::Shard(ShardId(1)))).unwrap();
+    assert_eq!(
+        a.alloc(req(C)),
+        Err(AllocError::OutOfMemory {
+            pages: C,
+            align_pages: 1
+        })
+    );
+    assert_eq!(
+        Allocator::new(AllocatorConfig {
+            geometry: G,
+            shards: 0
+        })
+        .unwrap_err(),
+        AllocError::NoShards
+    );
+}
+
+#[test]
+fn freed_memory_is_dirty_until_marked_clean() {
+    let a = one_shard(&[]);
+    a.add_chunk(Pfn(0), false).unwrap();
+    let first = a.alloc(AllocRequest::new(M).aligned(M)).unwrap();
+    assert!(!first.is_dirty(), "a clean chunk hands out clean memory");
+    a.free(first.range).unwrap();
+    assert_eq!(a.stats().total.dirty_pages, M);
+    // A range spanning dirty and clean memory reports exactly the dirty part.
+    let both = a.alloc_at(range(first.range.start().0 + M - 3, 6)).unwrap();
+    assert_eq!(both.dirty, vec![range(first.range.start().0 + M - 3, 3)]);
+    assert_eq!(both.dirty_pages(), 3);
+    // Clean-only skips the dirty pages left.
+    let clean = a.alloc(AllocRequest::new(1).clean_only()).unwrap();
+    assert!(!clean.is_dirty());
+    assert!(!clean.range.overlaps(&range(first.range.start().0, M - 3)));
+    // Scrubbed and reported: clean again.
+    a.mark_clean(range(first.range.start().0, M - 3)).unwrap();
+    assert_eq!(a.stats().total.dirty_pages, 0);
+    let again = a.alloc_at(range(first.range.start().0, 4)).unwrap();
+    assert!(!again.is_dirty());
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn clean_only_fails_when_only_dirty_memory_is_left() {
+    let a = one_shard(&[0]); // dirty chunk
+    assert_eq!(
+        a.alloc(AllocRequest::new(1).clean_only()),
+        Err(AllocError::OutOfMemory {
+            pages: 1,
+            align_pages: 1
+        })
+    );
+    let all = a.alloc(AllocRequest::new(1)).unwrap();
+    assert_eq!(all.dirty, vec![all.range]);
+}
+
+#[test]
+fn quarantined_pages_are_never_handed_out_again() {
+    let a = one_shard(&[0]);
+    let r = alloc(&a, 64, 1);
+    a.quarantine(range(r.start().0 + 8, 8)).unwrap();
+    a.free(range(r.start().0, 8)).unwrap();
+    a.free(range(r.start().0 + 16, 48)).unwrap();
+    let mut got = Vec::new();
+    while let Ok(x) = a.alloc(AllocRequest::new(1)) {
+        assert!(!x.range.overlaps(&range(r.start().0 + 8, 8)));
+        got.push(x.range);
+    }
+    assert_eq!(got.len() as u64, C - 8);
+    let s = a.stats().total;
+    assert_eq!(
+        (s.quarantined_pages, s.quarantined_extents, s.free_pages),
+        (8, 1, 0)
+    );
+    for x in got {
+        a.free(x).unwrap();
+    }
+    assert_eq!(
+        a.remove_chunk(Pfn(0)),
+        Err(AllocError::ChunkInUse {
+            base: Pfn(0),
+            pfn: Pfn(8)
+        })
+    );
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn stealing_and_hints() {
+    let a = Allocator::new(AllocatorConfig {
+        geometry: G,
+        shards: 2,
+    })
+    .unwrap();
+    assert_eq!(a.add_chunk(Pfn(0), true).unwrap(), ShardId(0));
+    assert_eq!(a.add_chunk(Pfn(4 * C), true).unwrap(), ShardId(1));
+    // Shard 1 first, it has room.
+    let x = a
+        .alloc(AllocRequest::new(C).hint(ShardHint::Shard(ShardId(1))))
+        .unwrap();
+    assert_eq!((x.shard, x.range.start()), (ShardId(1), Pfn(4 * C)));
+    // Shard 1 is full: Only fails, Shard steals from shard 0.
+    assert_eq!(
+        a.alloc(AllocRequest::new(1).hint(ShardHint::Only(ShardId(1)))),
+        Err(AllocError::OutOfMemory {
+            pages: 1,
+            align_pages: 1
+        })
+    );
+    let y = a
+        .alloc(AllocRequest::new(1).hint(ShardHint::Shard(ShardId(1))))
+        .unwrap();
+    assert_eq!(y.shard, ShardId(0));
+    // Frees find the owner whatever the calling thread's home shard is.
+    a.free(x.range).unwrap();
+    a.free(y.range).unwrap();
+    let s = a.stats();
+    assert_eq!((s.shards[0].free_chunks, s.shards[1].free_chunks), (1, 1));
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn chunks_are_removed_when_free_and_can_come_back() {
+    let a = one_shard(&[0, 1, 2]);
+    // Adjacent chunks of a shard form one run; a 2-chunk request can span them.
+    assert_eq!(a.stats().total.free_extents, 1);
+    let two = alloc(&a, 2 * C, C);
+    assert_eq!(two, range(0, 2 * C));
+    a.free(two).unwrap();
+    a.remove_chunk(Pfn(C)).unwrap();
+    let s = a.stats().total;
+    assert_eq!((s.chunks, s.free_extents, s.total_pages), (2, 2, 2 * C));
+    assert_eq!(
+        a.free(range(C, 1)),
+        Err(AllocError::NotManaged { pfn: Pfn(C) })
+    );
+    a.add_chunk(Pfn(C), false).unwrap();
+    assert_eq!(a.stats().total.free_extents, 1);
+    assert_eq!(a.stats().total.dirty_pages, 2 * C);
+    a.check_invariants().unwrap();
+}

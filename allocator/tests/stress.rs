@@ -1,0 +1,184 @@
+//! Threads allocate, free, punch holes, free each other's ranges (cross-shard) and steal,
+//! for a bounded number of operations. A per-page ownership array, claimed with a
+//! compare-and-swap on every successful allocation, proves that no page was ever handed to
+//! two owners at once; afterwards the invariants and the accounting must be exact.
+#![cfg(not(pfnstore_loom))]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use pfnstore_allocator::{AllocRequest, Allocator, AllocatorConfig, ShardHint, ShardId};
+use pfnstore_core::{Geometry, Pfn, PfnRange};
+
+const THREADS: u32 = 6;
+const OPS: u32 = 40_000;
+const CHUNKS: u64 = 24;
+
+struct Owners(Vec<AtomicU32>);
+
+impl Owners {
+    fn claim(&self, r: PfnRange, me: u32) {
+        for p in r.pfns() {
+            let prev =
+                self.0[p.0 as usize].compare_exchange(0, me, Ordering::SeqCst, Ordering::SeqCst);
+            assert!(
+                prev.is_ok(),
+                "{p:?} handed to {me} while owned by {:?}",
+                prev
+            );
+        }
+    }
+    fn release(&self, r: PfnRange, me: u32) {
+        for p in r.pfns() {
+            let prev =
+                self.0[p.0 as usize].compare_exchange(me, 0, Ordering::SeqCst, Ordering::SeqCst);
+            assert!(
+                prev.is_ok(),
+                "{p:?} released by {me} but owned by {:?}",
+                prev
+            );
+        }
+    }
+}
+
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+#[test]
+fn threads_never_share_a_page_and_accounting_is_exact() {
+    let geometry = Geometry::new(3, 7).unwrap(); // 8-page mid blocks, 128-page chunks
+    let (mid, chunk) = (geometry.mid_pages(), geometry.chunk_pages());
+    let alloc = Arc::new(
+        Allocator::new(AllocatorConfig {
+            geometry,
+            shards: 3,
+        })
+        .unwrap(),
+    );
+    // Uneven shards (shard 2 gets few chunks) so that threads homed there must steal.
+    for c in 0..CHUNKS {
+        let shard = ShardId(if c % 8 == 7 { 2 } else { (c % 2) as usize });
+        alloc
+            .add_chunk_to(Pfn(c * chunk), c % 3 == 0, shard)
+            .unwrap();
+    }
+    let owners = Arc::new(Owners(
+        (0..CHUNKS * chunk).map(|_| AtomicU32::new(0)).collect(),
+    ));
+    // Ranges one thread hands to another to free (cross-shard frees).
+    let mailbox: Arc<Mutex<Vec<(PfnRange, u32)>>> = Arc::new(Mutex::new(Vec::new()));
+    let handles: Vec<_> = (1..=THREADS)
+        .map(|me| {
+            let (alloc, owners, mailbox) = (alloc.clone(), owners.clone(), mailbox.clone());
+            thread::spawn(move || {
+                let mut rng = 0x1234_5678_9abc_def0 ^ u64::from(me) << 32;
+                let mut held: Vec<PfnRange> = Vec::new();
+                let mut stats = [0u64; 5];
+                for _ in 0..OPS {
+                    let roll = xorshift(&mut rng) % 100;
+                    if roll < 45 || held.is_empty() {
+                        let (pages, align) = match xorshift(&mut rng) % 4 {
+                            0 => (mid, mid),
+                            1 => (1 + xorshift(&mut rng) % 20, 1),
+                            2 => (chunk, chunk),
+                            _ => (1, 1),
+                        };
+                        let hint = match xorshift(&mut rng) % 4 {
+                            0 => ShardHint::Shard(ShardId(2)),
+                            _ => ShardHint::Home,
+                        };
+                        if let Ok(a) =
+                            alloc.alloc(AllocRequest::new(pages).aligned(align).hint(hint))
+                        {
+                            owners.claim(a.range, me);
+                            held.push(a.range);
+                            stats[0] += 1;
+                            if hint == ShardHint::Shard(ShardId(2)) && a.shard != ShardId(2) {
+                                stats[4] += 1; // stolen from another shard
+                            }
+                        }
+                    } else if roll < 75 {
+                        let r = held.swap_remove((xorshift(&mut rng) as usize) % held.len());
+                        owners.release(r, me);
+                        alloc.free(r).unwrap();
+                        stats[1] += 1;
+                    } else if roll < 90 {
+                        // Punch a hole in the middle of a held range.
+                        let i = (xorshift(&mut rng) as usize) % held.len();
+                        let r = held[i];
+                        if r.len() >= 3 {
+                            let hole = PfnRange::from_len(
+                                Pfn(r.start().0 + 1),
+                                1 + xorshift(&mut rng) % (r.len() - 2),
+                            )
+                            .unwrap();
+                            owners.release(hole, me);
+                            alloc.free(hole).unwrap();
+                            held[i] = PfnRange::new(r.start(), hole.start()).unwrap();
+                            if hole.end() < r.end() {
+                                held.push(PfnRange::new(hole.end(), r.end()).unwrap());
+                            }
+                            stats[2] += 1;
+                        }
+                    } else {
+                        // Hand a range to whoever frees next; free one handed to us.
+                        let i = (xorshift(&mut rng) as usize) % held.len();
+                        let r = held.swap_remove(i);
+                        owners.release(r, me);
+                        let taken = {
+                            let mut mb = mailbox.lock().unwrap();
+                            mb.push((r, me));
+                            mb.iter()
+                                .position(|&(_, from)| from != me)
+                                .map(|j| mb.swap_remove(j))
+                        };
+                        if let Some((r, _)) = taken {
+                            alloc.free(r).unwrap();
+                            stats[3] += 1;
+                        }
+                    }
+                }
+                for r in &held {
+                    owners.release(*r, me);
+                }
+                (held, stats)
+            })
+        })
+        .collect();
+    let mut outstanding: Vec<PfnRange> = Vec::new();
+    let mut totals = [0u64; 5];
+    for h in handles {
+        let (held, stats) = h.join().unwrap();
+        outstanding.extend(held);
+        for (t, s) in totals.iter_mut().zip(stats) {
+            *t += s;
+        }
+    }
+    outstanding.extend(mailbox.lock().unwrap().drain(..).map(|(r, _)| r));
+    eprintln!("allocs, frees, holes, cross-thread frees, steals: {totals:?}");
+    assert!(
+        totals.iter().all(|&t| t > 100),
+        "every kind of operation ran: {totals:?}"
+    );
+    alloc.check_invariants().unwrap();
+    let s = alloc.stats().total;
+    assert_eq!(
+        s.allocated_pages,
+        outstanding.iter().map(PfnRange::len).sum::<u64>()
+    );
+    assert_eq!(s.free_pages + s.allocated_pages, CHUNKS * chunk);
+    for r in outstanding {
+        alloc.free(r).unwrap();
+    }
+    let s = alloc.stats().total;
+    assert_eq!(
+        (s.free_pages, s.allocated_pages, s.free_chunks),
+        (CHUNKS * chunk, 0, CHUNKS)
+    );
+    alloc.check_invariants().unwrap();
+}

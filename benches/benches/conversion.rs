@@ -1,0 +1,108 @@
+//! Conversion transactions through the facade (issue 6): 4K inside a uniform 1G and back with
+//! three no-op subscribers, a whole 1 GiB and 1 TiB (synthetic memory), and disjoint files
+//! converting on one and on two threads.
+//!
+//! Run: `cargo bench -p pfnstore-benches --bench conversion -- --warm-up-time 1 --measurement-time 3`
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group};
+use pfnstore::core::{Geometry, Pfn};
+use pfnstore::hugetlb::SyntheticSource;
+use pfnstore::{
+    ConversionPlan, ConversionRequest, ConvertMode, FileOptions, GuestMemory, Interest, Invalidation, Registration,
+    Shareability, Store, StoreOptions, Subscriber, UnmapError,
+};
+
+const GIB: u64 = 1 << 30;
+const PAGE: u64 = 4096;
+
+/// A subscriber that accepts everything and does nothing: the cost of the protocol itself.
+struct NoOp;
+
+impl Subscriber for NoOp {
+    fn name(&self) -> &str {
+        "no-op"
+    }
+    fn commit(&self, _: &ConversionRequest, plan: &ConversionPlan) -> Result<(), UnmapError> {
+        black_box(plan.unmap().len());
+        Ok(())
+    }
+    fn invalidate(&self, _: &Invalidation) -> Result<(), UnmapError> {
+        Ok(())
+    }
+}
+
+fn store(chunks: u64, shards: usize) -> Store {
+    let source = SyntheticSource::new(Geometry::X86_64, Pfn(1 << 20), chunks).expect("source");
+    Store::synthetic(source, StoreOptions { shards }).expect("store")
+}
+
+fn with_subscribers(store: &Store, n: usize) -> (Vec<Arc<dyn Subscriber>>, Vec<Registration>) {
+    let subs: Vec<Arc<dyn Subscriber>> = (0..n).map(|_| Arc::new(NoOp) as Arc<dyn Subscriber>).collect();
+    let regs = subs.iter().map(|s| store.subscribe(s, Interest::All)).collect();
+    (subs, regs)
+}
+
+fn convert_and_back(file: &GuestMemory, offset: u64, len: u64) {
+    file.convert(offset, len, Shareability::Shared, ConvertMode::Preserve).unwrap();
+    file.convert(offset, len, Shareability::Private, ConvertMode::Preserve).unwrap();
+}
+
+fn benches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("conversion");
+
+    let s = store(2, 1);
+    let (_subs, _regs) = with_subscribers(&s, 3);
+    let file = s.create_file(FileOptions::new(GIB).populated()).unwrap();
+    group.bench_function("4K in uniform 1G, split + merge, 3 subscribers", |b| {
+        b.iter(|| convert_and_back(&file, 1000 * PAGE, PAGE))
+    });
+    group.bench_function("whole 1 GiB and back, 3 subscribers", |b| b.iter(|| convert_and_back(&file, 0, GIB)));
+
+    let big = store(1024, 2);
+    let (_subs_big, _regs_big) = with_subscribers(&big, 3);
+    let tib = big.create_file(FileOptions::new(1024 * GIB).populated()).unwrap();
+    group.bench_function("whole 1 TiB and back, 3 subscribers", |b| b.iter(|| convert_and_back(&tib, 0, 1024 * GIB)));
+    let gib64 = 64 * GIB;
+    group.bench_function("64 GiB and back, 3 subscribers", |b| b.iter(|| convert_and_back(&tib, 0, gib64)));
+
+    // Disjoint files: each thread converts 4K in its own file; time per conversion pair.
+    let shared_store = store(4, 2);
+    let (_subs2, _regs2) = with_subscribers(&shared_store, 3);
+    let files: Vec<_> = (0..2)
+        .map(|_| shared_store.create_file(FileOptions::new(GIB).populated()).unwrap())
+        .collect();
+    for threads in [1usize, 2] {
+        group.bench_function(format!("disjoint files, {threads} thread(s), per op"), |b| {
+            b.iter_custom(|iters| run_threads(&files[..threads], iters))
+        });
+    }
+    group.finish();
+}
+
+/// Runs `iters` convert-and-back pairs split across one thread per file; returns the wall
+/// time divided by the thread count, i.e. the time per pair at that parallelism.
+fn run_threads(files: &[GuestMemory], iters: u64) -> Duration {
+    let per_thread = iters.div_ceil(files.len() as u64);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for file in files {
+            s.spawn(move || {
+                for i in 0..per_thread {
+                    convert_and_back(file, (i % 4096) * PAGE * 7, PAGE);
+                }
+            });
+        }
+    });
+    start.elapsed() / files.len() as u32
+}
+
+criterion_group!(conversion, benches);
+
+fn main() {
+    conversion();
+    Criterion::default().configure_from_args().final_summary();
+}

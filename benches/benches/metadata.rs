@@ -1,0 +1,297 @@
+//! Metadata store vs. its baselines (issue 3): conversion of 4K inside a uniform 1G and back,
+//! max-mapping-order at several fragmentations, 1G and 1 TiB conversion, and metadata bytes
+//! per GiB (printed as a table before the timings, measured with a counting allocator).
+//!
+//! Run: `cargo bench -p pfnstore-benches --bench metadata -- --warm-up-time 1 --measurement-time 2`
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use criterion::{BenchmarkId, Criterion, criterion_group};
+use pfnstore_benches::metadata_baselines::ShareTracker;
+use pfnstore_benches::metadata_baselines::bitmap::BitmapTracker;
+use pfnstore_benches::metadata_baselines::range_map::RangeMapTracker;
+use pfnstore_benches::metadata_baselines::struct_page::StructPageArray;
+use pfnstore_core::{Geometry, Pfn, PfnRange};
+use pfnstore_metadata::{MetadataStore, Shareability};
+
+struct Counting;
+static LIVE: AtomicI64 = AtomicI64::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; the counter is a plain atomic.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        // SAFETY: the caller upholds `alloc`'s contract.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        // SAFETY: `ptr` came from `System` with `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+        // SAFETY: as for `dealloc` and `alloc`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const G: Geometry = Geometry::X86_64;
+/// The PFN space of the timing benches: 64 GiB, as in the issue's hand measurements.
+const GIB_64: u64 = 64;
+/// The struct-page array gets 4 GiB (64 MiB of records): 64 GiB would need 1 GiB of RAM, and
+/// its per-operation cost does not depend on the space's size.
+const STRUCT_PAGE_GIB: u64 = 4;
+
+fn chunk_pages() -> u64 {
+    G.chunk_pages()
+}
+
+fn store(gib: u64) -> MetadataStore {
+    let span = PfnRange::new(Pfn(0), Pfn(gib * chunk_pages())).unwrap();
+    let store = MetadataStore::new(G, span).unwrap();
+    for c in 0..gib {
+        store
+            .add_chunk(Pfn(c * chunk_pages()), Shareability::Shared)
+            .unwrap();
+    }
+    store
+}
+
+fn range(a: u64, b: u64) -> PfnRange {
+    PfnRange::new(Pfn(a), Pfn(b)).unwrap()
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// `per_million` of the pages of `0..pages`, distinct, at random.
+fn random_pages(pages: u64, per_million: u64, seed: u64) -> Vec<u64> {
+    let want = (pages * per_million).div_ceil(1_000_000) as usize;
+    let mut rng = Rng(seed | 1);
+    let mut set = std::collections::BTreeSet::new();
+    while set.len() < want {
+        set.insert(rng.next() % pages);
+    }
+    set.into_iter().collect()
+}
+
+const FRAGMENTATIONS: [(u64, &str); 5] = [
+    (0, "0%"),
+    (100, "0.01%"),
+    (1_000, "0.1%"),
+    (10_000, "1%"),
+    (100_000, "10%"),
+];
+
+/// Bytes per GiB of each design at each fragmentation, measured with the counting allocator.
+fn print_bytes_table() {
+    let gib = 4u64;
+    let pages = gib * chunk_pages();
+    println!("\nmetadata bytes per GiB ({gib} GiB, random 4K pages converted private):");
+    println!(
+        "{:>8} {:>12} {:>12} {:>12} {:>14} {:>10} {:>10}",
+        "frag", "pfnstore", "bitmap", "rangemap", "struct page", "bitmap/us", "rmap/us"
+    );
+    let struct_page_bytes = {
+        let before = LIVE.load(Ordering::Relaxed);
+        let array = StructPageArray::new(G, chunk_pages());
+        let bytes = LIVE.load(Ordering::Relaxed) - before;
+        drop(array);
+        bytes
+    };
+    for (per_million, label) in FRAGMENTATIONS {
+        let converted = random_pages(pages, per_million, 0x5eed + per_million);
+        let before = LIVE.load(Ordering::Relaxed);
+        let ours = store(gib);
+        for &p in &converted {
+            drop(
+                ours.set_shareability(PfnRange::page(Pfn(p)).unwrap(), Shareability::Private)
+                    .unwrap(),
+            );
+        }
+        let ours_bytes = (LIVE.load(Ordering::Relaxed) - before) as f64 / gib as f64;
+        assert_eq!(ours.stats().bytes as f64 / gib as f64, ours_bytes);
+        drop(ours);
+
+        let before = LIVE.load(Ordering::Relaxed);
+        let bitmap = BitmapTracker::new(G, pages);
+        for &p in &converted {
+            bitmap.convert(p, p + 1, true);
+        }
+        let bitmap_bytes = (LIVE.load(Ordering::Relaxed) - before) as f64 / gib as f64;
+        drop(bitmap);
+
+        let before = LIVE.load(Ordering::Relaxed);
+        let rmap = RangeMapTracker::new(G);
+        for &p in &converted {
+            rmap.convert(p, p + 1, true);
+        }
+        let rmap_bytes = (LIVE.load(Ordering::Relaxed) - before) as f64 / gib as f64;
+        drop(rmap);
+
+        println!(
+            "{:>8} {:>12.0} {:>12.0} {:>12.0} {:>14} {:>10.1} {:>10.1}",
+            label,
+            ours_bytes,
+            bitmap_bytes,
+            rmap_bytes,
+            struct_page_bytes,
+            bitmap_bytes / ours_bytes,
+            rmap_bytes / ours_bytes
+        );
+    }
+    println!();
+}
+
+fn convert_4k_in_uniform_1g(c: &mut Criterion) {
+    let mut group = c.benchmark_group("metadata/convert_4k_and_back_in_uniform_1g");
+    // Inside chunk 1, which every design (including the 4 GiB struct-page array) holds.
+    let page = chunk_pages() + 1000;
+    let ours = store(GIB_64);
+    let p = PfnRange::page(Pfn(page)).unwrap();
+    group.bench_function("pfnstore", |b| {
+        b.iter(|| {
+            black_box(ours.set_shareability(p, Shareability::Private).unwrap());
+            black_box(ours.set_shareability(p, Shareability::Shared).unwrap());
+        })
+    });
+    let bitmap = BitmapTracker::new(G, GIB_64 * chunk_pages());
+    let rmap = RangeMapTracker::new(G);
+    let array = StructPageArray::new(G, STRUCT_PAGE_GIB * chunk_pages());
+    let baselines: [(&str, &dyn ShareTracker); 3] = [
+        ("bitmap", &bitmap),
+        ("rangemap", &rmap),
+        ("struct_page", &array),
+    ];
+    for (name, t) in baselines {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                t.convert(page, page + 1, true);
+                t.convert(page, page + 1, false);
+            })
+        });
+    }
+    group.finish();
+}
+
+fn max_order(c: &mut Criterion) {
+    let mut group = c.benchmark_group("metadata/max_mapping_order");
+    let gib = 8u64;
+    let pages = gib * chunk_pages();
+    for (per_million, label) in FRAGMENTATIONS {
+        let converted = random_pages(pages, per_million, 0xfa57 + per_million);
+        let ours = store(gib);
+        let bitmap = BitmapTracker::new(G, pages);
+        for &p in &converted {
+            ours.set_shareability(PfnRange::page(Pfn(p)).unwrap(), Shareability::Private)
+                .unwrap();
+            bitmap.convert(p, p + 1, true);
+        }
+        // Probe a fixed pseudo-random walk over the space.
+        let probes: Vec<u64> = {
+            let mut rng = Rng(0x1234);
+            (0..4096).map(|_| rng.next() % pages).collect()
+        };
+        let mut i = 0usize;
+        group.bench_function(BenchmarkId::new("pfnstore", label), |b| {
+            b.iter(|| {
+                i = (i + 1) & 4095;
+                black_box(ours.max_mapping_order(Pfn(probes[i])).unwrap())
+            })
+        });
+        group.bench_function(BenchmarkId::new("bitmap", label), |b| {
+            b.iter(|| {
+                i = (i + 1) & 4095;
+                black_box(bitmap.max_order(probes[i]))
+            })
+        });
+        if per_million == 10_000 {
+            let rmap = RangeMapTracker::new(G);
+            for &p in &converted {
+                rmap.convert(p, p + 1, true);
+            }
+            group.bench_function(BenchmarkId::new("rangemap", label), |b| {
+                b.iter(|| {
+                    i = (i + 1) & 4095;
+                    black_box(rmap.max_order(probes[i]))
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn convert_1g(c: &mut Criterion) {
+    let mut group = c.benchmark_group("metadata/convert_1g_and_back");
+    let ours = store(GIB_64);
+    let chunk = range(3 * chunk_pages(), 4 * chunk_pages());
+    group.bench_function("pfnstore", |b| {
+        b.iter(|| {
+            black_box(ours.set_shareability(chunk, Shareability::Private).unwrap());
+            black_box(ours.set_shareability(chunk, Shareability::Shared).unwrap());
+        })
+    });
+    let bitmap = BitmapTracker::new(G, GIB_64 * chunk_pages());
+    let (a, z) = (3 * chunk_pages(), 4 * chunk_pages());
+    group.bench_function("bitmap", |b| {
+        b.iter(|| {
+            bitmap.convert(a, z, true);
+            bitmap.convert(a, z, false);
+        })
+    });
+    let array = StructPageArray::new(G, STRUCT_PAGE_GIB * chunk_pages());
+    group.sample_size(10);
+    group.bench_function("struct_page", |b| {
+        b.iter(|| {
+            array.convert(a, z, true);
+            array.convert(a, z, false);
+        })
+    });
+    group.finish();
+}
+
+fn convert_1t(c: &mut Criterion) {
+    let mut group = c.benchmark_group("metadata/convert_1t");
+    let ours = store(1024);
+    let all = range(0, 1024 * chunk_pages());
+    let mut to = Shareability::Private;
+    group.bench_function("pfnstore", |b| {
+        b.iter(|| {
+            black_box(ours.set_shareability(all, to).unwrap());
+            to = to.flipped();
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    convert_4k_in_uniform_1g,
+    max_order,
+    convert_1g,
+    convert_1t
+);
+
+fn main() {
+    print_bytes_table();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

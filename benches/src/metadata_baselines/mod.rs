@@ -1,0 +1,89 @@
+//! Baselines for the metadata store: the designs a VMM or the kernel uses today for
+//! shareability tracking, each implemented as fast as its design allows.
+//!
+//! * [`bitmap::BitmapTracker`]: one bit per 4K page plus per-2M and per-1G private-page
+//!   counters behind one mutex (QEMU's RamBlockAttributes, cloud-hypervisor's SEV-SNP tracker).
+//! * [`range_map::RangeMapTracker`]: `rangemap::RangeMap` behind one mutex (what a VMM writes
+//!   first).
+//! * [`struct_page::StructPageArray`]: a 64-byte record per 4K page plus per-2M/1G "mixed"
+//!   counters (the kernel's `struct page`).
+//!
+//! All three answer the same two questions the benches ask of pfnstore: convert a range, and
+//! the largest uniform aligned block around a PFN. They track shareability only (the attribute
+//! the targets are about); the bytes they hold are what a tracker of that design needs for it.
+
+pub mod bitmap;
+pub mod range_map;
+pub mod struct_page;
+
+use pfnstore_core::PageSize;
+
+/// The order answer from a block's private-page count: uniform when none or all are private.
+fn uniform(count: u64, pages: u64) -> bool {
+    count == 0 || count == pages
+}
+
+/// The common interface of the baselines.
+pub trait ShareTracker {
+    /// Sets `start..end` private (`true`) or shared.
+    fn convert(&self, start: u64, end: u64, private: bool);
+    /// The largest uniform naturally aligned block (1G/2M/4K) around `pfn`.
+    fn max_order(&self, pfn: u64) -> PageSize;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pfnstore_core::{Geometry, Pfn, PfnRange};
+    use pfnstore_metadata::Shareability;
+    use pfnstore_metadata::reference::ReferenceStore;
+
+    /// Every baseline answers max-order like the reference model after the same conversions.
+    #[test]
+    fn baselines_agree_with_the_reference_model() {
+        // Middle blocks of 64 pages: the bitmap assumes a bitmap word lies in one of them.
+        let g = Geometry::new(6, 9).unwrap();
+        let pages = 2 * g.chunk_pages();
+        let mut model = ReferenceStore::new(g, PfnRange::new(Pfn(0), Pfn(pages)).unwrap()).unwrap();
+        for c in 0..2 {
+            model
+                .add_chunk(Pfn(c * g.chunk_pages()), Shareability::Shared)
+                .unwrap();
+        }
+        let trackers: [Box<dyn ShareTracker>; 3] = [
+            Box::new(bitmap::BitmapTracker::new(g, pages)),
+            Box::new(range_map::RangeMapTracker::new(g)),
+            Box::new(struct_page::StructPageArray::new(g, pages)),
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for step in 0..300 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let start = seed % pages;
+            let len = [1, 3, 64, 200, 512][step % 5].min(pages - start);
+            let private = seed & (1 << 40) != 0;
+            let to = if private {
+                Shareability::Private
+            } else {
+                Shareability::Shared
+            };
+            model
+                .set_shareability(PfnRange::from_len(Pfn(start), len).unwrap(), to)
+                .unwrap();
+            for t in &trackers {
+                t.convert(start, start + len, private);
+            }
+            for probe in (0..pages).step_by(7) {
+                let want = model.max_mapping_order(Pfn(probe)).unwrap();
+                for (i, t) in trackers.iter().enumerate() {
+                    assert_eq!(
+                        t.max_order(probe),
+                        want,
+                        "tracker {i}, step {step}, pfn {probe}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! A 64-byte record per 4K page (the kernel's `struct page`) plus per-2M/1G mixed counters.
+
+use parking_lot::Mutex;
+use pfnstore_core::{Geometry, PageSize};
+
+use super::{ShareTracker, uniform};
+
+/// The per-page record: flags, the shareability, and the rest of a `struct page`'s 64 bytes
+/// (refcount, mapcount, mapping, index, private, LRU links) that such a design carries.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct PageRecord {
+    /// Bit 0: private.
+    pub flags: u64,
+    /// The rest of the record.
+    pub other: [u64; 7],
+}
+
+#[derive(Debug)]
+struct Inner {
+    pages: Vec<PageRecord>,
+    mid_private: Vec<u32>,
+    chunk_private: Vec<u32>,
+}
+
+/// The struct-page baseline over `pages` pages from PFN 0.
+#[derive(Debug)]
+pub struct StructPageArray {
+    geometry: Geometry,
+    inner: Mutex<Inner>,
+}
+
+impl StructPageArray {
+    /// `pages` records, all shared.
+    pub fn new(geometry: Geometry, pages: u64) -> StructPageArray {
+        StructPageArray {
+            geometry,
+            inner: Mutex::new(Inner {
+                pages: vec![PageRecord::default(); pages as usize],
+                mid_private: vec![0; (pages / geometry.mid_pages()) as usize],
+                chunk_private: vec![0; (pages / geometry.chunk_pages()) as usize],
+            }),
+        }
+    }
+}
+
+impl ShareTracker for StructPageArray {
+    fn convert(&self, start: u64, end: u64, private: bool) {
+        let g = self.geometry;
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        for pfn in start..end {
+            let page = &mut inner.pages[pfn as usize];
+            if (page.flags & 1 == 1) != private {
+                page.flags ^= 1;
+                let mid = (pfn >> g.order(PageSize::Size2M)) as usize;
+                let chunk = (pfn >> g.order(PageSize::Size1G)) as usize;
+                if private {
+                    inner.mid_private[mid] += 1;
+                    inner.chunk_private[chunk] += 1;
+                } else {
+                    inner.mid_private[mid] -= 1;
+                    inner.chunk_private[chunk] -= 1;
+                }
+            }
+        }
+    }
+
+    fn max_order(&self, pfn: u64) -> PageSize {
+        let g = self.geometry;
+        let inner = self.inner.lock();
+        let chunk = (pfn >> g.order(PageSize::Size1G)) as usize;
+        if uniform(u64::from(inner.chunk_private[chunk]), g.chunk_pages()) {
+            return PageSize::Size1G;
+        }
+        let mid = (pfn >> g.order(PageSize::Size2M)) as usize;
+        if uniform(u64::from(inner.mid_private[mid]), g.mid_pages()) {
+            PageSize::Size2M
+        } else {
+            PageSize::Size4K
+        }
+    }
+}

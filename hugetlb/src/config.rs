@@ -1,0 +1,62 @@
+//! What a [`crate::HugetlbSource`] is asked for.
+
+use crate::HugePageSize;
+
+/// How pages are faulted in before the source hands them out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Prefault {
+    /// Not at all: pages are faulted on first touch. Without frames there are no PFNs, so a
+    /// hugetlb source then hands out synthetic PFNs ([`crate::SyntheticReason::NotPrefaulted`]).
+    None,
+    /// `mmap(MAP_POPULATE)`: the kernel faults (and zeroes) every page on the calling thread.
+    MapPopulate,
+    /// `MADV_POPULATE_WRITE` from this many threads, each taking whole pages (or 64 MiB
+    /// batches of small pages) from a shared counter. Faster than [`Prefault::MapPopulate`]
+    /// on more than one core, because zeroing a fresh page is the cost and it happens on the
+    /// faulting thread.
+    Threads(usize),
+}
+
+impl Prefault {
+    /// One thread per available CPU.
+    pub fn threads_per_cpu() -> Prefault {
+        Prefault::Threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+}
+
+/// A request for memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HugetlbConfig {
+    /// Bytes; a non-zero multiple of `page_size`'s chunk (1 GiB for 1G and ordinary pages,
+    /// 2 MiB for 2M pages).
+    pub bytes: u64,
+    /// The preferred page size: the top of the ladder.
+    pub page_size: HugePageSize,
+    /// Fail rather than fall back to a smaller page size.
+    pub strict: bool,
+    /// Take the pages from this NUMA node only (mbind `MPOL_BIND`; the node's own pool).
+    pub numa_node: Option<u32>,
+    /// If the pool has too few free pages, grow it by what is missing (needs root), and give
+    /// exactly those pages back when the source is dropped. Never done unless set.
+    pub grow_pool: bool,
+    /// How pages are faulted in.
+    pub prefault: Prefault,
+    /// mlock the mapping (keeps ordinary pages from being swapped; hugetlb pages never are).
+    pub mlock: bool,
+}
+
+impl HugetlbConfig {
+    /// `bytes` of 1 GiB pages, falling back, no pool growth, no NUMA binding, prefaulted by
+    /// one thread per CPU, not mlocked.
+    pub fn new(bytes: u64) -> HugetlbConfig {
+        HugetlbConfig {
+            bytes,
+            page_size: HugePageSize::Huge1G,
+            strict: false,
+            numa_node: None,
+            grow_pool: false,
+            prefault: Prefault::threads_per_cpu(),
+            mlock: false,
+        }
+    }
+}

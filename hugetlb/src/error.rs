@@ -1,0 +1,248 @@
+//! The errors of this crate. Each names what was asked and, for an OS failure, the errno that
+//! came back and a hint at what would make it work.
+
+use std::io;
+use std::path::PathBuf;
+
+use pfnstore_core::{GeometryError, Pfn, RangeError};
+
+use crate::{HugePageSize, PfnKind, SourceReport};
+
+/// Everything that can go wrong while obtaining, describing or using memory.
+#[derive(Debug, thiserror::Error)]
+pub enum HugetlbError {
+    /// A source of zero bytes (or zero chunks) was asked for.
+    #[error("a memory source of zero bytes was requested")]
+    ZeroSize,
+    /// The size is not a whole number of chunks of the page size.
+    #[error("size {bytes:#x} is not a multiple of the chunk size {chunk_bytes:#x}")]
+    SizeNotMultiple {
+        /// Requested bytes.
+        bytes: u64,
+        /// Bytes per chunk.
+        chunk_bytes: u64,
+    },
+    /// The size exceeds the machine's memory.
+    #[error("size {bytes:#x} exceeds the machine's memory ({mem_total:#x} bytes)")]
+    LargerThanMachine {
+        /// Requested bytes.
+        bytes: u64,
+        /// MemTotal of /proc/meminfo.
+        mem_total: u64,
+    },
+    /// A NUMA node that this machine does not have.
+    #[error("NUMA node {node} does not exist (nodes here: {available:?})")]
+    UnknownNumaNode {
+        /// The node asked for.
+        node: u32,
+        /// The nodes that exist.
+        available: Vec<u32>,
+    },
+    /// A system call failed.
+    #[error("{op} ({page_size}) failed: {source}; hint: {hint}")]
+    Os {
+        /// The operation (`memfd_create`, `mmap`, `MADV_POPULATE_WRITE`, ...).
+        op: &'static str,
+        /// The page size it was for.
+        page_size: HugePageSize,
+        /// What the kernel returned (`raw_os_error()` gives the errno).
+        #[source]
+        source: io::Error,
+        /// What would make it work.
+        hint: &'static str,
+    },
+    /// A sysfs or procfs file could not be read, written or parsed.
+    #[error("{path}: {problem}; hint: {hint}")]
+    Sysfs {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong (includes the errno for I/O errors).
+        problem: String,
+        /// The errno, if the failure was an I/O error.
+        errno: Option<i32>,
+        /// What would make it work.
+        hint: &'static str,
+    },
+    /// The kernel gave fewer pages than asked when the pool was grown; what it did give was
+    /// given back.
+    #[error(
+        "growing the {page_size} pool{} by {asked} pages gave only {got}; the pool was restored",
+        node_suffix(*node)
+    )]
+    PoolGrowShort {
+        /// The pool's page size.
+        page_size: HugePageSize,
+        /// The node, if the pool is a node's.
+        node: Option<u32>,
+        /// Pages asked for.
+        asked: u64,
+        /// Pages obtained.
+        got: u64,
+    },
+    /// A page size that has no hugetlb pool (ordinary pages).
+    #[error("{page_size} has no hugetlb pool")]
+    NoPool {
+        /// The size.
+        page_size: HugePageSize,
+    },
+    /// `/proc/self/pagemap` says something that cannot hold for a huge page.
+    #[error("pagemap at byte offset {offset:#x} of the memfd: {problem}")]
+    Pagemap {
+        /// Byte offset in the memfd of the page concerned.
+        offset: u64,
+        /// What is wrong.
+        problem: PagemapProblem,
+    },
+    /// Every rung of the ladder failed (or the only one, in strict mode); the report says why
+    /// each did.
+    #[error("no memory obtained:\n{report}")]
+    NoMemory {
+        /// What was tried.
+        report: Box<SourceReport>,
+    },
+    /// A byte range outside a mapping.
+    #[error("bytes {offset:#x}+{len:#x} are outside the mapping of {size:#x} bytes")]
+    OutOfBounds {
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// Size of the mapping.
+        size: u64,
+    },
+    /// A byte range that must cover whole pages does not.
+    #[error("bytes {offset:#x}+{len:#x} are not whole {page_size} pages")]
+    NotPageAligned {
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// The page size it must be aligned to.
+        page_size: HugePageSize,
+    },
+    /// An access to a page that the host view has revoked.
+    #[error("byte offset {offset:#x} lies in a page revoked from the host view")]
+    Revoked {
+        /// First revoked byte offset the access touches.
+        offset: u64,
+    },
+    /// A PFN no chunk of the source contains.
+    #[error("{pfn} is in no chunk of this source")]
+    PfnNotFound {
+        /// The PFN.
+        pfn: Pfn,
+    },
+    /// Memory added by a grow got PFNs of another kind than the source's (pagemap stopped
+    /// showing PFNs, say); it was given back.
+    #[error("grown memory has PFNs {now} but the source's are {was:?}")]
+    PfnKindChanged {
+        /// The source's kind.
+        was: Option<PfnKind>,
+        /// The new memory's kind.
+        now: PfnKind,
+    },
+    /// An invalid PFN range (synthetic source bounds or alignment).
+    #[error(transparent)]
+    Range(#[from] RangeError),
+    /// An invalid geometry.
+    #[error(transparent)]
+    Geometry(#[from] GeometryError),
+}
+
+fn node_suffix(node: Option<u32>) -> String {
+    node.map(|n| format!(" of node {n}")).unwrap_or_default()
+}
+
+/// What is wrong with a pagemap entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PagemapProblem {
+    /// The page is not present although it was prefaulted.
+    #[error("page not present after prefault")]
+    NotPresent,
+    /// The first PFN of a huge page is not aligned to the huge page.
+    #[error("{pfn} is not aligned to {align_pages} pages")]
+    Unaligned {
+        /// The PFN.
+        pfn: Pfn,
+        /// The huge page's size in 4K pages.
+        align_pages: u64,
+    },
+    /// A 4K PFN inside a huge page is not the next one.
+    #[error("expected {expected}, found {found}")]
+    NotContiguous {
+        /// What contiguity requires.
+        expected: Pfn,
+        /// What pagemap says.
+        found: Pfn,
+    },
+}
+
+/// Hints, worded once.
+pub(crate) mod hint {
+    pub const POOL: &str = "run as root with grow_pool, or set nr_hugepages in /sys/kernel/mm/hugepages (per node: /sys/devices/system/node/nodeN/hugepages)";
+    pub const ROOT: &str = "run as root or set nr_hugepages";
+    pub const SIZE: &str =
+        "the kernel lacks this huge page size, or the size is not a multiple of it";
+    pub const MEMLOCK: &str = "raise RLIMIT_MEMLOCK (ulimit -l) or run as root";
+    pub const MEMORY: &str = "the machine has not enough free memory";
+}
+
+impl HugetlbError {
+    /// The errno behind an OS or sysfs failure.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            HugetlbError::Os { source, .. } => source.raw_os_error(),
+            HugetlbError::Sysfs { errno, .. } => *errno,
+            _ => None,
+        }
+    }
+
+    /// An OS failure of `op`, with the hint that fits its errno.
+    pub(crate) fn os(op: &'static str, page_size: HugePageSize, source: io::Error) -> Self {
+        let hint = match source.raw_os_error() {
+            Some(libc::ENOMEM | libc::EPERM | libc::EAGAIN) if op == "mlock" => hint::MEMLOCK,
+            Some(libc::EPERM | libc::EACCES) => hint::ROOT,
+            Some(libc::EINVAL) => hint::SIZE,
+            Some(libc::ENOMEM | libc::ENOSPC | libc::EFAULT | libc::EHWPOISON)
+                if page_size.is_hugetlb() =>
+            {
+                hint::POOL
+            }
+            _ => hint::MEMORY,
+        };
+        HugetlbError::Os {
+            op,
+            page_size,
+            source,
+            hint,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_errors_carry_the_errno_and_a_hint() {
+        let e = HugetlbError::os(
+            "mmap",
+            HugePageSize::Huge1G,
+            io::Error::from_raw_os_error(libc::ENOMEM),
+        );
+        assert_eq!(e.errno(), Some(libc::ENOMEM));
+        assert!(e.to_string().contains("set nr_hugepages"), "{e}");
+        let e = HugetlbError::os(
+            "write nr_hugepages",
+            HugePageSize::Huge2M,
+            io::Error::from_raw_os_error(libc::EPERM),
+        );
+        assert!(e.to_string().contains("run as root"), "{e}");
+        let e = HugetlbError::os(
+            "memfd_create",
+            HugePageSize::Huge1G,
+            io::Error::from_raw_os_error(libc::EINVAL),
+        );
+        assert!(e.to_string().contains("lacks this huge page size"), "{e}");
+    }
+}

@@ -1,0 +1,105 @@
+//! The state of one managed chunk: its two planes and the uniformity questions asked of them.
+
+use crate::coarse_plane::{Coarse, CoarsePlane};
+use crate::inline_vec::InlineVec;
+use crate::share_plane::SharePlane;
+use crate::{Attributes, MappingAttributes, Shareability};
+
+/// Middle-block indices inside a chunk, ascending.
+pub(crate) type MidList = InlineVec<u32, 4>;
+
+#[derive(Debug)]
+pub(crate) struct ChunkState {
+    pub(crate) share: SharePlane,
+    pub(crate) coarse: CoarsePlane,
+}
+
+impl ChunkState {
+    /// A freshly managed chunk: unowned, clean, unpinned, not quarantined.
+    pub(crate) fn new(initial: Shareability) -> ChunkState {
+        ChunkState {
+            share: SharePlane::Uniform(initial),
+            coarse: CoarsePlane::Uniform(Coarse::default()),
+        }
+    }
+
+    pub(crate) fn attributes_at(&self, off: u32) -> Attributes {
+        self.coarse
+            .at(off)
+            .with_shareability(self.share.value_at(off))
+    }
+
+    pub(crate) fn mapping_at(&self, off: u32) -> MappingAttributes {
+        let (owner, quarantined) = self.coarse.at(off).mapping_key();
+        MappingAttributes {
+            shareability: self.share.value_at(off),
+            owner,
+            quarantined,
+        }
+    }
+
+    /// Whether the whole chunk has one set of mapping attributes.
+    pub(crate) fn mapping_uniform(&self) -> bool {
+        self.share.uniform_value().is_some() && self.coarse.mapping_uniform()
+    }
+
+    /// Whether pages `lo..hi` have one set of mapping attributes.
+    pub(crate) fn mapping_uniform_over(&self, lo: u32, hi: u32) -> bool {
+        self.share.uniform_over(lo, hi) && self.coarse.next_boundary(lo, hi, true).is_none()
+    }
+
+    /// The first offset `p` with `after < p < limit` where the mapping attributes change.
+    pub(crate) fn next_mapping_boundary(&self, after: u32, limit: u32) -> Option<u32> {
+        let share = self.share.next_flip(after, limit);
+        let coarse = self.coarse.next_boundary(after, limit, true);
+        share.into_iter().chain(coarse).min()
+    }
+
+    /// The first offset `p` with `after < p < limit` where any attribute changes.
+    pub(crate) fn next_boundary(&self, after: u32, limit: u32) -> Option<u32> {
+        let share = self.share.next_flip(after, limit);
+        let coarse = self.coarse.next_boundary(after, limit, false);
+        share.into_iter().chain(coarse).min()
+    }
+
+    /// The middle blocks `m0..=m1` that are not mapping-uniform, found from the boundaries
+    /// inside them (so the cost follows the boundaries, not the number of blocks).
+    pub(crate) fn nonuniform_mids(&self, m0: u32, m1: u32, mid_order: u32) -> MidList {
+        let mut out = MidList::default();
+        let end = (m1 + 1) << mid_order;
+        let mut after = m0 << mid_order;
+        if self.coarse.is_uniform()
+            && let Some(flips) = self.share.flip_list()
+        {
+            // The common case: only shareability has boundaries, and they are a short list.
+            let first = flips.partition_point(|&p| p <= after);
+            for &p in flips[first..].iter().take_while(|&&p| p < end) {
+                let mid = p >> mid_order;
+                if p & ((1 << mid_order) - 1) != 0 && out.as_slice().last() != Some(&mid) {
+                    out.push(mid);
+                }
+            }
+            return out;
+        }
+        while let Some(p) = self.next_mapping_boundary(after, end) {
+            if p & ((1 << mid_order) - 1) == 0 {
+                after = p; // a boundary between two middle blocks splits neither
+                continue;
+            }
+            let mid = p >> mid_order;
+            out.push(mid);
+            // Continue with the boundaries of the next middle block.
+            after = ((mid + 1) << mid_order) - 1;
+        }
+        out
+    }
+
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.share.heap_bytes() + self.coarse.heap_bytes()
+    }
+
+    pub(crate) fn check_canonical(&self, pages: u32) -> Result<(), String> {
+        self.share.check_canonical(pages)?;
+        self.coarse.check_canonical()
+    }
+}

@@ -1,0 +1,51 @@
+//! The errors of the metadata store. Every variant names the first offending PFN.
+
+use pfnstore_core::{Pfn, RangeError};
+
+use crate::{FileId, PinOwner};
+
+/// Why a metadata operation was refused. A refused operation changed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MetadataError {
+    /// The range is empty, unaligned, overflowing or outside the store's span.
+    #[error(transparent)]
+    Range(#[from] RangeError),
+    /// The span would need more chunk slots than the store supports.
+    #[error("a span of {chunks} chunks exceeds the limit of {max}")]
+    SpanTooLarge { chunks: u64, max: u64 },
+    /// `pfn` lies in a chunk of the span that is not managed (see `add_chunk`).
+    #[error("{pfn} is not in a managed chunk")]
+    NotManaged { pfn: Pfn },
+    /// The chunk at `base` is already managed.
+    #[error("the chunk at {base} is already managed")]
+    AlreadyManaged { base: Pfn },
+    /// `first_pfn` is pinned by `owner` (the smallest owner pinning it).
+    #[error("{first_pfn} is pinned by {owner}")]
+    Pinned { first_pfn: Pfn, owner: PinOwner },
+    /// `first_pfn` is quarantined.
+    #[error("{first_pfn} is quarantined")]
+    Quarantined { first_pfn: Pfn },
+    /// `first_pfn` holds no pin by `owner`.
+    #[error("{first_pfn} is not pinned by {owner}")]
+    NotPinned { first_pfn: Pfn, owner: PinOwner },
+    /// `owner`'s pin count on `first_pfn` would overflow.
+    #[error("the pin count of {owner} on {first_pfn} would overflow")]
+    PinOverflow { first_pfn: Pfn, owner: PinOwner },
+    /// `first_pfn` already belongs to `owner`.
+    #[error("{first_pfn} already belongs to {owner}")]
+    AlreadyOwned { first_pfn: Pfn, owner: FileId },
+    /// `first_pfn` does not belong to `expected` (it belongs to `found`, or to nobody).
+    #[error("{first_pfn} belongs to {found:?}, not to {expected}")]
+    NotOwner {
+        first_pfn: Pfn,
+        expected: FileId,
+        found: Option<FileId>,
+    },
+    /// The range spans two owners: `first_pfn` belongs to `found`, the range's start to `first`.
+    #[error("the range spans files: {first_pfn} belongs to {found:?}, its start to {first:?}")]
+    SpansFiles {
+        first_pfn: Pfn,
+        first: Option<FileId>,
+        found: Option<FileId>,
+    },
+}
