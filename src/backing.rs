@@ -21,7 +21,8 @@ pub struct Extent {
 impl Extent {
     /// The PFNs behind the extent.
     pub fn pfns(&self) -> PfnRange {
-        PfnRange::from_len(self.pfn, self.offsets.len()).expect("extents are built from valid PFN ranges")
+        PfnRange::from_len(self.pfn, self.offsets.len())
+            .expect("extents are built from valid PFN ranges")
     }
 
     /// The PFN behind `offset` (which must lie in the extent).
@@ -102,7 +103,10 @@ impl Backing {
 
     /// Records that `extent.offsets` (which must be a hole) is backed by `extent.pfns()`.
     pub fn insert(&mut self, extent: Extent) {
-        debug_assert!(self.extents_in(extent.offsets).is_empty(), "offsets already backed");
+        debug_assert!(
+            self.extents_in(extent.offsets).is_empty(),
+            "offsets already backed"
+        );
         self.extents.insert(extent.offsets.start().0, extent);
     }
 
@@ -110,7 +114,9 @@ impl Backing {
     pub fn remove(&mut self, range: PfnRange) -> Vec<Extent> {
         let removed = self.extents_in(range);
         for piece in &removed {
-            let whole = self.extent_at(piece.offsets.start()).expect("piece came from an extent");
+            let whole = self
+                .extent_at(piece.offsets.start())
+                .expect("piece came from an extent");
             self.extents.remove(&whole.offsets.start().0);
             if let Ok(left) = PfnRange::new(whole.offsets.start(), piece.offsets.start()) {
                 self.insert(Extent {
@@ -136,7 +142,8 @@ impl Backing {
         for size in PageSize::LARGEST_FIRST {
             let pages = geometry.pages(size);
             let block_start = offset.align_down(pages);
-            let fits = extent.offsets.start() <= block_start && block_start.0 + pages <= extent.offsets.end().0;
+            let fits = extent.offsets.start() <= block_start
+                && block_start.0 + pages <= extent.offsets.end().0;
             let congruent = (pfn.0 ^ offset.0) & (pages - 1) == 0;
             if fits && congruent {
                 return Some(size);
@@ -169,7 +176,10 @@ mod tests {
         assert_eq!(b.pfn_of(Pfn(10)), Some(Pfn(1010)));
         assert_eq!(b.pfn_of(Pfn(64)), None);
         assert_eq!(b.holes_in(r(0, 256)), vec![r(64, 128), r(192, 256)]);
-        assert_eq!(b.extents_in(r(32, 160)), vec![ext(32, 64, 1032), ext(128, 160, 5000)]);
+        assert_eq!(
+            b.extents_in(r(32, 160)),
+            vec![ext(32, 64, 1032), ext(128, 160, 5000)]
+        );
         let removed = b.remove(r(16, 144));
         assert_eq!(removed, vec![ext(16, 64, 1016), ext(128, 144, 5000)]);
         assert_eq!(b.extent_count(), 2);

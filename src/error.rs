@@ -84,7 +84,9 @@ pub enum StoreError {
     },
     /// A subscriber failed to unmap; the operation otherwise happened and the range named is
     /// quarantined.
-    #[error("{subscriber} failed to unmap offsets {offset:#x}..{end:#x} of {file}: {reason} (quarantined)")]
+    #[error(
+        "{subscriber} failed to unmap offsets {offset:#x}..{end:#x} of {file}: {reason} (quarantined)"
+    )]
     UnmapFailed {
         /// The file.
         file: FileId,
@@ -138,7 +140,9 @@ pub enum StoreError {
         pages: u64,
     },
     /// A subscriber callback tried to operate on the range of the operation that called it.
-    #[error("re-entrant operation on offsets {offset:#x}..{end:#x} of {file} from a subscriber callback")]
+    #[error(
+        "re-entrant operation on offsets {offset:#x}..{end:#x} of {file} from a subscriber callback"
+    )]
     Reentrant {
         /// The file.
         file: FileId,

@@ -17,12 +17,16 @@ use std::sync::Arc;
 use pfnstore_core::sync::RwLock;
 use pfnstore_core::{BlockRun, PAGE_SIZE, PageSize, Pfn, PfnRange};
 use pfnstore_hugetlb::Protection;
-use pfnstore_metadata::conversion::{ConversionDomain, ConversionError, ConversionOutcome, ConversionPlan};
-use pfnstore_metadata::{Attributes, FileId, MetadataError, MetadataStore, PinOwner, Shareability, Stats};
+use pfnstore_metadata::conversion::{
+    ConversionDomain, ConversionError, ConversionOutcome, ConversionPlan,
+};
+use pfnstore_metadata::{
+    Attributes, FileId, MetadataError, MetadataStore, PinOwner, Shareability, Stats,
+};
 
+use crate::StoreError;
 use crate::backing::{Backing, Extent};
 use crate::store::{Store, bytes, internal};
-use crate::StoreError;
 
 /// How a file is created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,7 +113,11 @@ pub(crate) struct FileInner {
 }
 
 impl GuestMemory {
-    pub(crate) fn create(store: Store, id: FileId, options: FileOptions) -> Result<GuestMemory, StoreError> {
+    pub(crate) fn create(
+        store: Store,
+        id: FileId,
+        options: FileOptions,
+    ) -> Result<GuestMemory, StoreError> {
         if options.size == 0 {
             return Err(StoreError::Empty { offset: 0 });
         }
@@ -126,7 +134,9 @@ impl GuestMemory {
         let span = PfnRange::from_len(Pfn(0), span_pages)?;
         let offsets = MetadataStore::new(geometry, span).map_err(internal)?;
         for base in (0..span_pages).step_by(chunk as usize) {
-            offsets.add_chunk(Pfn(base), options.initial).map_err(internal)?;
+            offsets
+                .add_chunk(Pfn(base), options.initial)
+                .map_err(internal)?;
         }
         // The metadata covers whole chunks; the file's own offsets are marked as owned by it,
         // so that no uniform block (and so no plan, no huge mapping) reaches past its end.
@@ -171,7 +181,11 @@ impl GuestMemory {
     /// The attributes of the page at byte `offset`.
     pub fn attributes(&self, offset: u64) -> Result<Attributes, StoreError> {
         let page = self.inner.page(offset)?;
-        self.inner.domain.store().attributes(page).map_err(|e| self.inner.metadata_error(e))
+        self.inner
+            .domain
+            .store()
+            .attributes(page)
+            .map_err(|e| self.inner.metadata_error(e))
     }
 
     /// The shareability of the page at byte `offset`.
@@ -189,7 +203,11 @@ impl GuestMemory {
     /// All or nothing: on failure nothing new is backed.
     pub fn populate(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         let pages = self.inner.pages(offset, len)?;
-        let _guard = self.inner.domain.lock(pages).map_err(|e| self.inner.conversion_error(e))?;
+        let _guard = self
+            .inner
+            .domain
+            .lock(pages)
+            .map_err(|e| self.inner.conversion_error(e))?;
         self.inner.populate_locked(pages)
     }
 
@@ -247,14 +265,24 @@ impl GuestMemory {
                 offset: bytes(hole.start().0),
             });
         }
-        inner.domain.store().pin(pages, owner).map(drop).map_err(|e| inner.metadata_error(e))
+        inner
+            .domain
+            .store()
+            .pin(pages, owner)
+            .map(drop)
+            .map_err(|e| inner.metadata_error(e))
     }
 
     /// Drops one pin of `owner` on `offset..offset + len`.
     pub fn unpin(&self, offset: u64, len: u64, owner: PinOwner) -> Result<(), StoreError> {
         let inner = &self.inner;
         let pages = inner.pages(offset, len)?;
-        inner.domain.store().unpin(pages, owner).map(drop).map_err(|e| inner.metadata_error(e))
+        inner
+            .domain
+            .store()
+            .unpin(pages, owner)
+            .map(drop)
+            .map_err(|e| inner.metadata_error(e))
     }
 
     /// Takes the memory away from `offset..offset + len`: every subscriber unmaps it first,
@@ -264,7 +292,9 @@ impl GuestMemory {
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         let inner = &self.inner;
         let pages = inner.pages(offset, len)?;
-        let result = inner.domain.invalidate(pages, |_plan| inner.release_backing(pages));
+        let result = inner
+            .domain
+            .invalidate(pages, |_plan| inner.release_backing(pages));
         match result {
             Ok(released) => released,
             Err(ConversionError::UnmapFailed { range, .. }) => {
@@ -286,37 +316,59 @@ impl GuestMemory {
         let page = inner.page(offset)?;
         let geometry = inner.store.geometry();
         let metadata = inner.domain.store();
-        let attributes = metadata.attributes(page).map_err(|e| inner.metadata_error(e))?;
-        if attributes.shareability != access {
-            return Err(match attributes.shareability {
-                Shareability::Private => StoreError::PrivateAccess { file: inner.id, offset },
-                Shareability::Shared => StoreError::SharedAccess { file: inner.id, offset },
+        loop {
+            // Shared with other faults, excluded by conversions and punch-holes: the answer
+            // describes one consistent state of the page.
+            let guard = inner.shared_lock(PfnRange::page(page)?)?;
+            let attributes = metadata
+                .attributes(page)
+                .map_err(|e| inner.metadata_error(e))?;
+            if attributes.shareability != access {
+                return Err(match attributes.shareability {
+                    Shareability::Private => StoreError::PrivateAccess {
+                        file: inner.id,
+                        offset,
+                    },
+                    Shareability::Shared => StoreError::SharedAccess {
+                        file: inner.id,
+                        offset,
+                    },
+                });
+            }
+            if attributes.quarantined.is_some() {
+                return Err(StoreError::Quarantined {
+                    file: inner.id,
+                    offset,
+                });
+            }
+            let uniform = metadata
+                .max_mapping_order(page)
+                .map_err(|e| inner.metadata_error(e))?;
+            let backing = inner.backing.read();
+            let Some(pfn) = backing.pfn_of(page) else {
+                // First touch: back the whole uniform block around the page, so that it can
+                // be mapped huge. Population locks exclusively: let go, populate, look again.
+                drop(backing);
+                drop(guard);
+                let block = block_in_file(inner, page, uniform);
+                self.populate(bytes(block.start().0), bytes(block.len()))?;
+                continue;
+            };
+            let contiguous = backing
+                .contiguous_order(&geometry, page)
+                .unwrap_or(PageSize::Size4K);
+            let mut size = uniform.min(contiguous);
+            while size > PageSize::Size4K
+                && block_in_file(inner, page, size).len() < geometry.pages(size)
+            {
+                size = size.smaller().unwrap_or(PageSize::Size4K);
+            }
+            return Ok(Fault {
+                pfn,
+                size,
+                shareability: attributes.shareability,
             });
         }
-        if attributes.quarantined.is_some() {
-            return Err(StoreError::Quarantined { file: inner.id, offset });
-        }
-        let uniform = metadata.max_mapping_order(page).map_err(|e| inner.metadata_error(e))?;
-        if inner.backing.read().pfn_of(page).is_none() {
-            // Back the whole uniform block around the page, so that it can be mapped huge.
-            let block = block_in_file(inner, page, uniform);
-            self.populate(bytes(block.start().0), bytes(block.len()))?;
-        }
-        let backing = inner.backing.read();
-        let pfn = backing.pfn_of(page).ok_or(StoreError::NotBacked { file: inner.id, offset })?;
-        let contiguous = backing.contiguous_order(&geometry, page).unwrap_or(PageSize::Size4K);
-        let mut size = uniform.min(contiguous);
-        while block_in_file(inner, page, size).len() < geometry.pages(size) {
-            size = size.smaller().unwrap_or(PageSize::Size4K);
-            if size == PageSize::Size4K {
-                break;
-            }
-        }
-        Ok(Fault {
-            pfn,
-            size,
-            shareability: attributes.shareability,
-        })
     }
 
     /// The largest naturally aligned block around `offset` whose attributes are uniform (the
@@ -332,7 +384,11 @@ impl GuestMemory {
 
     /// The mapped blocks of `offset..offset + len` as the metadata describes them now: what a
     /// subscriber that maps everything would hold.
-    pub fn block_plan(&self, offset: u64, len: u64) -> Result<Vec<(BlockRun, pfnstore_metadata::MappingAttributes)>, StoreError> {
+    pub fn block_plan(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(BlockRun, pfnstore_metadata::MappingAttributes)>, StoreError> {
         let pages = self.inner.pages(offset, len)?;
         let plan = self
             .inner
@@ -410,9 +466,17 @@ impl GuestMemory {
         inner.domain.store().check_invariants()?;
         let all = PfnRange::from_len(Pfn(0), inner.size_pages).map_err(|e| e.to_string())?;
         for extent in inner.backing.read().extents_in(all) {
-            let owner = inner.store.inner.physical.owner_of(extent.pfns()).map_err(|e| e.to_string())?;
+            let owner = inner
+                .store
+                .inner
+                .physical
+                .owner_of(extent.pfns())
+                .map_err(|e| e.to_string())?;
             if owner != Some(inner.id) {
-                return Err(format!("{:?} of {} is owned by {owner:?}", extent, inner.id));
+                return Err(format!(
+                    "{:?} of {} is owned by {owner:?}",
+                    extent, inner.id
+                ));
             }
         }
         Ok(())
@@ -423,7 +487,11 @@ impl GuestMemory {
     pub fn destroy(self) -> Result<(), StoreError> {
         let inner = &self.inner;
         let all = PfnRange::from_len(Pfn(0), inner.size_pages)?;
-        let pinned = inner.domain.store().ranges(all).map_err(|e| inner.metadata_error(e))?;
+        let pinned = inner
+            .domain
+            .store()
+            .ranges(all)
+            .map_err(|e| inner.metadata_error(e))?;
         if let Some((range, _)) = pinned.iter().find(|(_, a)| !a.pins.is_empty()) {
             return Err(StoreError::FileBusy {
                 file: inner.id,
@@ -465,24 +533,40 @@ impl FileInner {
                 size,
             });
         };
-        Ok(PfnRange::new(Pfn(offset / PAGE_SIZE), Pfn(end.div_ceil(PAGE_SIZE)))?)
+        Ok(PfnRange::new(
+            Pfn(offset / PAGE_SIZE),
+            Pfn(end.div_ceil(PAGE_SIZE)),
+        )?)
     }
 
     fn page(&self, offset: u64) -> Result<Pfn, StoreError> {
         self.byte_pages(offset, 1).map(|r| r.start())
     }
 
-    fn shared_lock(&self, pages: PfnRange) -> Result<pfnstore_metadata::conversion::RangeGuard<'_>, StoreError> {
-        self.domain.locks().lock_shared(pages).map_err(|_| StoreError::Reentrant {
-            file: self.id,
-            offset: bytes(pages.start().0),
-            end: bytes(pages.end().0),
-        })
+    fn shared_lock(
+        &self,
+        pages: PfnRange,
+    ) -> Result<pfnstore_metadata::conversion::RangeGuard<'_>, StoreError> {
+        self.domain
+            .locks()
+            .lock_shared(pages)
+            .map_err(|_| StoreError::Reentrant {
+                file: self.id,
+                offset: bytes(pages.start().0),
+                end: bytes(pages.end().0),
+            })
     }
 
     fn check_shared(&self, pages: PfnRange, offset: u64) -> Result<(), StoreError> {
-        let ranges = self.domain.store().ranges(pages).map_err(|e| self.metadata_error(e))?;
-        if let Some((range, _)) = ranges.iter().find(|(_, a)| a.shareability == Shareability::Private) {
+        let ranges = self
+            .domain
+            .store()
+            .ranges(pages)
+            .map_err(|e| self.metadata_error(e))?;
+        if let Some((range, _)) = ranges
+            .iter()
+            .find(|(_, a)| a.shareability == Shareability::Private)
+        {
             return Err(StoreError::PrivateAccess {
                 file: self.id,
                 offset: bytes(range.start().0).max(offset),
@@ -529,9 +613,13 @@ impl FileInner {
             let len = ((bytes(stop_page.0) - here) as usize).min(total - done);
             let in_page = here % PAGE_SIZE;
             match (&mut what, pfn) {
-                (Copy::Read(buf), Some(pfn)) => memory.read(pfn, in_page, &mut buf[done..done + len])?,
+                (Copy::Read(buf), Some(pfn)) => {
+                    memory.read(pfn, in_page, &mut buf[done..done + len])?
+                }
                 (Copy::Read(buf), None) => buf[done..done + len].fill(0),
-                (Copy::Write(data), Some(pfn)) => memory.write(pfn, in_page, &data[done..done + len])?,
+                (Copy::Write(data), Some(pfn)) => {
+                    memory.write(pfn, in_page, &data[done..done + len])?
+                }
                 (Copy::Write(_), None) => {
                     return Err(StoreError::NotBacked {
                         file: self.id,
@@ -585,7 +673,12 @@ impl FileInner {
             });
         };
         for block in run.blocks(&geometry) {
-            let sub = BlockRun::new(&geometry, block.start(), smaller, block_pages / geometry.pages(smaller))?;
+            let sub = BlockRun::new(
+                &geometry,
+                block.start(),
+                smaller,
+                block_pages / geometry.pages(smaller),
+            )?;
             self.allocate_run(sub, added)?;
         }
         Ok(())
@@ -652,12 +745,22 @@ impl FileInner {
         for extent in self.backing.read().extents_in(region) {
             // Whole huge pages of the extent only: a huge page shared with other files or
             // with free memory is guarded by the API checks alone.
-            let whole = self.backing.read().extent_at(extent.offsets.start()).unwrap_or(extent);
-            let mut pfn = extent.pfn.checked_align_up(granule_pages).unwrap_or(extent.pfn);
+            let whole = self
+                .backing
+                .read()
+                .extent_at(extent.offsets.start())
+                .unwrap_or(extent);
+            let mut pfn = extent
+                .pfn
+                .checked_align_up(granule_pages)
+                .unwrap_or(extent.pfn);
             while pfn.0 + granule_pages <= extent.pfns().end().0 {
                 let huge = PfnRange::from_len(pfn, granule_pages)?;
                 if whole.pfns().contains_range(&huge) {
-                    let offsets = PfnRange::from_len(Pfn(whole.offsets.start().0 + (pfn.0 - whole.pfn.0)), granule_pages)?;
+                    let offsets = PfnRange::from_len(
+                        Pfn(whole.offsets.start().0 + (pfn.0 - whole.pfn.0)),
+                        granule_pages,
+                    )?;
                     let all_private = self
                         .domain
                         .store()
@@ -665,7 +768,11 @@ impl FileInner {
                         .map_err(|e| self.metadata_error(e))?
                         .iter()
                         .all(|(_, a)| a.shareability == Shareability::Private);
-                    let protection = if all_private { Protection::None } else { Protection::ReadWrite };
+                    let protection = if all_private {
+                        Protection::None
+                    } else {
+                        Protection::ReadWrite
+                    };
                     memory.protect_to(huge, protection)?;
                 }
                 pfn = Pfn(pfn.0 + granule_pages);
@@ -784,7 +891,8 @@ fn block_in_file(inner: &FileInner, page: Pfn, size: PageSize) -> PfnRange {
     let pages = geometry.pages(size);
     let start = page.align_down(pages);
     let end = (start.0 + pages).min(inner.size_pages);
-    PfnRange::new(start, Pfn(end)).unwrap_or_else(|_| PfnRange::page(page).expect("page is in the file"))
+    PfnRange::new(start, Pfn(end))
+        .unwrap_or_else(|_| PfnRange::page(page).expect("page is in the file"))
 }
 
 /// The chunk hull of `pages` clipped to the file: the most a conversion's plan can cover.

@@ -39,8 +39,8 @@ pub use pfnstore_hugetlb as hugetlb;
 pub use pfnstore_metadata as metadata;
 
 pub use pfnstore_metadata::conversion::{
-    ConversionOutcome, ConversionPlan, ConversionRequest, Interest, Invalidation, PlanEntry, Registration, Subscriber,
-    UnmapError, Veto,
+    ConversionOutcome, ConversionPlan, ConversionRequest, Interest, Invalidation, PlanEntry,
+    Registration, Subscriber, UnmapError, Veto,
 };
 pub use pfnstore_metadata::{FileId, PinOwner, Shareability};
 

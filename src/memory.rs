@@ -42,7 +42,10 @@ impl Memory {
     }
 
     fn host(&self, what: &'static str) -> Result<&HostView, StoreError> {
-        self.views.as_ref().map(|v| &v.host).ok_or(StoreError::NoHostMemory { what })
+        self.views
+            .as_ref()
+            .map(|v| &v.host)
+            .ok_or(StoreError::NoHostMemory { what })
     }
 
     /// The host view's granularity of protection, in bytes (None without bytes).
@@ -63,7 +66,10 @@ impl Memory {
         let mut out = Vec::new();
         let mut next = pfns.start();
         while next < pfns.end() {
-            let location = self.source.locate(next).ok_or(StoreError::UnknownPfn { pfn: next })?;
+            let location = self
+                .source
+                .locate(next)
+                .ok_or(StoreError::UnknownPfn { pfn: next })?;
             let chunk = &self.source.chunks()[location.chunk];
             let in_chunk = (chunk.pages - location.page_offset).min(pfns.end().0 - next.0);
             out.push((location.memfd_offset, in_chunk * PAGE_SIZE));
@@ -87,13 +93,15 @@ impl Memory {
     /// Reads `buf.len()` bytes at byte `offset` of page `pfn` (within that page's chunk).
     pub(crate) fn read(&self, pfn: Pfn, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         let view = self.host("reading guest memory")?;
-        view.read(self.offset_of(pfn)? + offset, buf).map_err(internal)
+        view.read(self.offset_of(pfn)? + offset, buf)
+            .map_err(internal)
     }
 
     /// Writes `data` at byte `offset` of page `pfn` (within that page's chunk).
     pub(crate) fn write(&self, pfn: Pfn, offset: u64, data: &[u8]) -> Result<(), StoreError> {
         let view = self.host("writing guest memory")?;
-        view.write(self.offset_of(pfn)? + offset, data).map_err(internal)
+        view.write(self.offset_of(pfn)? + offset, data)
+            .map_err(internal)
     }
 
     /// Revokes (or restores) the host view's access to `pfns`, which must be whole huge pages
@@ -103,14 +111,21 @@ impl Memory {
             return Ok(());
         };
         for (offset, len) in self.pieces(pfns)? {
-            views.host.protect(offset, len, protection).map_err(internal)?;
+            views
+                .host
+                .protect(offset, len, protection)
+                .map_err(internal)?;
         }
         Ok(())
     }
 
     /// Sets `pfns` (whole huge pages) to `protection`, skipping the system call when the view
     /// already has it.
-    pub(crate) fn protect_to(&self, pfns: PfnRange, protection: Protection) -> Result<(), StoreError> {
+    pub(crate) fn protect_to(
+        &self,
+        pfns: PfnRange,
+        protection: Protection,
+    ) -> Result<(), StoreError> {
         let revoked = self.is_revoked(pfns.start());
         if revoked != (protection == Protection::None) {
             self.protect(pfns, protection)?;
@@ -120,7 +135,11 @@ impl Memory {
 
     /// Restores access to every revoked huge page that `pfns` touches (memory about to leave
     /// its file must not stay revoked for its next owner).
-    pub(crate) fn protect_if_revoked(&self, pfns: PfnRange, protection: Protection) -> Result<(), StoreError> {
+    pub(crate) fn protect_if_revoked(
+        &self,
+        pfns: PfnRange,
+        protection: Protection,
+    ) -> Result<(), StoreError> {
         let Some(granule) = self.protect_granule() else {
             return Ok(());
         };

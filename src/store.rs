@@ -88,7 +88,11 @@ impl Store {
     /// A store over `source`'s chunks. `views`, if given, are two mappings of the source's
     /// memory: one the store scrubs through, one it serves the host view through. Without them
     /// the store manages PFNs only and refuses byte access.
-    pub fn new(source: Box<dyn MemorySource>, views: Option<Views>, options: StoreOptions) -> Result<Store, StoreError> {
+    pub fn new(
+        source: Box<dyn MemorySource>,
+        views: Option<Views>,
+        options: StoreOptions,
+    ) -> Result<Store, StoreError> {
         let geometry = source.geometry();
         let chunks = source.chunks();
         let span = span_of(&geometry, chunks.iter().map(|c| c.base))?;
@@ -102,7 +106,9 @@ impl Store {
             // A fresh source's memory was zeroed by the kernel (hugetlb) or has no bytes at all
             // (synthetic): clean either way.
             allocator.add_chunk(chunk.base, false).map_err(internal)?;
-            physical.add_chunk(chunk.base, Shareability::Private).map_err(internal)?;
+            physical
+                .add_chunk(chunk.base, Shareability::Private)
+                .map_err(internal)?;
         }
         Ok(Store {
             inner: Arc::new(StoreInner {
@@ -136,7 +142,10 @@ impl Store {
         let id = {
             let mut files = self.inner.files.lock();
             let id = FileId(files.next);
-            files.next = files.next.checked_add(1).ok_or_else(|| internal("file ids exhausted"))?;
+            files.next = files
+                .next
+                .checked_add(1)
+                .ok_or_else(|| internal("file ids exhausted"))?;
             id
         };
         let file = GuestMemory::create(self.clone(), id, options)?;
@@ -149,7 +158,11 @@ impl Store {
     /// An open file by id.
     pub fn file(&self, id: FileId) -> Option<GuestMemory> {
         let files = self.inner.files.lock();
-        files.open.get(&id)?.upgrade().map(|inner| GuestMemory { inner })
+        files
+            .open
+            .get(&id)?
+            .upgrade()
+            .map(|inner| GuestMemory { inner })
     }
 
     /// Registers a subscriber for every file (`Interest::All`) or one file. The store holds it
@@ -170,7 +183,14 @@ impl Store {
 
     /// Accounting of the store's memory.
     pub fn stats(&self) -> StoreStats {
-        let files = self.inner.files.lock().open.values().filter(|f| f.strong_count() > 0).count();
+        let files = self
+            .inner
+            .files
+            .lock()
+            .open
+            .values()
+            .filter(|f| f.strong_count() > 0)
+            .count();
         StoreStats {
             allocator: self.inner.allocator.stats(),
             physical: self.inner.physical.stats(),
@@ -187,7 +207,9 @@ impl Store {
         let p = self.inner.physical.stats();
         // Every allocated page belongs to a file; owned pages are allocated or, after a failed
         // unmap, quarantined.
-        if a.allocated_pages > p.owned_pages || p.owned_pages > a.allocated_pages + a.quarantined_pages {
+        if a.allocated_pages > p.owned_pages
+            || p.owned_pages > a.allocated_pages + a.quarantined_pages
+        {
             return Err(format!(
                 "metadata says {} pages are owned; the allocator has {} allocated and {} quarantined",
                 p.owned_pages, a.allocated_pages, a.quarantined_pages
@@ -201,7 +223,10 @@ impl StoreInner {
     /// Allocates `pages` aligned to `align`, scrubbing whatever was dirty, and records `file`
     /// as the owner.
     pub(crate) fn allocate_for(&self, file: FileId, pages: u64, align: u64) -> Option<PfnRange> {
-        let allocation = self.allocator.alloc(AllocRequest::new(pages).aligned(align)).ok()?;
+        let allocation = self
+            .allocator
+            .alloc(AllocRequest::new(pages).aligned(align))
+            .ok()?;
         match self.take(file, &allocation) {
             Ok(()) => Some(allocation.range),
             Err(_) => {
@@ -216,9 +241,13 @@ impl StoreInner {
         for dirty in &allocation.dirty {
             self.memory.zero(*dirty)?;
         }
-        self.physical.assign_owner(allocation.range, file).map_err(internal)?;
+        self.physical
+            .assign_owner(allocation.range, file)
+            .map_err(internal)?;
         if allocation.is_dirty() {
-            self.physical.set_dirty(allocation.range, false).map_err(internal)?;
+            self.physical
+                .set_dirty(allocation.range, false)
+                .map_err(internal)?;
         }
         Ok(())
     }

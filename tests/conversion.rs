@@ -13,34 +13,58 @@ use pfnstore::{
 };
 
 fn blocks_of(entries: &[pfnstore::PlanEntry], size: PageSize) -> u64 {
-    entries.iter().filter(|e| e.run.size() == size).map(|e| e.run.count()).sum()
+    entries
+        .iter()
+        .filter(|e| e.run.size() == size)
+        .map(|e| e.run.count())
+        .sum()
 }
 
 #[test]
 fn a_4k_conversion_inside_a_uniform_1g_splits_and_merges_back() {
     let store = synthetic(Geometry::X86_64, 2, 1);
-    let file = store.create_file(FileOptions::new(GIB).populated()).unwrap();
+    let file = store
+        .create_file(FileOptions::new(GIB).populated())
+        .unwrap();
     let recorder = Recorder::new("recorder");
     let _reg = store.subscribe(&dyn_sub(&recorder), Interest::All);
     assert_eq!(file.max_mapping_order(0).unwrap(), PageSize::Size1G);
 
     let offset = 1000 * PAGE;
-    let to_shared = file.convert(offset, PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap();
+    let to_shared = file
+        .convert(offset, PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .unwrap();
     let plan = &to_shared.plan;
-    assert_eq!(plan.region(), Some(PfnRange::new(Pfn(0), Pfn(1 << 18)).unwrap()));
-    assert_eq!(plan.unmap().len(), 1, "one 1G block to unmap: {:?}", plan.unmap());
+    assert_eq!(
+        plan.region(),
+        Some(PfnRange::new(Pfn(0), Pfn(1 << 18)).unwrap())
+    );
+    assert_eq!(
+        plan.unmap().len(),
+        1,
+        "one 1G block to unmap: {:?}",
+        plan.unmap()
+    );
     assert_eq!(plan.unmap()[0].run.size(), PageSize::Size1G);
     assert_eq!(blocks_of(plan.map(), PageSize::Size2M), 511);
     assert_eq!(blocks_of(plan.map(), PageSize::Size4K), 512);
     assert!(plan.map().len() <= 6, "compact: {} runs", plan.map().len());
     assert_eq!(file.shareability(offset).unwrap(), Shareability::Shared);
-    assert_eq!(file.shareability(offset + PAGE).unwrap(), Shareability::Private);
+    assert_eq!(
+        file.shareability(offset + PAGE).unwrap(),
+        Shareability::Private
+    );
     assert_eq!(file.max_mapping_order(offset).unwrap(), PageSize::Size4K);
     assert_eq!(file.max_mapping_order(0).unwrap(), PageSize::Size2M);
 
-    let back = file.convert(offset, PAGE, Shareability::Private, ConvertMode::Preserve).unwrap();
+    let back = file
+        .convert(offset, PAGE, Shareability::Private, ConvertMode::Preserve)
+        .unwrap();
     let plan = &back.plan;
-    assert_eq!(plan.region(), Some(PfnRange::new(Pfn(0), Pfn(1 << 18)).unwrap()));
+    assert_eq!(
+        plan.region(),
+        Some(PfnRange::new(Pfn(0), Pfn(1 << 18)).unwrap())
+    );
     assert_eq!(blocks_of(plan.unmap(), PageSize::Size2M), 511);
     assert_eq!(blocks_of(plan.unmap(), PageSize::Size4K), 512);
     assert_eq!(plan.map().len(), 1);
@@ -49,7 +73,15 @@ fn a_4k_conversion_inside_a_uniform_1g_splits_and_merges_back() {
     assert_eq!(file.stats().metadata.nodes, 1, "merged back to one record");
 
     let events = recorder.events();
-    assert!(matches!(events.as_slice(), [Event::Prepare(_), Event::Commit(..), Event::Prepare(_), Event::Commit(..)]));
+    assert!(matches!(
+        events.as_slice(),
+        [
+            Event::Prepare(_),
+            Event::Commit(..),
+            Event::Prepare(_),
+            Event::Commit(..)
+        ]
+    ));
 }
 
 #[test]
@@ -58,7 +90,9 @@ fn converting_to_the_current_shareability_notifies_nobody() {
     let file = store.create_file(FileOptions::new(64 * PAGE)).unwrap();
     let recorder = Recorder::new("r");
     let _reg = store.subscribe(&dyn_sub(&recorder), Interest::All);
-    let outcome = file.convert(0, 8 * PAGE, Shareability::Private, ConvertMode::Preserve).unwrap();
+    let outcome = file
+        .convert(0, 8 * PAGE, Shareability::Private, ConvertMode::Preserve)
+        .unwrap();
     assert!(outcome.plan.is_empty());
     assert!(outcome.change.is_none());
     assert!(recorder.events().is_empty());
@@ -67,11 +101,20 @@ fn converting_to_the_current_shareability_notifies_nobody() {
 #[test]
 fn a_pinned_page_fails_the_conversion_before_anyone_hears_of_it() {
     let store = synthetic(tiny(), 2, 1);
-    let file = store.create_file(FileOptions::new(128 * PAGE).populated()).unwrap();
+    let file = store
+        .create_file(FileOptions::new(128 * PAGE).populated())
+        .unwrap();
     let recorder = Recorder::new("r");
     let _reg = store.subscribe(&dyn_sub(&recorder), Interest::All);
     file.pin(70 * PAGE, 2 * PAGE, PinOwner(7)).unwrap();
-    let err = file.convert(64 * PAGE, 64 * PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap_err();
+    let err = file
+        .convert(
+            64 * PAGE,
+            64 * PAGE,
+            Shareability::Shared,
+            ConvertMode::Preserve,
+        )
+        .unwrap_err();
     assert_eq!(
         err,
         StoreError::Pinned {
@@ -83,9 +126,16 @@ fn a_pinned_page_fails_the_conversion_before_anyone_hears_of_it() {
     assert!(recorder.events().is_empty(), "no notifier ran");
     assert_eq!(file.shareability(64 * PAGE).unwrap(), Shareability::Private);
     // Pins on other pages do not matter; unpinning makes the conversion possible.
-    file.convert(0, 8 * PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap();
+    file.convert(0, 8 * PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .unwrap();
     file.unpin(70 * PAGE, 2 * PAGE, PinOwner(7)).unwrap();
-    file.convert(64 * PAGE, 64 * PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap();
+    file.convert(
+        64 * PAGE,
+        64 * PAGE,
+        Shareability::Shared,
+        ConvertMode::Preserve,
+    )
+    .unwrap();
     assert_eq!(
         file.unpin(70 * PAGE, PAGE, PinOwner(7)).unwrap_err(),
         StoreError::NotPinned {
@@ -109,10 +159,18 @@ fn pins_need_backing_and_block_punch_holes_but_not_huge_mappings() {
     );
     file.populate(0, 64 * PAGE).unwrap();
     file.pin(8 * PAGE, PAGE, PinOwner(1)).unwrap();
-    assert_eq!(file.max_mapping_order(8 * PAGE).unwrap(), PageSize::Size1G, "a pin does not split");
-    assert!(matches!(file.punch_hole(0, 16 * PAGE), Err(StoreError::Pinned { offset, .. }) if offset == 8 * PAGE));
+    assert_eq!(
+        file.max_mapping_order(8 * PAGE).unwrap(),
+        PageSize::Size1G,
+        "a pin does not split"
+    );
+    assert!(
+        matches!(file.punch_hole(0, 16 * PAGE), Err(StoreError::Pinned { offset, .. }) if offset == 8 * PAGE)
+    );
     assert_eq!(file.stats().backed_pages, 64, "nothing was freed");
-    assert!(matches!(file.clone().destroy(), Err(StoreError::FileBusy { offset, .. }) if offset == 8 * PAGE));
+    assert!(
+        matches!(file.clone().destroy(), Err(StoreError::FileBusy { offset, .. }) if offset == 8 * PAGE)
+    );
     file.unpin(8 * PAGE, PAGE, PinOwner(1)).unwrap();
     file.destroy().unwrap();
     assert_eq!(store.stats().allocator.total.allocated_pages, 0);
@@ -121,7 +179,9 @@ fn pins_need_backing_and_block_punch_holes_but_not_huge_mappings() {
 #[test]
 fn a_veto_aborts_the_prepared_subscribers_and_changes_nothing() {
     let store = synthetic(tiny(), 2, 1);
-    let file = store.create_file(FileOptions::new(64 * PAGE).populated()).unwrap();
+    let file = store
+        .create_file(FileOptions::new(64 * PAGE).populated())
+        .unwrap();
     let first = Recorder::new("first");
     let second = Recorder::new("second");
     let third = Recorder::new("third");
@@ -129,7 +189,14 @@ fn a_veto_aborts_the_prepared_subscribers_and_changes_nothing() {
     let _r1 = store.subscribe(&dyn_sub(&first), Interest::All);
     let _r2 = store.subscribe(&dyn_sub(&second), Interest::File(file.id()));
     let _r3 = store.subscribe(&dyn_sub(&third), Interest::All);
-    let err = file.convert(8 * PAGE, 8 * PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap_err();
+    let err = file
+        .convert(
+            8 * PAGE,
+            8 * PAGE,
+            Shareability::Shared,
+            ConvertMode::Preserve,
+        )
+        .unwrap_err();
     assert_eq!(
         err,
         StoreError::Vetoed {
@@ -139,8 +206,14 @@ fn a_veto_aborts_the_prepared_subscribers_and_changes_nothing() {
             reason: "device busy".into()
         }
     );
-    assert!(matches!(first.events().as_slice(), [Event::Prepare(_), Event::Abort(_)]));
-    assert!(matches!(second.events().as_slice(), [Event::Prepare(_)]), "the vetoer is not aborted");
+    assert!(matches!(
+        first.events().as_slice(),
+        [Event::Prepare(_), Event::Abort(_)]
+    ));
+    assert!(
+        matches!(second.events().as_slice(), [Event::Prepare(_)]),
+        "the vetoer is not aborted"
+    );
     assert!(third.events().is_empty(), "never asked");
     assert_eq!(file.shareability(8 * PAGE).unwrap(), Shareability::Private);
     assert_eq!(file.max_mapping_order(0).unwrap(), PageSize::Size1G);
@@ -153,16 +226,20 @@ fn file_interest_filters_other_files() {
     let b = store.create_file(FileOptions::new(64 * PAGE)).unwrap();
     let only_b = Recorder::new("b");
     let _reg = store.subscribe(&dyn_sub(&only_b), Interest::File(b.id()));
-    a.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap();
+    a.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .unwrap();
     assert!(only_b.events().is_empty());
-    b.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap();
+    b.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .unwrap();
     assert_eq!(only_b.events().len(), 2);
 }
 
 #[test]
 fn an_unmap_failure_quarantines_exactly_the_failing_block() {
     let store = synthetic(tiny(), 4, 1);
-    let file = store.create_file(FileOptions::new(128 * PAGE).shared().populated()).unwrap();
+    let file = store
+        .create_file(FileOptions::new(128 * PAGE).shared().populated())
+        .unwrap();
     let iommu = Arc::new(IommuMapper::new("iommu", store.geometry()));
     let _reg = store.subscribe(&dyn_sub(&iommu), Interest::All);
     iommu.map_file(&file).unwrap();
@@ -172,7 +249,9 @@ fn an_unmap_failure_quarantines_exactly_the_failing_block() {
         fail_unmap: Some(PfnRange::page(Pfn(3)).unwrap()),
         ..Default::default()
     });
-    let err = file.convert(3 * PAGE, PAGE, Shareability::Private, ConvertMode::Preserve).unwrap_err();
+    let err = file
+        .convert(3 * PAGE, PAGE, Shareability::Private, ConvertMode::Preserve)
+        .unwrap_err();
     assert_eq!(
         err,
         StoreError::UnmapFailed {
@@ -199,14 +278,19 @@ fn an_unmap_failure_quarantines_exactly_the_failing_block() {
     ));
     file.clone().destroy().unwrap();
     let allocator = store.stats().allocator.total;
-    assert_eq!((allocator.allocated_pages, allocator.quarantined_pages), (0, 64));
+    assert_eq!(
+        (allocator.allocated_pages, allocator.quarantined_pages),
+        (0, 64)
+    );
     store.check_invariants().unwrap();
 }
 
 #[test]
 fn panics_in_callbacks_are_reported_not_propagated() {
     let store = synthetic(tiny(), 2, 1);
-    let file = store.create_file(FileOptions::new(64 * PAGE).populated()).unwrap();
+    let file = store
+        .create_file(FileOptions::new(64 * PAGE).populated())
+        .unwrap();
     let mmu = Arc::new(KvmMmu::new("kvm", &store));
     let _reg = store.subscribe(&dyn_sub(&mmu), Interest::All);
 
@@ -214,21 +298,33 @@ fn panics_in_callbacks_are_reported_not_propagated() {
         panic_in: Some(Callback::Prepare),
         ..Default::default()
     });
-    let err = file.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap_err();
-    assert!(matches!(&err, StoreError::Vetoed { reason, .. } if reason.contains("panicked")), "{err}");
+    let err = file
+        .convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Vetoed { reason, .. } if reason.contains("panicked")),
+        "{err}"
+    );
     assert_eq!(file.shareability(0).unwrap(), Shareability::Private);
 
     mmu.inject(FaultPlan {
         panic_in: Some(Callback::Commit),
         ..Default::default()
     });
-    let err = file.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap_err();
-    assert!(matches!(&err, StoreError::UnmapFailed { offset: 0, end, .. } if *end == 64 * PAGE), "{err}");
+    let err = file
+        .convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::UnmapFailed { offset: 0, end, .. } if *end == 64 * PAGE),
+        "{err}"
+    );
     assert!(file.attributes(5 * PAGE).unwrap().quarantined.is_some());
     // The store is still usable: its locks were not poisoned, other files convert.
     mmu.inject(FaultPlan::default());
     let other = store.create_file(FileOptions::new(64 * PAGE)).unwrap();
-    other.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap();
+    other
+        .convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .unwrap();
     store.check_invariants().unwrap();
 }
 
@@ -244,11 +340,23 @@ impl Subscriber for Reentrant {
     fn name(&self) -> &str {
         "reentrant"
     }
-    fn commit(&self, request: &pfnstore::ConversionRequest, _plan: &pfnstore::ConversionPlan) -> Result<(), pfnstore::UnmapError> {
+    fn commit(
+        &self,
+        request: &pfnstore::ConversionRequest,
+        _plan: &pfnstore::ConversionPlan,
+    ) -> Result<(), pfnstore::UnmapError> {
         if request.file == self.same.id() {
             let mut results = self.results.lock().unwrap();
-            results.push(self.same.convert(0, PAGE, Shareability::Private, ConvertMode::Preserve).map(drop));
-            results.push(self.other.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve).map(drop));
+            results.push(
+                self.same
+                    .convert(0, PAGE, Shareability::Private, ConvertMode::Preserve)
+                    .map(drop),
+            );
+            results.push(
+                self.other
+                    .convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
+                    .map(drop),
+            );
             results.push(self.same.shareability(0).map(drop));
         }
         Ok(())
@@ -269,9 +377,13 @@ fn callbacks_may_query_and_operate_elsewhere_but_not_reenter() {
         results: Default::default(),
     });
     let reg = store.subscribe(&dyn_sub(&sub), Interest::File(same.id()));
-    same.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap();
+    same.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .unwrap();
     let results = sub.results.lock().unwrap().clone();
-    assert!(matches!(results[0], Err(StoreError::Reentrant { offset: 0, .. })), "{results:?}");
+    assert!(
+        matches!(results[0], Err(StoreError::Reentrant { offset: 0, .. })),
+        "{results:?}"
+    );
     assert_eq!(results[1], Ok(()));
     assert_eq!(results[2], Ok(()));
     assert_eq!(other.shareability(0).unwrap(), Shareability::Shared);
@@ -293,11 +405,18 @@ impl Subscriber for Registrar {
     fn prepare(&self, _: &pfnstore::ConversionRequest) -> Result<(), pfnstore::Veto> {
         let mut slot = self.registration.lock().unwrap();
         if slot.is_none() {
-            *slot = Some(self.store.subscribe(&dyn_sub(&self.newcomer), Interest::All));
+            *slot = Some(
+                self.store
+                    .subscribe(&dyn_sub(&self.newcomer), Interest::All),
+            );
         }
         Ok(())
     }
-    fn commit(&self, _: &pfnstore::ConversionRequest, _: &pfnstore::ConversionPlan) -> Result<(), pfnstore::UnmapError> {
+    fn commit(
+        &self,
+        _: &pfnstore::ConversionRequest,
+        _: &pfnstore::ConversionPlan,
+    ) -> Result<(), pfnstore::UnmapError> {
         Ok(())
     }
     fn invalidate(&self, _: &pfnstore::Invalidation) -> Result<(), pfnstore::UnmapError> {
@@ -316,10 +435,15 @@ fn a_subscriber_registered_mid_conversion_sees_none_of_it() {
         registration: Default::default(),
     });
     let _reg = store.subscribe(&dyn_sub(&registrar), Interest::All);
-    file.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap();
+    file.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .unwrap();
     assert!(newcomer.events().is_empty());
-    file.convert(0, PAGE, Shareability::Private, ConvertMode::Preserve).unwrap();
-    assert!(matches!(newcomer.events().as_slice(), [Event::Prepare(_), Event::Commit(..)]));
+    file.convert(0, PAGE, Shareability::Private, ConvertMode::Preserve)
+        .unwrap();
+    assert!(matches!(
+        newcomer.events().as_slice(),
+        [Event::Prepare(_), Event::Commit(..)]
+    ));
 }
 
 #[test]
@@ -333,10 +457,12 @@ fn dropped_subscribers_and_registrations_are_not_called() {
         // The registration outlives the subscriber: the store holds it weakly.
         std::mem::forget(store.subscribe(&dyn_sub(&gone), Interest::All));
     }
-    file.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap();
+    file.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .unwrap();
     assert_eq!(kept.take().len(), 2);
     reg.unregister();
-    file.convert(0, PAGE, Shareability::Private, ConvertMode::Preserve).unwrap();
+    file.convert(0, PAGE, Shareability::Private, ConvertMode::Preserve)
+        .unwrap();
     assert!(kept.events().is_empty());
 }
 
@@ -345,7 +471,13 @@ fn shareability_belongs_to_offsets_not_memory() {
     let store = synthetic(tiny(), 2, 1);
     let file = store.create_file(FileOptions::new(64 * PAGE)).unwrap();
     // Converting unbacked offsets is recorded and holds when memory arrives.
-    file.convert(8 * PAGE, 8 * PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap();
+    file.convert(
+        8 * PAGE,
+        8 * PAGE,
+        Shareability::Shared,
+        ConvertMode::Preserve,
+    )
+    .unwrap();
     assert_eq!(file.translate(8 * PAGE).unwrap(), None);
     file.populate(0, 64 * PAGE).unwrap();
     assert!(file.translate(8 * PAGE).unwrap().is_some());
@@ -363,7 +495,9 @@ fn shareability_belongs_to_offsets_not_memory() {
 #[test]
 fn punch_hole_invalidates_then_frees_dirty_memory() {
     let store = synthetic(tiny(), 2, 1);
-    let file = store.create_file(FileOptions::new(64 * PAGE).populated()).unwrap();
+    let file = store
+        .create_file(FileOptions::new(64 * PAGE).populated())
+        .unwrap();
     let recorder = Recorder::new("r");
     let _reg = store.subscribe(&dyn_sub(&recorder), Interest::All);
     let before = store.stats().allocator.total;
@@ -377,7 +511,11 @@ fn punch_hole_invalidates_then_frees_dirty_memory() {
     assert_eq!(inv.plan.unmap_blocks(), 1);
     let after = store.stats().allocator.total;
     assert_eq!(after.free_pages, before.free_pages + 8);
-    assert_eq!(after.dirty_pages, before.dirty_pages + 8, "freed memory is dirty until scrubbed");
+    assert_eq!(
+        after.dirty_pages,
+        before.dirty_pages + 8,
+        "freed memory is dirty until scrubbed"
+    );
     // The next allocation takes (and scrubs) it.
     file.populate(16 * PAGE, 8 * PAGE).unwrap();
     store.check_invariants().unwrap();
@@ -386,7 +524,9 @@ fn punch_hole_invalidates_then_frees_dirty_memory() {
 #[test]
 fn the_host_view_refuses_private_memory_and_synthetic_stores_refuse_bytes() {
     let store = synthetic(tiny(), 2, 1);
-    let file = store.create_file(FileOptions::new(64 * PAGE).populated()).unwrap();
+    let file = store
+        .create_file(FileOptions::new(64 * PAGE).populated())
+        .unwrap();
     let mut buf = [0u8; 16];
     assert_eq!(
         file.read(100, &mut buf).unwrap_err(),
@@ -395,8 +535,12 @@ fn the_host_view_refuses_private_memory_and_synthetic_stores_refuse_bytes() {
             offset: 100
         }
     );
-    file.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap();
-    assert!(matches!(file.read(100, &mut buf), Err(StoreError::NoHostMemory { .. })));
+    file.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .unwrap();
+    assert!(matches!(
+        file.read(100, &mut buf),
+        Err(StoreError::NoHostMemory { .. })
+    ));
     // An access that starts shared and runs into private memory names the first private byte.
     let mut wide = vec![0u8; 2 * PAGE as usize];
     assert_eq!(
@@ -414,27 +558,50 @@ fn bad_input_is_typed_and_changes_nothing() {
     let file = store.create_file(FileOptions::new(64 * PAGE)).unwrap();
     let id = file.id();
     assert_eq!(
-        file.convert(100, PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap_err(),
-        StoreError::Unaligned { offset: 100, len: PAGE }
+        file.convert(100, PAGE, Shareability::Shared, ConvertMode::Preserve)
+            .unwrap_err(),
+        StoreError::Unaligned {
+            offset: 100,
+            len: PAGE
+        }
     );
     assert_eq!(
-        file.convert(0, 0, Shareability::Shared, ConvertMode::Preserve).unwrap_err(),
+        file.convert(0, 0, Shareability::Shared, ConvertMode::Preserve)
+            .unwrap_err(),
         StoreError::Empty { offset: 0 }
     );
     assert_eq!(
-        file.convert(60 * PAGE, 8 * PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap_err(),
+        file.convert(
+            60 * PAGE,
+            8 * PAGE,
+            Shareability::Shared,
+            ConvertMode::Preserve
+        )
+        .unwrap_err(),
         StoreError::BeyondEnd {
             file: id,
             offset: 64 * PAGE,
             size: 64 * PAGE
         }
     );
-    assert!(matches!(file.populate(u64::MAX - PAGE + 1, PAGE), Err(StoreError::BeyondEnd { .. })));
-    assert!(matches!(store.create_file(FileOptions::new(100)), Err(StoreError::Unaligned { .. })));
-    assert!(matches!(store.create_file(FileOptions::new(0)), Err(StoreError::Empty { .. })));
+    assert!(matches!(
+        file.populate(u64::MAX - PAGE + 1, PAGE),
+        Err(StoreError::BeyondEnd { .. })
+    ));
+    assert!(matches!(
+        store.create_file(FileOptions::new(100)),
+        Err(StoreError::Unaligned { .. })
+    ));
+    assert!(matches!(
+        store.create_file(FileOptions::new(0)),
+        Err(StoreError::Empty { .. })
+    ));
     // More than the store has: out of memory, and nothing stays allocated.
     let huge = store.create_file(FileOptions::new(256 * PAGE)).unwrap();
-    assert!(matches!(huge.populate(0, 256 * PAGE), Err(StoreError::OutOfMemory { .. })));
+    assert!(matches!(
+        huge.populate(0, 256 * PAGE),
+        Err(StoreError::OutOfMemory { .. })
+    ));
     assert_eq!(huge.stats().backed_pages, 0);
     assert_eq!(store.stats().allocator.total.allocated_pages, 0);
     assert_eq!(file.stats().metadata.nodes, 1);
@@ -447,16 +614,38 @@ fn faults_report_the_largest_mappable_block() {
     let file = store.create_file(FileOptions::new(128 * PAGE)).unwrap();
     let mmu = Arc::new(KvmMmu::new("kvm", &store));
     let _reg = store.subscribe(&dyn_sub(&mmu), Interest::All);
-    let (size, _) = mmu.fault(file.id(), 5 * PAGE, Shareability::Private).unwrap();
-    assert_eq!(size, PageSize::Size1G, "backed lazily as one chunk and mapped huge");
+    let (size, _) = mmu
+        .fault(file.id(), 5 * PAGE, Shareability::Private)
+        .unwrap();
+    assert_eq!(
+        size,
+        PageSize::Size1G,
+        "backed lazily as one chunk and mapped huge"
+    );
     assert!(matches!(
         file.fault(5 * PAGE, Shareability::Shared),
         Err(StoreError::PrivateAccess { offset, .. }) if offset == 5 * PAGE
     ));
-    file.convert(9 * PAGE, PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap();
-    assert_eq!(mmu.fault(file.id(), 9 * PAGE, Shareability::Shared).unwrap().0, PageSize::Size4K);
-    assert_eq!(mmu.fault(file.id(), 10 * PAGE, Shareability::Private).unwrap().0, PageSize::Size4K);
-    assert_eq!(mmu.fault(file.id(), 20 * PAGE, Shareability::Private).unwrap().0, PageSize::Size2M);
+    file.convert(9 * PAGE, PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .unwrap();
+    assert_eq!(
+        mmu.fault(file.id(), 9 * PAGE, Shareability::Shared)
+            .unwrap()
+            .0,
+        PageSize::Size4K
+    );
+    assert_eq!(
+        mmu.fault(file.id(), 10 * PAGE, Shareability::Private)
+            .unwrap()
+            .0,
+        PageSize::Size4K
+    );
+    assert_eq!(
+        mmu.fault(file.id(), 20 * PAGE, Shareability::Private)
+            .unwrap()
+            .0,
+        PageSize::Size2M
+    );
     assert!(matches!(
         file.fault(9 * PAGE, Shareability::Private),
         Err(StoreError::SharedAccess { .. })
@@ -484,7 +673,13 @@ fn sixteen_gib_with_one_percent_shared_costs_the_iommu_one_mapping_per_block() {
         shared.insert(state % pages);
     }
     for &page in &shared {
-        file.convert(page * PAGE, PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap();
+        file.convert(
+            page * PAGE,
+            PAGE,
+            Shareability::Shared,
+            ConvertMode::Preserve,
+        )
+        .unwrap();
     }
     let plan = file.block_plan(0, 16 * GIB).unwrap();
     let shared_blocks: u64 = plan
@@ -494,7 +689,11 @@ fn sixteen_gib_with_one_percent_shared_costs_the_iommu_one_mapping_per_block() {
         .sum();
     assert_eq!(iommu.mappings() as u64, shared_blocks);
     assert!(iommu.mappings() < 50_000, "{} mappings", iommu.mappings());
-    assert!(iommu.violations().is_empty(), "{:?}", &iommu.violations()[..3.min(iommu.violations().len())]);
+    assert!(
+        iommu.violations().is_empty(),
+        "{:?}",
+        &iommu.violations()[..3.min(iommu.violations().len())]
+    );
     println!(
         "16 GiB, {} shared 4K pages: {} IOMMU mappings (a 4K-granular mapper: up to {})",
         shared.len(),

@@ -32,21 +32,32 @@ fn real_store(test: &str) -> Option<(Store, pfnstore::hugetlb::testing::HugetlbL
             return None;
         }
     };
-    Some((Store::from_hugetlb(source, StoreOptions { shards: 1 }).expect("store"), lock))
+    Some((
+        Store::from_hugetlb(source, StoreOptions { shards: 1 }).expect("store"),
+        lock,
+    ))
 }
 
 #[test]
 fn bytes_conversions_and_revocation_on_a_real_1g_page() {
-    let Some((store, _lock)) = real_store("bytes_conversions_and_revocation_on_a_real_1g_page") else {
+    let Some((store, _lock)) = real_store("bytes_conversions_and_revocation_on_a_real_1g_page")
+    else {
         return;
     };
     assert!(store.has_host_memory());
-    let file = store.create_file(FileOptions::new(GIB).shared().populated()).unwrap();
+    let file = store
+        .create_file(FileOptions::new(GIB).shared().populated())
+        .unwrap();
 
     // One real, 1 GiB-aligned PFN run behind the whole file: mapped as one 1 GiB block.
     let fault = file.fault(0, Shareability::Shared).unwrap();
     assert_eq!(fault.size, PageSize::Size1G);
-    assert_eq!(fault.pfn.0 % (1 << 18), 0, "real PFN {:?} is 1 GiB aligned", fault.pfn);
+    assert_eq!(
+        fault.pfn.0 % (1 << 18),
+        0,
+        "real PFN {:?} is 1 GiB aligned",
+        fault.pfn
+    );
     let report = store.source_report();
     assert_eq!(report.obtained, Some(HugePageSize::Huge1G), "{report}");
     assert_eq!(report.pfn_kind, Some(PfnKind::Real), "{report}");
@@ -58,7 +69,8 @@ fn bytes_conversions_and_revocation_on_a_real_1g_page() {
     assert_eq!(&buf, b"guest data");
 
     // PRESERVE to private: bytes stay, the host may not see them, the huge page is revoked.
-    file.convert(0, GIB, Shareability::Private, ConvertMode::Preserve).unwrap();
+    file.convert(0, GIB, Shareability::Private, ConvertMode::Preserve)
+        .unwrap();
     assert_eq!(
         file.read(page + 10, &mut buf).unwrap_err(),
         StoreError::PrivateAccess {
@@ -66,19 +78,28 @@ fn bytes_conversions_and_revocation_on_a_real_1g_page() {
             offset: page + 10
         }
     );
-    assert!(file.host_revoked(page).unwrap(), "an entirely private huge page is PROT_NONE");
+    assert!(
+        file.host_revoked(page).unwrap(),
+        "an entirely private huge page is PROT_NONE"
+    );
 
     // One page back to shared: the huge page is partly shared, so the view is restored and
     // the API check alone guards the private pages.
-    file.convert(page, PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap();
+    file.convert(page, PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .unwrap();
     assert!(!file.host_revoked(page).unwrap());
     file.read(page + 10, &mut buf).unwrap();
     assert_eq!(&buf, b"guest data", "PRESERVE kept the bytes");
-    assert!(matches!(file.read(page + PAGE, &mut buf), Err(StoreError::PrivateAccess { .. })));
+    assert!(matches!(
+        file.read(page + PAGE, &mut buf),
+        Err(StoreError::PrivateAccess { .. })
+    ));
 
     // ZERO: the bytes are gone after the conversion.
-    file.convert(page, PAGE, Shareability::Private, ConvertMode::Zero).unwrap();
-    file.convert(page, PAGE, Shareability::Shared, ConvertMode::Preserve).unwrap();
+    file.convert(page, PAGE, Shareability::Private, ConvertMode::Zero)
+        .unwrap();
+    file.convert(page, PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .unwrap();
     file.read(page + 10, &mut buf).unwrap();
     assert_eq!(buf, [0u8; 10], "ZERO cleared the page");
     store.check_invariants().unwrap();
@@ -86,10 +107,13 @@ fn bytes_conversions_and_revocation_on_a_real_1g_page() {
 
 #[test]
 fn a_punched_range_reads_as_zeros_once_populated_again() {
-    let Some((store, _lock)) = real_store("a_punched_range_reads_as_zeros_once_populated_again") else {
+    let Some((store, _lock)) = real_store("a_punched_range_reads_as_zeros_once_populated_again")
+    else {
         return;
     };
-    let file = store.create_file(FileOptions::new(GIB).shared().populated()).unwrap();
+    let file = store
+        .create_file(FileOptions::new(GIB).shared().populated())
+        .unwrap();
     let pfn_before = file.translate(3 * PAGE).unwrap().unwrap();
     file.write(3 * PAGE, &[0xAB; 64]).unwrap();
     file.punch_hole(2 * PAGE, 2 * PAGE).unwrap();
@@ -98,7 +122,11 @@ fn a_punched_range_reads_as_zeros_once_populated_again() {
     assert_eq!(buf, [0u8; 64], "a hole reads as zeros");
     // Populating again takes the dirty pages back from the allocator and scrubs them.
     file.populate(2 * PAGE, 2 * PAGE).unwrap();
-    assert_eq!(file.translate(3 * PAGE).unwrap(), Some(pfn_before), "the same frame came back");
+    assert_eq!(
+        file.translate(3 * PAGE).unwrap(),
+        Some(pfn_before),
+        "the same frame came back"
+    );
     file.read(3 * PAGE, &mut buf).unwrap();
     assert_eq!(buf, [0u8; 64], "scrubbed before reuse");
     assert_eq!(store.stats().allocator.total.dirty_pages, 0);

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use common::*;
 use pfnstore::core::{PageSize, Pfn};
 use pfnstore::subscribers::{IommuMapper, KvmMmu};
-use pfnstore::{ConvertMode, FileOptions, GuestMemory, Interest, PinOwner, Shareability, StoreError};
+use pfnstore::{
+    ConvertMode, FileOptions, GuestMemory, Interest, PinOwner, Shareability, StoreError,
+};
 use proptest::prelude::*;
 
 const FILE_PAGES: u64 = 160; // two and a half chunks of the tiny geometry
@@ -19,13 +21,44 @@ const CHUNK: u64 = 64;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Convert { file: usize, start: u64, len: u64, shared: bool },
-    Pin { file: usize, start: u64, len: u64, owner: u32 },
-    Unpin { file: usize, start: u64, len: u64, owner: u32 },
-    Punch { file: usize, start: u64, len: u64 },
-    Populate { file: usize, start: u64, len: u64 },
-    Fault { file: usize, page: u64, shared: bool },
-    Read { file: usize, offset: u64, len: u64 },
+    Convert {
+        file: usize,
+        start: u64,
+        len: u64,
+        shared: bool,
+    },
+    Pin {
+        file: usize,
+        start: u64,
+        len: u64,
+        owner: u32,
+    },
+    Unpin {
+        file: usize,
+        start: u64,
+        len: u64,
+        owner: u32,
+    },
+    Punch {
+        file: usize,
+        start: u64,
+        len: u64,
+    },
+    Populate {
+        file: usize,
+        start: u64,
+        len: u64,
+    },
+    Fault {
+        file: usize,
+        page: u64,
+        shared: bool,
+    },
+    Read {
+        file: usize,
+        offset: u64,
+        len: u64,
+    },
     Veto(bool),
 }
 
@@ -68,7 +101,12 @@ impl RefFile {
         }
     }
 
-    fn check(&self, file: &GuestMemory, start: u64, len: u64) -> Result<std::ops::Range<usize>, StoreError> {
+    fn check(
+        &self,
+        file: &GuestMemory,
+        start: u64,
+        len: u64,
+    ) -> Result<std::ops::Range<usize>, StoreError> {
         if start + len > FILE_PAGES {
             return Err(StoreError::BeyondEnd {
                 file: file.id(),
@@ -80,7 +118,9 @@ impl RefFile {
     }
 
     fn first_pin(&self, pages: std::ops::Range<usize>) -> Option<(usize, u32)> {
-        pages.clone().find_map(|p| self.pins[p].keys().next().map(|o| (p, *o)))
+        pages
+            .clone()
+            .find_map(|p| self.pins[p].keys().next().map(|o| (p, *o)))
     }
 
     /// Largest aligned block around `page` inside the file with uniform shareability.
@@ -113,7 +153,11 @@ impl World {
     fn new() -> World {
         let store = synthetic(tiny(), 6, 2);
         let files: Vec<_> = (0..2)
-            .map(|_| store.create_file(FileOptions::new(FILE_PAGES * PAGE)).unwrap())
+            .map(|_| {
+                store
+                    .create_file(FileOptions::new(FILE_PAGES * PAGE))
+                    .unwrap()
+            })
             .collect();
         let veto = Recorder::new("vetoer");
         let iommu = Arc::new(IommuMapper::new("iommu", store.geometry()));
@@ -143,47 +187,84 @@ impl World {
             Op::Veto(on) => {
                 *self.veto.veto.lock().unwrap() = on.then(|| "no".to_string());
             }
-            Op::Convert { file, start, len, shared } => {
-                let to = if shared { Shareability::Shared } else { Shareability::Private };
+            Op::Convert {
+                file,
+                start,
+                len,
+                shared,
+            } => {
+                let to = if shared {
+                    Shareability::Shared
+                } else {
+                    Shareability::Private
+                };
                 let f = &self.files[file];
-                let got = f.convert(start * PAGE, len * PAGE, to, ConvertMode::Preserve).map(drop);
+                let got = f
+                    .convert(start * PAGE, len * PAGE, to, ConvertMode::Preserve)
+                    .map(drop);
                 let vetoing = self.vetoing();
                 let r = &mut self.refs[file];
                 let want = r.check(f, start, len).and_then(|pages| {
                     if let Some((p, owner)) = r.first_pin(pages.clone()) {
-                        return Err(StoreError::Pinned { file: f.id(), offset: p as u64 * PAGE, owner: PinOwner(owner) });
+                        return Err(StoreError::Pinned {
+                            file: f.id(),
+                            offset: p as u64 * PAGE,
+                            owner: PinOwner(owner),
+                        });
                     }
                     if pages.clone().all(|p| r.shared[p] == shared) {
                         return Ok(());
                     }
                     if vetoing {
-                        return Err(StoreError::Vetoed { file: f.id(), offset: start * PAGE, subscriber: "vetoer".into(), reason: "no".into() });
+                        return Err(StoreError::Vetoed {
+                            file: f.id(),
+                            offset: start * PAGE,
+                            subscriber: "vetoer".into(),
+                            reason: "no".into(),
+                        });
                     }
                     pages.for_each(|p| r.shared[p] = shared);
                     Ok(())
                 });
                 prop_assert_eq!(got, want, "{:?}", op);
             }
-            Op::Pin { file, start, len, owner } => {
+            Op::Pin {
+                file,
+                start,
+                len,
+                owner,
+            } => {
                 let f = &self.files[file];
                 let got = f.pin(start * PAGE, len * PAGE, PinOwner(owner));
                 let r = &mut self.refs[file];
                 let want = r.check(f, start, len).and_then(|pages| {
                     if let Some(hole) = pages.clone().find(|p| !r.backed[*p]) {
-                        return Err(StoreError::NotBacked { file: f.id(), offset: hole as u64 * PAGE });
+                        return Err(StoreError::NotBacked {
+                            file: f.id(),
+                            offset: hole as u64 * PAGE,
+                        });
                     }
                     pages.for_each(|p| *r.pins[p].entry(owner).or_default() += 1);
                     Ok(())
                 });
                 prop_assert_eq!(got, want, "{:?}", op);
             }
-            Op::Unpin { file, start, len, owner } => {
+            Op::Unpin {
+                file,
+                start,
+                len,
+                owner,
+            } => {
                 let f = &self.files[file];
                 let got = f.unpin(start * PAGE, len * PAGE, PinOwner(owner));
                 let r = &mut self.refs[file];
                 let want = r.check(f, start, len).and_then(|pages| {
                     if let Some(p) = pages.clone().find(|p| !r.pins[*p].contains_key(&owner)) {
-                        return Err(StoreError::NotPinned { file: f.id(), offset: p as u64 * PAGE, owner: PinOwner(owner) });
+                        return Err(StoreError::NotPinned {
+                            file: f.id(),
+                            offset: p as u64 * PAGE,
+                            owner: PinOwner(owner),
+                        });
                     }
                     for p in pages {
                         let count = r.pins[p].get_mut(&owner).unwrap();
@@ -202,7 +283,11 @@ impl World {
                 let r = &mut self.refs[file];
                 let want = r.check(f, start, len).and_then(|pages| {
                     if let Some((p, owner)) = r.first_pin(pages.clone()) {
-                        return Err(StoreError::Pinned { file: f.id(), offset: p as u64 * PAGE, owner: PinOwner(owner) });
+                        return Err(StoreError::Pinned {
+                            file: f.id(),
+                            offset: p as u64 * PAGE,
+                            owner: PinOwner(owner),
+                        });
                     }
                     pages.for_each(|p| r.backed[p] = false);
                     Ok(())
@@ -213,33 +298,56 @@ impl World {
                 let f = &self.files[file];
                 let got = f.populate(start * PAGE, len * PAGE);
                 let r = &mut self.refs[file];
-                let want = r.check(f, start, len).map(|pages| pages.for_each(|p| r.backed[p] = true));
+                let want = r
+                    .check(f, start, len)
+                    .map(|pages| pages.for_each(|p| r.backed[p] = true));
                 prop_assert_eq!(got, want, "{:?}", op);
             }
             Op::Fault { file, page, shared } => {
-                let access = if shared { Shareability::Shared } else { Shareability::Private };
+                let access = if shared {
+                    Shareability::Shared
+                } else {
+                    Shareability::Private
+                };
                 let f = &self.files[file];
                 let got = self.mmu.fault(f.id(), page * PAGE, access);
                 let r = &mut self.refs[file];
                 if r.shared[page as usize] != shared {
                     let want = if shared {
-                        StoreError::PrivateAccess { file: f.id(), offset: page * PAGE }
+                        StoreError::PrivateAccess {
+                            file: f.id(),
+                            offset: page * PAGE,
+                        }
                     } else {
-                        StoreError::SharedAccess { file: f.id(), offset: page * PAGE }
+                        StoreError::SharedAccess {
+                            file: f.id(),
+                            offset: page * PAGE,
+                        }
                     };
                     prop_assert_eq!(got, Err(want), "{:?}", op);
                 } else {
                     let uniform = r.max_order(page);
-                    let (size, pfn) = got.map_err(|e| TestCaseError::fail(format!("{op:?}: {e}")))?;
-                    prop_assert!(size <= uniform, "{:?}: mapped {:?}, uniform only {:?}", op, size, uniform);
+                    let (size, pfn) =
+                        got.map_err(|e| TestCaseError::fail(format!("{op:?}: {e}")))?;
+                    prop_assert!(
+                        size <= uniform,
+                        "{:?}: mapped {:?}, uniform only {:?}",
+                        op,
+                        size,
+                        uniform
+                    );
                     prop_assert_eq!(f.translate(page * PAGE).unwrap(), Some(pfn));
                     // A first touch backs the whole uniform block around the page.
                     let first_touch = !r.backed[page as usize];
-                    let pages = [(PageSize::Size1G, CHUNK), (PageSize::Size2M, 8), (PageSize::Size4K, 1)]
-                        .into_iter()
-                        .find(|(s, _)| *s == uniform)
-                        .unwrap()
-                        .1;
+                    let pages = [
+                        (PageSize::Size1G, CHUNK),
+                        (PageSize::Size2M, 8),
+                        (PageSize::Size4K, 1),
+                    ]
+                    .into_iter()
+                    .find(|(s, _)| *s == uniform)
+                    .unwrap()
+                    .1;
                     let start = page / pages * pages;
                     for p in start..(start + pages).min(FILE_PAGES) {
                         r.backed[p as usize] |= first_touch;
@@ -253,14 +361,23 @@ impl World {
                 let r = &self.refs[file];
                 let end = offset + len;
                 let want = if end > FILE_PAGES * PAGE {
-                    Err(StoreError::BeyondEnd { file: f.id(), offset: offset.max(FILE_PAGES * PAGE), size: FILE_PAGES * PAGE })
+                    Err(StoreError::BeyondEnd {
+                        file: f.id(),
+                        offset: offset.max(FILE_PAGES * PAGE),
+                        size: FILE_PAGES * PAGE,
+                    })
                 } else {
                     let pages = offset / PAGE..end.div_ceil(PAGE);
                     match pages.clone().find(|p| !r.shared[*p as usize]) {
-                        Some(p) => Err(StoreError::PrivateAccess { file: f.id(), offset: (p * PAGE).max(offset) }),
+                        Some(p) => Err(StoreError::PrivateAccess {
+                            file: f.id(),
+                            offset: (p * PAGE).max(offset),
+                        }),
                         // Holes read as zeros; backed pages need bytes a synthetic store lacks.
                         None if pages.clone().any(|p| r.backed[p as usize]) => {
-                            Err(StoreError::NoHostMemory { what: "reading guest memory" })
+                            Err(StoreError::NoHostMemory {
+                                what: "reading guest memory",
+                            })
                         }
                         None => Ok(()),
                     }
@@ -275,21 +392,49 @@ impl World {
         for (f, r) in self.files.iter().zip(&self.refs) {
             for p in 0..FILE_PAGES {
                 let a = f.attributes(p * PAGE).unwrap();
-                prop_assert_eq!(a.shareability == Shareability::Shared, r.shared[p as usize], "page {} of {:?}", p, f.id());
+                prop_assert_eq!(
+                    a.shareability == Shareability::Shared,
+                    r.shared[p as usize],
+                    "page {} of {:?}",
+                    p,
+                    f.id()
+                );
                 let pins: BTreeMap<u32, u32> = a.pins.iter().map(|(o, c)| (o.0, c)).collect();
                 prop_assert_eq!(&pins, &r.pins[p as usize], "pins of page {}", p);
-                prop_assert_eq!(f.translate(p * PAGE).unwrap().is_some(), r.backed[p as usize], "backing of page {}", p);
+                prop_assert_eq!(
+                    f.translate(p * PAGE).unwrap().is_some(),
+                    r.backed[p as usize],
+                    "backing of page {}",
+                    p
+                );
                 if p % 7 == 0 {
-                    prop_assert_eq!(f.max_mapping_order(p * PAGE).unwrap(), r.max_order(p), "max order of page {}", p);
+                    prop_assert_eq!(
+                        f.max_mapping_order(p * PAGE).unwrap(),
+                        r.max_order(p),
+                        "max order of page {}",
+                        p
+                    );
                 }
             }
             f.check_invariants().map_err(TestCaseError::fail)?;
         }
         self.store.check_invariants().map_err(TestCaseError::fail)?;
-        let backed: u64 = self.refs.iter().map(|r| r.backed.iter().filter(|b| **b).count() as u64).sum();
+        let backed: u64 = self
+            .refs
+            .iter()
+            .map(|r| r.backed.iter().filter(|b| **b).count() as u64)
+            .sum();
         prop_assert_eq!(self.store.stats().allocator.total.allocated_pages, backed);
-        prop_assert!(self.iommu.violations().is_empty(), "{:?}", self.iommu.violations());
-        prop_assert!(self.mmu.violations().is_empty(), "{:?}", self.mmu.violations());
+        prop_assert!(
+            self.iommu.violations().is_empty(),
+            "{:?}",
+            self.iommu.violations()
+        );
+        prop_assert!(
+            self.mmu.violations().is_empty(),
+            "{:?}",
+            self.mmu.violations()
+        );
         prop_assert!(self.mmu.audit().is_empty(), "{:?}", self.mmu.audit());
         Ok(())
     }
@@ -328,7 +473,13 @@ fn no_block_reaches_past_the_end_of_the_file() {
     assert_eq!(r.max_order(150), PageSize::Size4K);
     assert_eq!(r.max_order(129), PageSize::Size2M);
     let store = synthetic(tiny(), 4, 1);
-    let f = store.create_file(FileOptions::new(FILE_PAGES * PAGE)).unwrap();
-    assert_eq!(f.max_mapping_order(150 * PAGE).unwrap(), PageSize::Size2M, "the last chunk is cut by the file's end");
+    let f = store
+        .create_file(FileOptions::new(FILE_PAGES * PAGE))
+        .unwrap();
+    assert_eq!(
+        f.max_mapping_order(150 * PAGE).unwrap(),
+        PageSize::Size2M,
+        "the last chunk is cut by the file's end"
+    );
     let _ = Pfn(0);
 }

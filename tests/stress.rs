@@ -9,7 +9,9 @@ use std::sync::Arc;
 use common::*;
 use pfnstore::core::PfnRange;
 use pfnstore::subscribers::{IommuMapper, KvmMmu};
-use pfnstore::{ConvertMode, FileOptions, GuestMemory, Interest, PinOwner, Shareability, StoreError};
+use pfnstore::{
+    ConvertMode, FileOptions, GuestMemory, Interest, PinOwner, Shareability, StoreError,
+};
 
 const THREADS: usize = 4;
 const OPS: usize = 20_000;
@@ -29,9 +31,13 @@ fn rng(seed: u64) -> impl FnMut(u64) -> u64 {
 fn expected(e: &StoreError) -> bool {
     matches!(
         e,
-        StoreError::Pinned { .. } | StoreError::NotPinned { .. } | StoreError::NotBacked { .. }
-            | StoreError::PrivateAccess { .. } | StoreError::SharedAccess { .. }
-            | StoreError::NoHostMemory { .. } | StoreError::OutOfMemory { .. }
+        StoreError::Pinned { .. }
+            | StoreError::NotPinned { .. }
+            | StoreError::NotBacked { .. }
+            | StoreError::PrivateAccess { .. }
+            | StoreError::SharedAccess { .. }
+            | StoreError::NoHostMemory { .. }
+            | StoreError::OutOfMemory { .. }
     )
 }
 
@@ -48,8 +54,13 @@ fn work(thread: usize, files: Vec<GuestMemory>, mmu: Arc<KvmMmu>) {
         let (offset, bytes) = (start * PAGE, len * PAGE);
         let result = match next(7) {
             0 | 1 => {
-                let to = if next(2) == 0 { Shareability::Shared } else { Shareability::Private };
-                file.convert(offset, bytes, to, ConvertMode::Preserve).map(drop)
+                let to = if next(2) == 0 {
+                    Shareability::Shared
+                } else {
+                    Shareability::Private
+                };
+                file.convert(offset, bytes, to, ConvertMode::Preserve)
+                    .map(drop)
             }
             2 => file.populate(offset, bytes),
             3 => file.punch_hole(offset, bytes),
@@ -65,7 +76,11 @@ fn work(thread: usize, files: Vec<GuestMemory>, mmu: Arc<KvmMmu>) {
                 None => Ok(()),
             },
             _ => {
-                let access = if next(2) == 0 { Shareability::Shared } else { Shareability::Private };
+                let access = if next(2) == 0 {
+                    Shareability::Shared
+                } else {
+                    Shareability::Private
+                };
                 mmu.fault(file.id(), offset, access).map(drop)
             }
         };
@@ -81,9 +96,15 @@ fn work(thread: usize, files: Vec<GuestMemory>, mmu: Arc<KvmMmu>) {
 #[test]
 fn concurrent_files_keep_every_invariant() {
     let store = synthetic(tiny(), 16, 2);
-    let shared_file = store.create_file(FileOptions::new(FILE_PAGES * PAGE)).unwrap();
+    let shared_file = store
+        .create_file(FileOptions::new(FILE_PAGES * PAGE))
+        .unwrap();
     let own: Vec<_> = (0..THREADS)
-        .map(|_| store.create_file(FileOptions::new(FILE_PAGES * PAGE)).unwrap())
+        .map(|_| {
+            store
+                .create_file(FileOptions::new(FILE_PAGES * PAGE))
+                .unwrap()
+        })
         .collect();
     let iommu = Arc::new(IommuMapper::new("iommu", store.geometry()));
     let mmu = Arc::new(KvmMmu::new("kvm", &store));
@@ -109,7 +130,11 @@ fn concurrent_files_keep_every_invariant() {
         assert!(!pair[0].overlaps(&pair[1]), "{:?} backs two offsets", pair);
     }
     let backed: u64 = all.iter().map(|r| r.len()).sum();
-    assert_eq!(store.stats().allocator.total.allocated_pages, backed, "nothing leaked");
+    assert_eq!(
+        store.stats().allocator.total.allocated_pages,
+        backed,
+        "nothing leaked"
+    );
     assert!(iommu.violations().is_empty(), "{:?}", iommu.violations());
     assert!(mmu.violations().is_empty(), "{:?}", mmu.violations());
     assert!(mmu.audit().is_empty(), "{:?}", mmu.audit());

@@ -12,8 +12,8 @@ use criterion::{Criterion, criterion_group};
 use pfnstore::core::{Geometry, Pfn};
 use pfnstore::hugetlb::SyntheticSource;
 use pfnstore::{
-    ConversionPlan, ConversionRequest, ConvertMode, FileOptions, GuestMemory, Interest, Invalidation, Registration,
-    Shareability, Store, StoreOptions, Subscriber, UnmapError,
+    ConversionPlan, ConversionRequest, ConvertMode, FileOptions, GuestMemory, Interest,
+    Invalidation, Registration, Shareability, Store, StoreOptions, Subscriber, UnmapError,
 };
 
 const GIB: u64 = 1 << 30;
@@ -41,14 +41,21 @@ fn store(chunks: u64, shards: usize) -> Store {
 }
 
 fn with_subscribers(store: &Store, n: usize) -> (Vec<Arc<dyn Subscriber>>, Vec<Registration>) {
-    let subs: Vec<Arc<dyn Subscriber>> = (0..n).map(|_| Arc::new(NoOp) as Arc<dyn Subscriber>).collect();
-    let regs = subs.iter().map(|s| store.subscribe(s, Interest::All)).collect();
+    let subs: Vec<Arc<dyn Subscriber>> = (0..n)
+        .map(|_| Arc::new(NoOp) as Arc<dyn Subscriber>)
+        .collect();
+    let regs = subs
+        .iter()
+        .map(|s| store.subscribe(s, Interest::All))
+        .collect();
     (subs, regs)
 }
 
 fn convert_and_back(file: &GuestMemory, offset: u64, len: u64) {
-    file.convert(offset, len, Shareability::Shared, ConvertMode::Preserve).unwrap();
-    file.convert(offset, len, Shareability::Private, ConvertMode::Preserve).unwrap();
+    file.convert(offset, len, Shareability::Shared, ConvertMode::Preserve)
+        .unwrap();
+    file.convert(offset, len, Shareability::Private, ConvertMode::Preserve)
+        .unwrap();
 }
 
 fn benches(c: &mut Criterion) {
@@ -60,25 +67,38 @@ fn benches(c: &mut Criterion) {
     group.bench_function("4K in uniform 1G, split + merge, 3 subscribers", |b| {
         b.iter(|| convert_and_back(&file, 1000 * PAGE, PAGE))
     });
-    group.bench_function("whole 1 GiB and back, 3 subscribers", |b| b.iter(|| convert_and_back(&file, 0, GIB)));
+    group.bench_function("whole 1 GiB and back, 3 subscribers", |b| {
+        b.iter(|| convert_and_back(&file, 0, GIB))
+    });
 
     let big = store(1024, 2);
     let (_subs_big, _regs_big) = with_subscribers(&big, 3);
-    let tib = big.create_file(FileOptions::new(1024 * GIB).populated()).unwrap();
-    group.bench_function("whole 1 TiB and back, 3 subscribers", |b| b.iter(|| convert_and_back(&tib, 0, 1024 * GIB)));
+    let tib = big
+        .create_file(FileOptions::new(1024 * GIB).populated())
+        .unwrap();
+    group.bench_function("whole 1 TiB and back, 3 subscribers", |b| {
+        b.iter(|| convert_and_back(&tib, 0, 1024 * GIB))
+    });
     let gib64 = 64 * GIB;
-    group.bench_function("64 GiB and back, 3 subscribers", |b| b.iter(|| convert_and_back(&tib, 0, gib64)));
+    group.bench_function("64 GiB and back, 3 subscribers", |b| {
+        b.iter(|| convert_and_back(&tib, 0, gib64))
+    });
 
     // Disjoint files: each thread converts 4K in its own file; time per conversion pair.
     let shared_store = store(4, 2);
     let (_subs2, _regs2) = with_subscribers(&shared_store, 3);
     let files: Vec<_> = (0..2)
-        .map(|_| shared_store.create_file(FileOptions::new(GIB).populated()).unwrap())
+        .map(|_| {
+            shared_store
+                .create_file(FileOptions::new(GIB).populated())
+                .unwrap()
+        })
         .collect();
     for threads in [1usize, 2] {
-        group.bench_function(format!("disjoint files, {threads} thread(s), per op"), |b| {
-            b.iter_custom(|iters| run_threads(&files[..threads], iters))
-        });
+        group.bench_function(
+            format!("disjoint files, {threads} thread(s), per op"),
+            |b| b.iter_custom(|iters| run_threads(&files[..threads], iters)),
+        );
     }
     group.finish();
 }

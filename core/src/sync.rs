@@ -41,6 +41,10 @@ mod imp {
         pub use std::hint::spin_loop;
     }
 
+    /// Thread-local storage (loom's under `pfnstore_loom`, whose model threads share one OS
+    /// thread). Use the plain `static NAME: T = init;` form, which both accept.
+    pub use std::thread_local;
+
     /// A mutual-exclusion lock (parking_lot's).
     #[derive(Debug, Default)]
     pub struct Mutex<T: ?Sized>(parking_lot::Mutex<T>);
@@ -177,6 +181,9 @@ mod imp {
     pub mod hint {
         pub use loom::hint::spin_loop;
     }
+
+    /// Thread-local storage (loom's: one value per model thread).
+    pub use loom::thread_local;
 
     /// A mutual-exclusion lock (loom's).
     #[derive(Debug)]

@@ -3,8 +3,8 @@
 //! and the store's canonical-form and summary invariants are checked after every step.
 //!
 //! Sequences per run: 6,000 (64-page chunks) + 3,000 (512-page chunks, which reach the
-//! flip-list form) + 1,500 (32-page chunks with 2-page middle blocks) + 24 (x86-64 1G chunks)
-//! = 10,524.
+//! flip-list form) + 1,500 (32-page chunks with 2-page middle blocks) + 64 (x86-64 1G chunks)
+//! = 10,564.
 
 #![cfg(not(pfnstore_loom))]
 

@@ -6,7 +6,9 @@ use pfnstore_core::sync::Mutex;
 use pfnstore_core::{Geometry, Pfn, PfnRange};
 
 use super::{Callback, FaultPlan, Faults};
-use crate::metadata::conversion::{ConversionPlan, ConversionRequest, Invalidation, PlanEntry, Subscriber, UnmapError, Veto};
+use crate::metadata::conversion::{
+    ConversionPlan, ConversionRequest, Invalidation, PlanEntry, Subscriber, UnmapError, Veto,
+};
 use crate::{FileId, GuestMemory, Shareability, StoreError};
 
 /// Maps the shared blocks of the files it hears about, one IOMMU mapping per block, as VFIO
@@ -87,9 +89,9 @@ impl IommuMapper {
         for block in entry.run.blocks(&self.geometry) {
             let range = block.range(&self.geometry);
             if let Some(existing) = overlapping(state, file, range).first() {
-                state
-                    .violations
-                    .push(format!("map of {range} over the existing mapping {existing} of {file}"));
+                state.violations.push(format!(
+                    "map of {range} over the existing mapping {existing} of {file}"
+                ));
                 continue;
             }
             state.mappings.insert((file, range.start().0), range.len());
@@ -99,7 +101,12 @@ impl IommuMapper {
 
     /// Unmaps the mappings inside `entry`'s blocks. iommufd refuses an unmap that cuts a
     /// mapping: that is a violation of the plan (it must name whole earlier mappings).
-    fn unmap_entry(&self, state: &mut State, file: FileId, entry: &PlanEntry) -> Result<(), UnmapError> {
+    fn unmap_entry(
+        &self,
+        state: &mut State,
+        file: FileId,
+        entry: &PlanEntry,
+    ) -> Result<(), UnmapError> {
         for block in entry.run.blocks(&self.geometry) {
             let range = block.range(&self.geometry);
             let hit = overlapping(state, file, range);
@@ -124,14 +131,18 @@ impl IommuMapper {
 
 fn overlapping(state: &State, file: FileId, range: PfnRange) -> Vec<PfnRange> {
     let mut out = Vec::new();
-    if let Some((&(f, start), &pages)) = state.mappings.range(..=(file, range.start().0)).next_back()
+    if let Some((&(f, start), &pages)) =
+        state.mappings.range(..=(file, range.start().0)).next_back()
         && f == file
         && let Ok(m) = PfnRange::from_len(Pfn(start), pages)
         && m.overlaps(&range)
     {
         out.push(m);
     }
-    for (&(_, start), &pages) in state.mappings.range((file, range.start().0 + 1)..(file, range.end().0)) {
+    for (&(_, start), &pages) in state
+        .mappings
+        .range((file, range.start().0 + 1)..(file, range.end().0))
+    {
         if let Ok(m) = PfnRange::from_len(Pfn(start), pages) {
             out.push(m);
         }
@@ -159,7 +170,9 @@ impl Subscriber for IommuMapper {
         }
         for entry in plan.map() {
             // Blocks whose old mapping is stuck stay as they are (the store quarantines them).
-            let stuck = failed.iter().any(|f| f.range.overlaps(&entry.run.range(&self.geometry)));
+            let stuck = failed
+                .iter()
+                .any(|f| f.range.overlaps(&entry.run.range(&self.geometry)));
             if !stuck {
                 self.map_entry(&mut state, request.file, entry);
             }

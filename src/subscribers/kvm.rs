@@ -7,7 +7,9 @@ use pfnstore_core::sync::Mutex;
 use pfnstore_core::{Geometry, PageSize, Pfn, PfnRange};
 
 use super::{Callback, FaultPlan, Faults};
-use crate::metadata::conversion::{ConversionPlan, ConversionRequest, Invalidation, PlanEntry, Subscriber, UnmapError, Veto};
+use crate::metadata::conversion::{
+    ConversionPlan, ConversionRequest, Invalidation, PlanEntry, Subscriber, UnmapError, Veto,
+};
 use crate::store::{Store, StoreInner};
 use crate::{FileId, Shareability, StoreError};
 
@@ -31,9 +33,13 @@ struct State {
     violations: Vec<String>,
     huge: u64,
     small: u64,
-    /// Bumped by every commit and invalidation, like KVM's `mmu_invalidate_seq`: a fault that
-    /// raced with one retries instead of installing a stale translation.
+    /// Bumped when a conversion starts (prepare) and ends (commit, abort) and by every
+    /// invalidation, like KVM's `mmu_invalidate_seq`: a fault that raced with one retries
+    /// instead of installing a stale translation.
     invalidate_seq: u64,
+    /// Conversions between prepare and commit/abort, like `mmu_invalidate_in_progress`:
+    /// faults wait them out.
+    in_progress: u64,
 }
 
 impl KvmMmu {
@@ -53,12 +59,27 @@ impl KvmMmu {
     ///
     /// Like KVM, it samples the invalidation sequence before asking the store and installs
     /// the mapping only if no commit or invalidation ran in between; otherwise it retries.
-    pub fn fault(&self, file: FileId, offset: u64, access: Shareability) -> Result<(PageSize, Pfn), StoreError> {
+    pub fn fault(
+        &self,
+        file: FileId,
+        offset: u64,
+        access: Shareability,
+    ) -> Result<(PageSize, Pfn), StoreError> {
         let store = self.store()?;
-        let file_handle = store.file(file).ok_or(StoreError::Internal(format!("{file} is closed")))?;
+        let file_handle = store
+            .file(file)
+            .ok_or(StoreError::Internal(format!("{file} is closed")))?;
         let page = offset / pfnstore_core::PAGE_SIZE;
         loop {
-            let seq = self.state.lock().invalidate_seq;
+            let seq = {
+                let state = self.state.lock();
+                if state.in_progress > 0 {
+                    drop(state);
+                    std::thread::yield_now();
+                    continue;
+                }
+                state.invalidate_seq
+            };
             let fault = file_handle.fault(offset, access)?;
             let block = self
                 .geometry
@@ -66,7 +87,7 @@ impl KvmMmu {
                 .ok_or(StoreError::Internal("fault beyond the PFN space".into()))?
                 .range(&self.geometry);
             let mut state = self.state.lock();
-            if state.invalidate_seq != seq {
+            if state.invalidate_seq != seq || state.in_progress > 0 {
                 continue;
             }
             remove_overlapping(&mut state, file, block);
@@ -123,7 +144,14 @@ impl KvmMmu {
             .ok_or(StoreError::Internal("the store is gone".into()))
     }
 
-    fn map_checked(&self, state: &mut State, store: &Store, file: FileId, block: PfnRange, table: Shareability) {
+    fn map_checked(
+        &self,
+        state: &mut State,
+        store: &Store,
+        file: FileId,
+        block: PfnRange,
+        table: Shareability,
+    ) {
         if let Some(problem) = check_block(store, file, block, table) {
             state.violations.push(problem);
             return;
@@ -133,7 +161,9 @@ impl KvmMmu {
         } else {
             state.small += 1;
         }
-        state.mappings.insert((file, block.start().0), (block.len(), table));
+        state
+            .mappings
+            .insert((file, block.start().0), (block.len(), table));
     }
 
     fn apply(&self, file: FileId, plan: &ConversionPlan, map: bool) -> Result<(), UnmapError> {
@@ -159,7 +189,14 @@ impl KvmMmu {
         }
     }
 
-    fn map_entry(&self, state: &mut State, store: &Store, file: FileId, entry: &PlanEntry, failed: &[UnmapError]) {
+    fn map_entry(
+        &self,
+        state: &mut State,
+        store: &Store,
+        file: FileId,
+        entry: &PlanEntry,
+        failed: &[UnmapError],
+    ) {
         if entry.attributes.quarantined {
             return;
         }
@@ -169,9 +206,9 @@ impl KvmMmu {
                 continue;
             }
             if overlaps_any(state, file, range) {
-                state
-                    .violations
-                    .push(format!("plan maps {range} of {file} over an existing mapping"));
+                state.violations.push(format!(
+                    "plan maps {range} of {file} over an existing mapping"
+                ));
                 continue;
             }
             self.map_checked(state, store, file, range, entry.attributes.shareability);
@@ -180,7 +217,12 @@ impl KvmMmu {
 }
 
 /// Why mapping `block` in `table` would be wrong, if it would.
-fn check_block(store: &Store, file: FileId, block: PfnRange, table: Shareability) -> Option<String> {
+fn check_block(
+    store: &Store,
+    file: FileId,
+    block: PfnRange,
+    table: Shareability,
+) -> Option<String> {
     let handle = store.file(file)?;
     let offset = crate::store::bytes(block.start().0);
     let len = crate::store::bytes(block.len());
@@ -191,25 +233,37 @@ fn check_block(store: &Store, file: FileId, block: PfnRange, table: Shareability
     match plan.as_slice() {
         [(run, attributes)] if run.count() == 1 => {
             if attributes.shareability != table {
-                Some(format!("{block} of {file} is {:?} but mapped in the {table:?} table", attributes.shareability))
+                Some(format!(
+                    "{block} of {file} is {:?} but mapped in the {table:?} table",
+                    attributes.shareability
+                ))
             } else {
                 None
             }
         }
-        _ => Some(format!("{block} of {file} has mixed attributes: {} runs", plan.len())),
+        _ => Some(format!(
+            "{block} of {file} has mixed attributes: {} runs",
+            plan.len()
+        )),
     }
 }
 
 fn overlaps_any(state: &State, file: FileId, range: PfnRange) -> bool {
     let before = state.mappings.range(..=(file, range.start().0)).next_back();
     let hit_before = matches!(before, Some((&(f, start), &(pages, _))) if f == file && start + pages > range.start().0);
-    hit_before || state.mappings.range((file, range.start().0 + 1)..(file, range.end().0)).next().is_some()
+    hit_before
+        || state
+            .mappings
+            .range((file, range.start().0 + 1)..(file, range.end().0))
+            .next()
+            .is_some()
 }
 
 /// Zaps every mapping that overlaps `range` (KVM zaps whole huge mappings).
 fn remove_overlapping(state: &mut State, file: FileId, range: PfnRange) {
     let mut doomed = Vec::new();
-    if let Some((&(f, start), &(pages, _))) = state.mappings.range(..=(file, range.start().0)).next_back()
+    if let Some((&(f, start), &(pages, _))) =
+        state.mappings.range(..=(file, range.start().0)).next_back()
         && f == file
         && start + pages > range.start().0
     {
@@ -232,10 +286,24 @@ impl Subscriber for KvmMmu {
     }
 
     fn prepare(&self, _request: &ConversionRequest) -> Result<(), Veto> {
-        self.faults.on_prepare()
+        self.faults.on_prepare()?;
+        let mut state = self.state.lock();
+        state.in_progress += 1;
+        state.invalidate_seq += 1;
+        Ok(())
+    }
+
+    fn abort(&self, _request: &ConversionRequest) {
+        let mut state = self.state.lock();
+        state.in_progress -= 1;
+        state.invalidate_seq += 1;
     }
 
     fn commit(&self, request: &ConversionRequest, plan: &ConversionPlan) -> Result<(), UnmapError> {
+        {
+            let mut state = self.state.lock();
+            state.in_progress -= 1;
+        }
         self.faults.on_unmap_callback(Callback::Commit);
         self.apply(request.file, plan, true)
     }

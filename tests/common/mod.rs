@@ -5,7 +5,10 @@ use std::sync::{Arc, Mutex};
 
 use pfnstore::core::{Geometry, Pfn};
 use pfnstore::hugetlb::SyntheticSource;
-use pfnstore::{ConversionPlan, ConversionRequest, Invalidation, Store, StoreOptions, Subscriber, UnmapError, Veto};
+use pfnstore::{
+    ConversionPlan, ConversionRequest, Invalidation, Store, StoreOptions, Subscriber, UnmapError,
+    Veto,
+};
 
 pub const GIB: u64 = 1 << 30;
 pub const PAGE: u64 = 4096;
@@ -73,12 +76,18 @@ impl Subscriber for Recorder {
     }
 
     fn commit(&self, request: &ConversionRequest, plan: &ConversionPlan) -> Result<(), UnmapError> {
-        self.events.lock().unwrap().push(Event::Commit(*request, plan.clone()));
+        self.events
+            .lock()
+            .unwrap()
+            .push(Event::Commit(*request, plan.clone()));
         Ok(())
     }
 
     fn invalidate(&self, invalidation: &Invalidation) -> Result<(), UnmapError> {
-        self.events.lock().unwrap().push(Event::Invalidate(invalidation.clone()));
+        self.events
+            .lock()
+            .unwrap()
+            .push(Event::Invalidate(invalidation.clone()));
         Ok(())
     }
 }

@@ -245,6 +245,15 @@ impl ConversionDomain {
         };
         let plan = self.plan_after(&geometry, before_region, before, &change)?;
 
+        // Test-only mutation: look the subscribers up again for the commit, so that one that
+        // registered mid-conversion gets a commit without a prepare (the loom models must
+        // catch it).
+        #[cfg(pfnstore_loom_mutation = "snapshot_per_phase")]
+        let (_late, subscribers) = {
+            let late = self.registry.snapshot(self.file);
+            let subs: Vec<_> = late.subscribers().cloned().collect();
+            (late, subs)
+        };
         let mut failures = commit_all(&subscribers, &request, &plan);
         self.quarantine_failures(&plan, &mut failures)?;
         if let Some(err) = failure_error(failures) {

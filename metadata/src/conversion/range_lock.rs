@@ -66,6 +66,9 @@ impl RangeLocks {
             let conflict = held
                 .iter()
                 .find(|h| h.range.overlaps(&range) && (exclusive || h.exclusive));
+            // Test-only mutation: the lock excludes nothing (the loom models must catch it).
+            #[cfg(pfnstore_loom_mutation = "no_range_lock")]
+            let conflict = conflict.filter(|h| h.thread == me);
             match conflict {
                 None => break,
                 Some(h) if h.thread == me => return Err(Reentrant { held: h.range }),

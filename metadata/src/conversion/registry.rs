@@ -13,7 +13,7 @@ use std::cell::Cell;
 // here; every lock and wait goes through the sync facade and is modelled by loom.
 use std::sync::{Arc, Weak};
 
-use pfnstore_core::sync::{Condvar, Mutex};
+use pfnstore_core::sync::{Condvar, Mutex, thread_local};
 
 use super::subscriber::{Interest, Subscriber};
 use crate::FileId;
@@ -46,7 +46,7 @@ pub struct SubscriberRegistry {
     idle: Condvar,
 }
 
-std::thread_local! {
+thread_local! {
     /// How many subscriber callbacks the current thread is inside of.
     static CALLBACK_DEPTH: Cell<usize> = const { Cell::new(0) };
 }
@@ -141,7 +141,9 @@ impl SubscriberRegistry {
         }
         // From inside a callback the current operation may hold this very subscriber: waiting
         // would deadlock, so the removal takes effect for later operations only.
-        if !in_callback() {
+        // Test-only mutation: return without waiting (the loom models must catch it).
+        let wait = !cfg!(pfnstore_loom_mutation = "unregister_no_wait");
+        if wait && !in_callback() {
             while state.entries.iter().any(|e| e.id == id && e.in_flight > 0) {
                 state = self.idle.wait(state);
             }
