@@ -34,6 +34,12 @@ step loom env RUSTFLAGS="--cfg pfnstore_loom" cargo test --locked --release --ta
     -p pfnstore-loom-tests
 step loom-in-crate env RUSTFLAGS="--cfg pfnstore_loom" cargo test --locked --release --target-dir target/loom \
     -p pfnstore-allocator -p pfnstore-metadata --lib -- loom_models
+# The same models with every test-only mutation switched on: each model a mutation breaks is
+# `should_panic` under it, so this step passes only if loom finds every planted bug.
+mutations='--cfg pfnstore_loom_mutation="allocator_split_alloc" --cfg pfnstore_loom_mutation="no_range_lock"'
+mutations+=' --cfg pfnstore_loom_mutation="snapshot_per_phase" --cfg pfnstore_loom_mutation="unregister_no_wait"'
+step loom-mutations env RUSTFLAGS="--cfg pfnstore_loom $mutations" cargo test --locked --release \
+    --target-dir target/loom-mutations -p pfnstore-loom-tests
 
 passed=0 failed=0
 while read -r p f; do

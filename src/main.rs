@@ -23,6 +23,8 @@ enum Command {
     Status(cli::status::Args),
     /// The hugetlb pools, whether 1G pages can be reserved here, and what a store would get.
     Hugetlb(cli::hugetlb::Args),
+    /// Builds a store and a file, converts 4 KiB inside 1 GiB and back, prints the plans.
+    Demo(cli::demo::Args),
     /// Measures obtaining and prefaulting memory: MAP_POPULATE vs threads, 1G/2M/ordinary.
     Prefault(cli::prefault::Args),
 }
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
         Some(Command::Status(args)) => cli::status::run(&args),
         Some(Command::Hugetlb(args)) => cli::hugetlb::run(&args),
         Some(Command::Prefault(args)) => cli::prefault::run(&args),
+        Some(Command::Demo(args)) => cli::demo::run(&args),
         None => cli::status::run(&cli::status::Args::default()),
     };
     match result {

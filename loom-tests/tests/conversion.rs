@@ -1,14 +1,15 @@
 //! loom models of the conversion transaction (issue 7, models 3-6 and 8), on a one-chunk
 //! domain of four pages (middle blocks of two).
 //!
-//! Three of them have a test-only mutation that breaks what they check; built with it, the
-//! model must fail (see ARCHITECTURE.md, "Proving the models can fail"):
+//! Four of them have a test-only mutation that breaks what they check. Built with it, the
+//! model is expected to fail (`should_panic` with the model's own message), so the mutation
+//! run passes only if loom finds the violation (see ARCHITECTURE.md, "Proving the models can
+//! fail"):
 //!
 //! * `--cfg pfnstore_loom_mutation="no_range_lock"`: `overlapping_conversions_serialize` and
-//!   `punch_hole_vs_conversion` fail;
-//! * `--cfg pfnstore_loom_mutation="snapshot_per_phase"`: `registration_vs_conversion` fails;
-//! * `--cfg pfnstore_loom_mutation="unregister_no_wait"`: `unregister_waits_for_callbacks`
-//!   fails.
+//!   `punch_hole_vs_conversion`;
+//! * `--cfg pfnstore_loom_mutation="snapshot_per_phase"`: `registration_vs_conversion`;
+//! * `--cfg pfnstore_loom_mutation="unregister_no_wait"`: `unregister_waits_for_callbacks`.
 #![cfg(pfnstore_loom)]
 
 use pfnstore_core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -112,6 +113,10 @@ fn conversion_vs_pin() {
 /// Model 4: two overlapping conversions are serialised: the final state is one of the two
 /// orders, and a subscriber sees whole prepare/commit pairs, one conversion after the other.
 #[test]
+#[cfg_attr(
+    pfnstore_loom_mutation = "no_range_lock",
+    should_panic(expected = "not serialized")
+)]
 fn overlapping_conversions_serialize() {
     model_builder().check(|| {
         let (store, registry, domain) = domain();
@@ -130,14 +135,14 @@ fn overlapping_conversions_serialize() {
         // Main's two conversions are ordered; the other thread's lands before, between or after.
         assert!(
             final_state == [true, false, true] || final_state == [true, true, true],
-            "{final_state:?}"
+            "not serialized: final state {final_state:?}"
         );
         let events = recorder.events.lock().clone();
         for pair in events.chunks(2) {
             assert_eq!(
                 pair,
                 [Seen::Prepare, Seen::Commit],
-                "interleaved callbacks: {events:?}"
+                "not serialized: callbacks {events:?}"
             );
         }
     });
@@ -146,6 +151,10 @@ fn overlapping_conversions_serialize() {
 /// Model 5: a subscriber that registers while a conversion is in flight sees all of it or
 /// none of it.
 #[test]
+#[cfg_attr(
+    pfnstore_loom_mutation = "snapshot_per_phase",
+    should_panic(expected = "partial sequence")
+)]
 fn registration_vs_conversion() {
     model_builder().check(|| {
         let (_store, registry, domain) = domain();
@@ -170,6 +179,10 @@ fn registration_vs_conversion() {
 /// memory just before its flip (a ZERO conversion): the memory is never touched after, or
 /// while, it is freed.
 #[test]
+#[cfg_attr(
+    pfnstore_loom_mutation = "no_range_lock",
+    should_panic(expected = "memory freed while")
+)]
 fn punch_hole_vs_conversion() {
     model_builder().check(|| {
         let (_store, _registry, domain) = domain();
@@ -231,6 +244,10 @@ impl Subscriber for Slow {
 /// Model 8: unregistering while a callback runs waits for it, and no callback arrives after
 /// `unregister` returned.
 #[test]
+#[cfg_attr(
+    pfnstore_loom_mutation = "unregister_no_wait",
+    should_panic(expected = "unregister")
+)]
 fn unregister_waits_for_callbacks() {
     model_builder().check(|| {
         let (_store, registry, domain) = domain();

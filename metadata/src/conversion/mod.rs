@@ -44,7 +44,7 @@ mod subscriber;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use pfnstore_core::sync::Arc;
-use pfnstore_core::{Geometry, Pfn, PfnRange, RangeError};
+use pfnstore_core::{BlockRun, Geometry, Pfn, PfnRange, RangeError};
 
 pub use plan::{ConversionPlan, PlanEntry};
 pub use range_lock::{RangeGuard, RangeLocks, Reentrant, chunk_hull};
@@ -54,7 +54,8 @@ pub use subscriber::{ConversionRequest, Interest, Invalidation, Subscriber, Unma
 use registry::InCallback;
 
 use crate::{
-    Attributes, FileId, MappingChange, MetadataError, MetadataStore, QuarantineReason, Shareability,
+    Attributes, FileId, MappingAttributes, MappingChange, MetadataError, MetadataStore,
+    QuarantineReason, Shareability,
 };
 
 /// Why a conversion or invalidation did not (fully) happen.
@@ -211,8 +212,8 @@ impl ConversionDomain {
             to,
         };
         let snapshot = self.registry.snapshot(self.file);
-        let subscribers: Vec<_> = snapshot.subscribers().cloned().collect();
-        for (i, subscriber) in subscribers.iter().enumerate() {
+        let subscribers = &snapshot;
+        for (i, subscriber) in subscribers.subscribers().enumerate() {
             let answer = {
                 let _cb = InCallback::enter();
                 catch_unwind(AssertUnwindSafe(|| subscriber.prepare(&request)))
@@ -222,7 +223,7 @@ impl ConversionDomain {
                 Ok(Err(veto)) => veto,
                 Err(panic) => Veto::new(format!("panicked in prepare: {}", panic_message(&panic))),
             };
-            abort_all(&subscribers[..i], &request);
+            abort_all(subscribers.subscribers().take(i), &request);
             return Err(ConversionError::Vetoed {
                 first_page: veto.first_page.unwrap_or(range.start()),
                 subscriber: subscriber.name().to_string(),
@@ -231,30 +232,39 @@ impl ConversionDomain {
         }
 
         let before_region = self.mapped_hull(&geometry, range)?;
-        let before = self.store.block_plan(before_region)?;
+        // A uniform block around the range has the range's own mapping attributes.
+        let range_before = current.first().map(|(_, a)| a.mapping()).filter(|first| {
+            current.iter().all(|(_, a)| {
+                let m = a.mapping();
+                m.owner == first.owner && m.quarantined == first.quarantined
+            })
+        });
+        let before = self.plan_of(&geometry, before_region, range_before)?;
         if let Err(reason) = before_flip(range) {
-            abort_all(&subscribers, &request);
+            abort_all(subscribers.subscribers(), &request);
             return Err(ConversionError::Hook { range, reason });
         }
         let change = match self.store.set_shareability(range, to) {
             Ok(change) => change,
             Err(e) => {
-                abort_all(&subscribers, &request);
+                abort_all(subscribers.subscribers(), &request);
                 return Err(e.into());
             }
         };
-        let plan = self.plan_after(&geometry, before_region, before, &change)?;
+        let range_after = range_before.map(|a| MappingAttributes {
+            shareability: to,
+            ..a
+        });
+        let plan = self.plan_after(&geometry, before_region, before, &change, range_after)?;
 
         // Test-only mutation: look the subscribers up again for the commit, so that one that
         // registered mid-conversion gets a commit without a prepare (the loom models must
         // catch it).
         #[cfg(pfnstore_loom_mutation = "snapshot_per_phase")]
-        let (_late, subscribers) = {
-            let late = self.registry.snapshot(self.file);
-            let subs: Vec<_> = late.subscribers().cloned().collect();
-            (late, subs)
-        };
-        let mut failures = commit_all(&subscribers, &request, &plan);
+        let late = self.registry.snapshot(self.file);
+        #[cfg(pfnstore_loom_mutation = "snapshot_per_phase")]
+        let subscribers = &late;
+        let mut failures = commit_all(subscribers.subscribers(), &request, &plan);
         self.quarantine_failures(&plan, &mut failures)?;
         if let Some(err) = failure_error(failures) {
             return Err(err);
@@ -341,28 +351,30 @@ impl ConversionDomain {
         &self,
         geometry: &Geometry,
         before_region: PfnRange,
-        before: crate::BlockPlan,
+        before: Vec<PlanEntry>,
         change: &MappingChange,
+        range_after: Option<MappingAttributes>,
     ) -> Result<ConversionPlan, MetadataError> {
         let region = change
             .merges()
             .map(|run| run.range(geometry))
             .fold(before_region, hull);
-        let mut unmap = Vec::new();
+        // At most five runs per piece (see `Geometry::block_runs`).
+        let mut unmap = Vec::with_capacity(before.len() + 10);
         // Pages of a merged block outside `before_region` did not change: they were uniform
         // before too, with the attributes the merged block has now, and were mapped as the
         // plain block decomposition of their piece (no block of theirs crossed into
         // `before_region`, whose ends are block boundaries of the old mapping).
         if region.start() < before_region.start() {
             let piece = PfnRange::new(region.start(), before_region.start())?;
-            unmap.extend(self.unchanged_piece(geometry, piece)?);
+            unmap.extend(self.unchanged_piece(geometry, piece, range_after)?);
         }
-        unmap.extend(entries(before));
+        unmap.extend(before);
         if before_region.end() < region.end() {
             let piece = PfnRange::new(before_region.end(), region.end())?;
-            unmap.extend(self.unchanged_piece(geometry, piece)?);
+            unmap.extend(self.unchanged_piece(geometry, piece, range_after)?);
         }
-        let map = entries(self.store.block_plan(region)?);
+        let map = self.plan_of(geometry, region, range_after)?;
         let plan = ConversionPlan {
             region: Some(region),
             unmap,
@@ -372,16 +384,43 @@ impl ConversionDomain {
         Ok(plan)
     }
 
+    /// The block plan of `region`, which contains the conversion's range; without walking the
+    /// tree when the region is one uniform aligned block (the 1 GiB before a split, or after a
+    /// merge: the common case). A uniform region has the mapping attributes of any of its
+    /// pages, so `range_attributes` (those of the range's first page) are the region's.
+    fn plan_of(
+        &self,
+        geometry: &Geometry,
+        region: PfnRange,
+        range_attributes: Option<MappingAttributes>,
+    ) -> Result<Vec<PlanEntry>, MetadataError> {
+        let single = geometry
+            .largest_block_at(region.start(), region.end())
+            .filter(|size| geometry.pages(*size) == region.len());
+        if let (Some(size), Some(attributes)) = (single, range_attributes)
+            && self.store.max_mapping_order(region.start())? >= size
+        {
+            let run = BlockRun::new(geometry, region.start(), size, 1)?;
+            return Ok(vec![PlanEntry { run, attributes }]);
+        }
+        Ok(entries(self.store.block_plan(region)?))
+    }
+
+    /// A piece of a merged block outside the old mapped hull, as it was mapped: the plain
+    /// decomposition of the piece, with the merged block's (unchanged) attributes.
     fn unchanged_piece(
         &self,
         geometry: &Geometry,
         piece: PfnRange,
-    ) -> Result<Vec<PlanEntry>, MetadataError> {
-        let attributes = self.store.attributes(piece.start())?.mapping();
+        merged: Option<MappingAttributes>,
+    ) -> Result<impl Iterator<Item = PlanEntry> + use<>, MetadataError> {
+        let attributes = match merged {
+            Some(a) => a,
+            None => self.store.attributes(piece.start())?.mapping(),
+        };
         Ok(geometry
             .block_runs(piece)
-            .map(|run| PlanEntry { run, attributes })
-            .collect())
+            .map(move |run| PlanEntry { run, attributes }))
     }
 
     /// Quarantines what each failure names, clamped to the affected region: a subscriber may
@@ -433,16 +472,19 @@ fn hull(a: PfnRange, b: PfnRange) -> PfnRange {
     PfnRange::new(a.start().min(b.start()), a.end().max(b.end())).unwrap_or(a)
 }
 
-fn abort_all(prepared: &[std::sync::Arc<dyn Subscriber>], request: &ConversionRequest) {
-    for subscriber in prepared.iter().rev() {
+fn abort_all<'a>(
+    prepared: impl DoubleEndedIterator<Item = &'a std::sync::Arc<dyn Subscriber>>,
+    request: &ConversionRequest,
+) {
+    for subscriber in prepared.rev() {
         let _cb = InCallback::enter();
         // A panic in abort cannot undo anything more; the subscriber learns nothing else.
         let _ = catch_unwind(AssertUnwindSafe(|| subscriber.abort(request)));
     }
 }
 
-fn commit_all(
-    subscribers: &[std::sync::Arc<dyn Subscriber>],
+fn commit_all<'a>(
+    subscribers: impl Iterator<Item = &'a std::sync::Arc<dyn Subscriber>>,
     request: &ConversionRequest,
     plan: &ConversionPlan,
 ) -> Vec<Failure> {

@@ -47,8 +47,10 @@ pub struct SubscriberRegistry {
 }
 
 thread_local! {
-    /// How many subscriber callbacks the current thread is inside of.
-    static CALLBACK_DEPTH: Cell<usize> = const { Cell::new(0) };
+    /// How many subscriber callbacks the current thread is inside of. (Not a `const`
+    /// initializer: loom's `thread_local!` does not take one.)
+    #[allow(clippy::missing_const_for_thread_local)]
+    static CALLBACK_DEPTH: Cell<usize> = Cell::new(0);
 }
 
 /// Marks the current thread as running a subscriber callback while alive.
@@ -153,14 +155,19 @@ impl SubscriberRegistry {
 
     fn release(&self, ids: impl Iterator<Item = SubscriberId>) {
         let mut state = self.state.lock();
+        let mut idle_removed = false;
         for id in ids {
             if let Some(entry) = state.entries.iter_mut().find(|e| e.id == id) {
                 entry.in_flight -= 1;
+                idle_removed |= entry.removed && entry.in_flight == 0;
             }
         }
-        state.entries.retain(|e| !(e.removed && e.in_flight == 0));
-        drop(state);
-        self.idle.notify_all();
+        if idle_removed {
+            state.entries.retain(|e| !(e.removed && e.in_flight == 0));
+            drop(state);
+            // Someone unregisters and waits for exactly this.
+            self.idle.notify_all();
+        }
     }
 }
 
@@ -173,7 +180,9 @@ pub struct Snapshot<'a> {
 
 impl Snapshot<'_> {
     /// The subscribers, in registration order.
-    pub fn subscribers(&self) -> impl ExactSizeIterator<Item = &Arc<dyn Subscriber>> {
+    pub fn subscribers(
+        &self,
+    ) -> impl DoubleEndedIterator<Item = &Arc<dyn Subscriber>> + ExactSizeIterator {
         self.members.iter().map(|(_, s)| s)
     }
 
