@@ -1,8 +1,13 @@
-//! The errors a VMM sees from the store: each names the file offset, and the PFN where there
-//! is one.
+//! The errors a VMM sees from the store: each names the file offset, and the PFN behind it
+//! where memory backs it.
 
 use pfnstore_core::{Pfn, RangeError};
 use pfnstore_metadata::{FileId, PinOwner};
+
+/// " (pfn 0x...)" when a frame backs the offset, else nothing.
+fn at(pfn: &Option<Pfn>) -> String {
+    pfn.map(|p| format!(" ({p})")).unwrap_or_default()
+}
 
 /// An operation on a store or a guest-memory file failed. Unless the variant says otherwise,
 /// nothing changed.
@@ -33,50 +38,60 @@ pub enum StoreError {
         size: u64,
     },
     /// A page of the range is pinned.
-    #[error("offset {offset:#x} of {file} is pinned by {owner}")]
+    #[error("offset {offset:#x}{} of {file} is pinned by {owner}", at(.pfn))]
     Pinned {
         /// The file.
         file: FileId,
         /// The first pinned offset.
         offset: u64,
+        /// The frame behind it.
+        pfn: Option<Pfn>,
         /// Who pins it.
         owner: PinOwner,
     },
     /// A page of the range is quarantined.
-    #[error("offset {offset:#x} of {file} is quarantined")]
+    #[error("offset {offset:#x}{} of {file} is quarantined", at(.pfn))]
     Quarantined {
         /// The file.
         file: FileId,
         /// The first quarantined offset.
         offset: u64,
+        /// The frame behind it.
+        pfn: Option<Pfn>,
     },
     /// Unpin of a page that `owner` does not pin.
-    #[error("offset {offset:#x} of {file} is not pinned by {owner}")]
+    #[error("offset {offset:#x}{} of {file} is not pinned by {owner}", at(.pfn))]
     NotPinned {
         /// The file.
         file: FileId,
         /// The first offset without such a pin.
         offset: u64,
+        /// The frame behind it.
+        pfn: Option<Pfn>,
         /// The owner named in the request.
         owner: PinOwner,
     },
     /// Too many pins on one page.
-    #[error("pin count overflow at offset {offset:#x} of {file} for {owner}")]
+    #[error("pin count overflow at offset {offset:#x}{} of {file} for {owner}", at(.pfn))]
     PinOverflow {
         /// The file.
         file: FileId,
         /// The offset.
         offset: u64,
+        /// The frame behind it.
+        pfn: Option<Pfn>,
         /// The owner.
         owner: PinOwner,
     },
     /// A subscriber refused the conversion.
-    #[error("conversion of {file} vetoed by {subscriber} at offset {offset:#x}: {reason}")]
+    #[error("conversion of {file} vetoed by {subscriber} at offset {offset:#x}{}: {reason}", at(.pfn))]
     Vetoed {
         /// The file.
         file: FileId,
         /// The first offset the veto is about.
         offset: u64,
+        /// The frame behind it.
+        pfn: Option<Pfn>,
         /// The subscriber's name.
         subscriber: String,
         /// Its reason.
@@ -84,9 +99,7 @@ pub enum StoreError {
     },
     /// A subscriber failed to unmap; the operation otherwise happened and the range named is
     /// quarantined.
-    #[error(
-        "{subscriber} failed to unmap offsets {offset:#x}..{end:#x} of {file}: {reason} (quarantined)"
-    )]
+    #[error("{subscriber} failed to unmap offsets {offset:#x}..{end:#x}{} of {file}: {reason} (quarantined)", at(.pfn))]
     UnmapFailed {
         /// The file.
         file: FileId,
@@ -94,26 +107,32 @@ pub enum StoreError {
         offset: u64,
         /// End of the quarantined offsets.
         end: u64,
+        /// The frame behind the first quarantined offset.
+        pfn: Option<Pfn>,
         /// The subscriber's name.
         subscriber: String,
         /// Its reason.
         reason: String,
     },
     /// The host view was asked for private memory (R4).
-    #[error("offset {offset:#x} of {file} is private: the host may not access it")]
+    #[error("offset {offset:#x}{} of {file} is private: the host may not access it", at(.pfn))]
     PrivateAccess {
         /// The file.
         file: FileId,
         /// The first private offset of the access.
         offset: u64,
+        /// The frame behind it.
+        pfn: Option<Pfn>,
     },
     /// A private access (a guest fault on its private side) to a shared page.
-    #[error("offset {offset:#x} of {file} is shared: a private access is refused")]
+    #[error("offset {offset:#x}{} of {file} is shared: a private access is refused", at(.pfn))]
     SharedAccess {
         /// The file.
         file: FileId,
         /// The offset.
         offset: u64,
+        /// The frame behind it.
+        pfn: Option<Pfn>,
     },
     /// The operation needs memory behind the offset, and there is none.
     #[error("offset {offset:#x} of {file} has no memory behind it")]
@@ -152,12 +171,14 @@ pub enum StoreError {
         end: u64,
     },
     /// The file still has pinned pages and cannot be destroyed.
-    #[error("{file} has pinned pages (first at offset {offset:#x}) and cannot be destroyed")]
+    #[error("{file} has pinned pages (first at offset {offset:#x}{}) and cannot be destroyed", at(.pfn))]
     FileBusy {
         /// The file.
         file: FileId,
         /// The first pinned offset.
         offset: u64,
+        /// The frame behind it.
+        pfn: Option<Pfn>,
     },
     /// A PFN that the store does not manage.
     #[error("{pfn} is not managed by this store")]

@@ -328,10 +328,12 @@ impl GuestMemory {
                     Shareability::Private => StoreError::PrivateAccess {
                         file: inner.id,
                         offset,
+                        pfn: inner.pfn_at(page),
                     },
                     Shareability::Shared => StoreError::SharedAccess {
                         file: inner.id,
                         offset,
+                        pfn: inner.pfn_at(page),
                     },
                 });
             }
@@ -339,6 +341,7 @@ impl GuestMemory {
                 return Err(StoreError::Quarantined {
                     file: inner.id,
                     offset,
+                    pfn: inner.pfn_at(page),
                 });
             }
             let uniform = metadata
@@ -496,6 +499,7 @@ impl GuestMemory {
             return Err(StoreError::FileBusy {
                 file: inner.id,
                 offset: bytes(range.start().0),
+                pfn: inner.pfn_at(range.start()),
             });
         }
         self.punch_hole(0, self.size())
@@ -567,15 +571,19 @@ impl FileInner {
             .iter()
             .find(|(_, a)| a.shareability == Shareability::Private)
         {
+            let first = bytes(range.start().0).max(offset);
             return Err(StoreError::PrivateAccess {
                 file: self.id,
-                offset: bytes(range.start().0).max(offset),
+                offset: first,
+                pfn: self.pfn_at(Pfn(first / PAGE_SIZE)),
             });
         }
         if let Some((range, _)) = ranges.iter().find(|(_, a)| a.quarantined.is_some()) {
+            let first = bytes(range.start().0).max(offset);
             return Err(StoreError::Quarantined {
                 file: self.id,
-                offset: bytes(range.start().0).max(offset),
+                offset: first,
+                pfn: self.pfn_at(Pfn(first / PAGE_SIZE)),
             });
         }
         Ok(())
@@ -781,26 +789,35 @@ impl FileInner {
         Ok(())
     }
 
+    /// The frame behind `page`, for error reports. Never call with the backing map locked.
+    fn pfn_at(&self, page: Pfn) -> Option<Pfn> {
+        self.backing.read().pfn_of(page)
+    }
+
     fn metadata_error(&self, e: MetadataError) -> StoreError {
         let file = self.id;
         match e {
             MetadataError::Pinned { first_pfn, owner } => StoreError::Pinned {
                 file,
                 offset: bytes(first_pfn.0),
+                pfn: self.pfn_at(first_pfn),
                 owner,
             },
             MetadataError::Quarantined { first_pfn } => StoreError::Quarantined {
                 file,
                 offset: bytes(first_pfn.0),
+                pfn: self.pfn_at(first_pfn),
             },
             MetadataError::NotPinned { first_pfn, owner } => StoreError::NotPinned {
                 file,
                 offset: bytes(first_pfn.0),
+                pfn: self.pfn_at(first_pfn),
                 owner,
             },
             MetadataError::PinOverflow { first_pfn, owner } => StoreError::PinOverflow {
                 file,
                 offset: bytes(first_pfn.0),
+                pfn: self.pfn_at(first_pfn),
                 owner,
             },
             other => internal(other),
@@ -818,6 +835,7 @@ impl FileInner {
             } => StoreError::Vetoed {
                 file,
                 offset: bytes(first_page.0),
+                pfn: self.pfn_at(first_page),
                 subscriber,
                 reason,
             },
@@ -830,6 +848,7 @@ impl FileInner {
                 file,
                 offset: bytes(range.start().0),
                 end: bytes(range.end().0),
+                pfn: self.pfn_at(range.start()),
                 subscriber,
                 reason,
             },
@@ -856,12 +875,19 @@ impl FileInner {
             if !attributes.pins.is_empty() {
                 let _ = self.quarantine_backing(range);
                 self.backing.write().remove(range);
+                continue;
             }
-        }
-        let result = self.domain.invalidate(all, |_| self.release_backing(all));
-        if let Err(ConversionError::UnmapFailed { range, .. }) = result {
-            let _ = self.quarantine_backing(range);
-            let _ = self.domain.invalidate(all, |_| self.release_backing(all));
+            let result = self
+                .domain
+                .invalidate(range, |_| self.release_backing(range));
+            if let Err(ConversionError::UnmapFailed { range: failed, .. }) = result {
+                // The failing pages are quarantined now; release_backing keeps them out of
+                // the allocator and gives the rest back.
+                let _ = self.quarantine_backing(failed);
+                let _ = self
+                    .domain
+                    .invalidate(range, |_| self.release_backing(range));
+            }
         }
     }
 }

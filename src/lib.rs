@@ -32,6 +32,39 @@
 //! * [`metadata`](pfnstore_metadata): the range-tree metadata store and conversions.
 //!
 //! See ARCHITECTURE.md for the layering.
+//!
+//! ## Example
+//!
+//! A store over synthetic memory (a hugetlb one is built with [`Store::from_hugetlb`]), one
+//! 1 GiB file, an IOMMU-like subscriber, and a 4 KiB conversion inside the 1 GiB block:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use pfnstore::core::{Geometry, PageSize, Pfn};
+//! use pfnstore::hugetlb::SyntheticSource;
+//! use pfnstore::subscribers::IommuMapper;
+//! use pfnstore::{ConvertMode, FileOptions, Interest, Shareability, Store, StoreOptions, Subscriber};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let source = SyntheticSource::new(Geometry::X86_64, Pfn(0x100000), 2)?;
+//! let store = Store::synthetic(source, StoreOptions::default())?;
+//! let file = store.create_file(FileOptions::new(1 << 30).populated())?;
+//!
+//! let iommu = Arc::new(IommuMapper::new("vfio", store.geometry()));
+//! let as_subscriber: Arc<dyn Subscriber> = iommu.clone();
+//! let _registration = store.subscribe(&as_subscriber, Interest::File(file.id()));
+//!
+//! let done = file.convert(0x3e8000, 4096, Shareability::Shared, ConvertMode::Preserve)?;
+//! assert_eq!(done.plan.unmap_blocks(), 1); // the 1 GiB mapping goes...
+//! assert_eq!(done.plan.map_blocks(), 511 + 512); // ...511 x 2 MiB + 512 x 4 KiB come back
+//! assert_eq!(iommu.mappings(), 1); // the one shared page is DMA-mapped
+//! assert_eq!(file.max_mapping_order(0)?, PageSize::Size2M);
+//!
+//! file.convert(0x3e8000, 4096, Shareability::Private, ConvertMode::Zero)?;
+//! assert_eq!(file.max_mapping_order(0)?, PageSize::Size1G); // merged back at once
+//! # Ok(())
+//! # }
+//! ```
 
 pub use pfnstore_allocator as allocator;
 pub use pfnstore_core as core;

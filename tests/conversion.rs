@@ -120,6 +120,7 @@ fn a_pinned_page_fails_the_conversion_before_anyone_hears_of_it() {
         StoreError::Pinned {
             file: file.id(),
             offset: 70 * PAGE,
+            pfn: file.translate(70 * PAGE).unwrap(),
             owner: PinOwner(7)
         }
     );
@@ -141,6 +142,7 @@ fn a_pinned_page_fails_the_conversion_before_anyone_hears_of_it() {
         StoreError::NotPinned {
             file: file.id(),
             offset: 70 * PAGE,
+            pfn: file.translate(70 * PAGE).unwrap(),
             owner: PinOwner(7)
         }
     );
@@ -202,6 +204,7 @@ fn a_veto_aborts_the_prepared_subscribers_and_changes_nothing() {
         StoreError::Vetoed {
             file: file.id(),
             offset: 8 * PAGE,
+            pfn: file.translate(8 * PAGE).unwrap(),
             subscriber: "second".into(),
             reason: "device busy".into()
         }
@@ -258,6 +261,7 @@ fn an_unmap_failure_quarantines_exactly_the_failing_block() {
             file: file.id(),
             offset: 0,
             end: 64 * PAGE,
+            pfn: file.translate(0).unwrap(),
             subscriber: "iommu".into(),
             reason: "injected unmap failure".into()
         }
@@ -532,7 +536,8 @@ fn the_host_view_refuses_private_memory_and_synthetic_stores_refuse_bytes() {
         file.read(100, &mut buf).unwrap_err(),
         StoreError::PrivateAccess {
             file: file.id(),
-            offset: 100
+            offset: 100,
+            pfn: file.translate(0).unwrap(),
         }
     );
     file.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
@@ -547,7 +552,8 @@ fn the_host_view_refuses_private_memory_and_synthetic_stores_refuse_bytes() {
         file.read(0, &mut wide).unwrap_err(),
         StoreError::PrivateAccess {
             file: file.id(),
-            offset: PAGE
+            offset: PAGE,
+            pfn: file.translate(PAGE).unwrap(),
         }
     );
 }
@@ -700,4 +706,40 @@ fn sixteen_gib_with_one_percent_shared_costs_the_iommu_one_mapping_per_block() {
         iommu.mappings(),
         pages
     );
+}
+
+#[test]
+fn dropping_a_file_with_live_pins_quarantines_only_the_pinned_memory() {
+    let store = synthetic(tiny(), 2, 1);
+    let file = store
+        .create_file(FileOptions::new(64 * PAGE).populated())
+        .unwrap();
+    let pinned_pfn = file.translate(8 * PAGE).unwrap().unwrap();
+    file.pin(8 * PAGE, 2 * PAGE, PinOwner(3)).unwrap();
+    assert!(file.translate(8 * PAGE).unwrap().is_some());
+    let err = file.clone().destroy().unwrap_err();
+    assert_eq!(
+        err,
+        StoreError::FileBusy {
+            file: file.id(),
+            offset: 8 * PAGE,
+            pfn: Some(pinned_pfn)
+        }
+    );
+    assert!(err.to_string().contains(&format!("{pinned_pfn}")), "{err}");
+    drop(file);
+    // A device may still DMA into the pinned pages: they are never reused. The rest is free.
+    let total = store.stats().allocator.total;
+    assert_eq!((total.allocated_pages, total.quarantined_pages), (0, 2));
+    assert_eq!(store.stats().files, 0);
+    store.check_invariants().unwrap();
+    let again = store.create_file(FileOptions::new(64 * PAGE).populated());
+    assert!(matches!(again, Err(StoreError::OutOfMemory { .. })) || again.is_ok());
+    if let Ok(f) = again {
+        let all: Vec<_> = f.extents().into_iter().map(|(_, pfns)| pfns).collect();
+        assert!(
+            all.iter().all(|r| !r.contains(pinned_pfn)),
+            "quarantined memory was reused"
+        );
+    }
 }

@@ -75,7 +75,8 @@ fn bytes_conversions_and_revocation_on_a_real_1g_page() {
         file.read(page + 10, &mut buf).unwrap_err(),
         StoreError::PrivateAccess {
             file: file.id(),
-            offset: page + 10
+            offset: page + 10,
+            pfn: file.translate(page).unwrap(),
         }
     );
     assert!(

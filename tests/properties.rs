@@ -209,6 +209,7 @@ impl World {
                         return Err(StoreError::Pinned {
                             file: f.id(),
                             offset: p as u64 * PAGE,
+                            pfn: f.translate(p as u64 * PAGE).unwrap(),
                             owner: PinOwner(owner),
                         });
                     }
@@ -219,6 +220,7 @@ impl World {
                         return Err(StoreError::Vetoed {
                             file: f.id(),
                             offset: start * PAGE,
+                            pfn: f.translate(start * PAGE).unwrap(),
                             subscriber: "vetoer".into(),
                             reason: "no".into(),
                         });
@@ -263,6 +265,7 @@ impl World {
                         return Err(StoreError::NotPinned {
                             file: f.id(),
                             offset: p as u64 * PAGE,
+                            pfn: f.translate(p as u64 * PAGE).unwrap(),
                             owner: PinOwner(owner),
                         });
                     }
@@ -286,6 +289,7 @@ impl World {
                         return Err(StoreError::Pinned {
                             file: f.id(),
                             offset: p as u64 * PAGE,
+                            pfn: f.translate(p as u64 * PAGE).unwrap(),
                             owner: PinOwner(owner),
                         });
                     }
@@ -317,11 +321,13 @@ impl World {
                         StoreError::PrivateAccess {
                             file: f.id(),
                             offset: page * PAGE,
+                            pfn: f.translate(page * PAGE).unwrap(),
                         }
                     } else {
                         StoreError::SharedAccess {
                             file: f.id(),
                             offset: page * PAGE,
+                            pfn: f.translate(page * PAGE).unwrap(),
                         }
                     };
                     prop_assert_eq!(got, Err(want), "{:?}", op);
@@ -372,6 +378,7 @@ impl World {
                         Some(p) => Err(StoreError::PrivateAccess {
                             file: f.id(),
                             offset: (p * PAGE).max(offset),
+                            pfn: f.translate((p * PAGE).max(offset)).unwrap(),
                         }),
                         // Holes read as zeros; backed pages need bytes a synthetic store lacks.
                         None if pages.clone().any(|p| r.backed[p as usize]) => {
