@@ -27,6 +27,7 @@ step() {
 
 step fmt cargo fmt --all --check
 step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
+step docs env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 step tests cargo test --workspace --locked
 # The loom models: the loom-tests crate, plus in-crate models (modules named loom_models) that
 # need private items. LOOM_MAX_PREEMPTIONS bounds the search so the run stays short.

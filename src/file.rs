@@ -431,6 +431,36 @@ impl GuestMemory {
         }
     }
 
+    /// The host view's address of bytes `offset..offset + len`, for handing shared guest memory
+    /// to the kernel: a KVM memory slot, a VFIO DMA mapping. The bytes must be backed by one
+    /// extent (populate first) and every page must be shared now.
+    ///
+    /// The address is only as good as the store's promises: pages that are converted to
+    /// private later are revoked from the view (whole huge pages) or merely refused by the API
+    /// (partly shared huge pages), and a punched range loses its memory. A VMM that hands the
+    /// address on must subscribe and unmap on the store's plans, as KVM and VFIO do.
+    pub fn host_view_address(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<std::ptr::NonNull<u8>, StoreError> {
+        let inner = &self.inner;
+        let pages = inner.byte_pages(offset, len)?;
+        let _guard = inner.shared_lock(pages)?;
+        inner.check_shared(pages, offset)?;
+        let extent = inner.backing.read().extent_at(pages.start());
+        let Some(extent) = extent.filter(|e| e.offsets.contains_range(&pages)) else {
+            return Err(StoreError::NotBacked {
+                file: inner.id,
+                offset,
+            });
+        };
+        let pfns = PfnRange::from_len(extent.pfn_of(pages.start()), pages.len())?;
+        let base = inner.store.inner.memory.host_address(pfns)?;
+        let address = base.wrapping_add((offset % PAGE_SIZE) as usize);
+        std::ptr::NonNull::new(address).ok_or(StoreError::Internal("null host view".into()))
+    }
+
     /// The memory behind the file: (first byte offset, PFNs) per extent, by offset.
     pub fn extents(&self) -> Vec<(u64, PfnRange)> {
         let all = PfnRange::from_len(Pfn(0), self.inner.size_pages).expect("a file is never empty");

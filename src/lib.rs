@@ -26,10 +26,10 @@
 //!
 //! The crates underneath:
 //!
-//! * [`core`](pfnstore_core): PFNs, ranges, block geometry, shared errors, the sync facade;
-//! * [`hugetlb`](pfnstore_hugetlb): where memory comes from;
-//! * [`allocator`](pfnstore_allocator): the lock-sharded PFN-range allocator;
-//! * [`metadata`](pfnstore_metadata): the range-tree metadata store and conversions.
+//! * [`core`]: PFNs, ranges, block geometry, shared errors, the sync facade;
+//! * [`hugetlb`]: where memory comes from;
+//! * [`allocator`]: the lock-sharded PFN-range allocator;
+//! * [`metadata`]: the range-tree metadata store and conversions.
 //!
 //! See ARCHITECTURE.md for the layering.
 //!

@@ -154,6 +154,21 @@ impl Memory {
         Ok(())
     }
 
+    /// The host view's address of `pfns`, which must lie at consecutive offsets of the view.
+    pub(crate) fn host_address(&self, pfns: PfnRange) -> Result<*mut u8, StoreError> {
+        let view = self.host("handing guest memory to the kernel")?;
+        let first = self.offset_of(pfns.start())?;
+        let last = self.offset_of(pfns.last())?;
+        if last - first != (pfns.len() - 1) * PAGE_SIZE {
+            return Err(StoreError::Internal(format!(
+                "{pfns} is not contiguous in the host view"
+            )));
+        }
+        // `first` lies inside the view (the source located it), so the offset pointer stays
+        // inside the mapping; no access happens here.
+        Ok(view.as_ptr().wrapping_add(first as usize))
+    }
+
     /// Whether the view has revoked `pfn`'s page.
     pub(crate) fn is_revoked(&self, pfn: Pfn) -> bool {
         match (&self.views, self.offset_of(pfn)) {
