@@ -62,6 +62,10 @@ impl MappingChange {
         }
     }
 
+    pub(crate) fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
     /// Records one block; blocks of a level must be recorded in ascending order.
     pub(crate) fn record(&mut self, transition: Transition, size: PageSize, start: Pfn) {
         let kind = match (transition, size) {
@@ -83,6 +87,38 @@ impl MappingChange {
             count: 1,
             kind,
         });
+    }
+
+    /// Records the middle blocks of the chunk at `base` listed in `after` but not in `before`
+    /// (both ascending) as splits, and the reverse as merges.
+    #[inline]
+    pub(crate) fn record_mid_diff(
+        &mut self,
+        base: Pfn,
+        before: impl Iterator<Item = u32>,
+        after: impl Iterator<Item = u32>,
+    ) {
+        let mid_order = self.geometry.order(PageSize::Size2M);
+        let at = |mid: u32| Pfn(base.0 + (u64::from(mid) << mid_order));
+        let (mut b, mut a) = (before.peekable(), after.peekable());
+        loop {
+            match (b.peek().copied(), a.peek().copied()) {
+                (None, None) => break,
+                (Some(x), Some(y)) if x == y => {
+                    b.next();
+                    a.next();
+                }
+                (Some(x), y) if y.is_none_or(|y| x < y) => {
+                    self.record(Transition::Merge, PageSize::Size2M, at(x));
+                    b.next();
+                }
+                (_, Some(y)) => {
+                    self.record(Transition::Split, PageSize::Size2M, at(y));
+                    a.next();
+                }
+                (Some(_), None) => unreachable!("covered by the arm above"),
+            }
+        }
     }
 
     /// Blocks that lost their uniformity: chunk runs first, then middle-block runs, each

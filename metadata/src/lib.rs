@@ -54,11 +54,20 @@
 //! ## The fault path
 //!
 //! `max_mapping_order` reads the chunk's summary word with one atomic load: a bit saying the
-//! chunk is mapping-uniform, and 32 bits saying that every middle block of a group (1/32 of
-//! the chunk) is. When the bit for `pfn` is set, the answer needs no lock; otherwise the
-//! chunk's read lock is taken for an O(log n) look-up. The summary is written only under the
-//! chunk's write lock, after the state changed, with release ordering: a lock-free reader sees
-//! the summary of the state before or after a concurrent mutation, each exact for its state.
+//! chunk is mapping-uniform, 32 bits saying that every middle block of a group (1/32 of the
+//! chunk) is, and 16 bits saying that *no* middle block of a larger group (1/16 of the chunk)
+//! is. When a bit answers for `pfn` (1G, 2M or 4K), no lock is taken; otherwise the chunk's
+//! read lock is taken for an O(log n) look-up. The summary is written only under the chunk's
+//! write lock, after the state changed, with release ordering: a lock-free reader sees the
+//! summary of the state before or after a concurrent mutation, each exact for its state.
+//!
+//! ## The conversion fast path
+//!
+//! A shareability change inside one chunk whose coarse attributes are uniform and whose
+//! shareability has at most four flips before and after (a uniform 1G with a few converted 4K
+//! pages) computes its splits, merges and summary word from the two flip arrays, packed in
+//! registers, without a heap allocation; everything else takes the general path, which gives
+//! the same results.
 //!
 //! ## Testing support
 //!
@@ -72,14 +81,17 @@ mod chunk;
 mod coarse_plane;
 pub mod conversion;
 mod error;
+mod fast_convert;
 mod inline_vec;
 #[cfg(all(test, pfnstore_loom))]
 mod loom_models;
+mod packed;
 mod plan;
 pub mod reference;
 mod share_plane;
 mod stats;
 mod store;
+mod summary;
 
 pub use attrs::{
     Attributes, FileId, MappingAttributes, PinOwner, PinSet, QuarantineReason, Shareability,

@@ -16,9 +16,10 @@
 //! bitmap of the chunk would.
 
 use crate::Shareability;
+use crate::packed::Packed4;
 
 /// Flips stored inside the chunk slot without a heap allocation.
-pub(crate) const INLINE_FLIPS: usize = 4;
+pub(crate) const INLINE_FLIPS: usize = Packed4::CAPACITY;
 
 #[derive(Debug)]
 pub(crate) enum SharePlane {
@@ -62,7 +63,87 @@ fn from_bit(bit: u64) -> Shareability {
     }
 }
 
+/// A plane of at most [`INLINE_FLIPS`] flips (`Uniform` or `Inline`), by value and packed in
+/// registers: what the conversion fast path computes on without touching the heap.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SmallPlane {
+    first: Shareability,
+    flips: Packed4,
+}
+
+impl SmallPlane {
+    /// The sorted flip offsets.
+    #[inline]
+    pub(crate) fn flips(&self) -> Packed4 {
+        self.flips
+    }
+
+    #[inline]
+    fn value_at(&self, off: u32) -> Shareability {
+        if self.flips.iter().filter(|&p| p <= off).count() % 2 == 0 {
+            self.first
+        } else {
+            self.first.flipped()
+        }
+    }
+
+    /// The plane with pages `lo..hi` (`lo < hi <= pages`) set to `to`, or `None` when that
+    /// needs more than [`INLINE_FLIPS`] flips. The same content as [`SharePlane::set`].
+    #[inline]
+    pub(crate) fn with_set(&self, lo: u32, hi: u32, to: Shareability, pages: u32) -> Option<Self> {
+        let flip_at_lo = lo > 0 && self.value_at(lo - 1) != to;
+        let flip_at_hi = hi < pages && self.value_at(hi) != to;
+        let mut flips = Packed4::default();
+        for p in self.flips.iter().filter(|&p| p < lo) {
+            flips.push(p)?;
+        }
+        if flip_at_lo {
+            flips.push(lo)?;
+        }
+        if flip_at_hi {
+            flips.push(hi)?;
+        }
+        for p in self.flips.iter().filter(|&p| p > hi) {
+            flips.push(p)?;
+        }
+        Some(SmallPlane {
+            first: if lo == 0 { to } else { self.first },
+            flips,
+        })
+    }
+}
+
 impl SharePlane {
+    /// The plane by value when it has at most [`INLINE_FLIPS`] flips.
+    #[inline]
+    pub(crate) fn small(&self) -> Option<SmallPlane> {
+        match *self {
+            SharePlane::Uniform(first) => Some(SmallPlane {
+                first,
+                flips: Packed4::default(),
+            }),
+            SharePlane::Inline { first, len, flips } => Some(SmallPlane {
+                first,
+                flips: Packed4::from_array(flips, usize::from(len)),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The canonical plane of `small`.
+    #[inline]
+    pub(crate) fn from_small(small: SmallPlane) -> SharePlane {
+        match small.flips.len() {
+            0 => SharePlane::Uniform(small.first),
+            // len <= INLINE_FLIPS, which fits in a u8.
+            len => SharePlane::Inline {
+                first: small.first,
+                len: len as u8,
+                flips: small.flips.to_array(),
+            },
+        }
+    }
+
     /// The flip list, unless the plane is a bitmap.
     fn list(&self) -> Option<(Shareability, &[u32])> {
         match self {
@@ -431,6 +512,37 @@ mod tests {
         assert_eq!(plane.next_flip(0, 64), Some(7));
         plane.set(7, 8, Shared, 64);
         assert!(matches!(plane, SharePlane::Uniform(Shared)));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+        #[test]
+        fn small_plane_set_matches_the_general_set(
+            ops in prop::collection::vec((0u32..64, 1u32..20, any::<bool>()), 1..12),
+        ) {
+            let pages = 64;
+            let mut plane = SharePlane::Uniform(Shared);
+            for (start, len, private) in ops {
+                let (lo, to) = (start % pages, if private { Private } else { Shared });
+                let hi = (lo + len).min(pages);
+                let small = plane.small().map(|s| s.with_set(lo, hi, to, pages));
+                plane.set(lo, hi, to, pages);
+                match (small, plane.small()) {
+                    (Some(Some(fast)), Some(general)) => {
+                        prop_assert_eq!(fast.flips(), general.flips());
+                        prop_assert_eq!(fast.flips().to_array(), general.flips().to_array());
+                        prop_assert_eq!(fast.first, general.first);
+                        let rebuilt = SharePlane::from_small(fast);
+                        prop_assert_eq!(naive(&rebuilt, pages), naive(&plane, pages));
+                        rebuilt.check_canonical(pages).map_err(TestCaseError::fail)?;
+                    }
+                    // Too many flips for the fast path: the general plane is a list.
+                    (Some(None), general) => prop_assert!(general.is_none()),
+                    (None, _) => {}
+                    (Some(Some(_)), None) => prop_assert!(false, "fast path kept a big plane"),
+                }
+            }
+        }
     }
 
     proptest! {

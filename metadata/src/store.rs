@@ -8,8 +8,11 @@ use pfnstore_core::sync::atomic::{AtomicU64, Ordering};
 use pfnstore_core::{Geometry, PageSize, Pfn, PfnRange};
 
 use crate::chunk::{ChunkState, MidList};
-use crate::coarse_plane::Coarse;
+use crate::coarse_plane::{Coarse, CoarsePlane};
+use crate::fast_convert::small_conversion;
 use crate::plan::{BlockPlan, RunCollector};
+use crate::share_plane::SharePlane;
+use crate::summary::{MANAGED, SummaryLayout};
 use crate::{
     Attributes, FileId, MappingChange, MetadataError, PinOwner, QuarantineReason, Shareability,
     Stats, Transition,
@@ -18,19 +21,12 @@ use crate::{
 /// The most chunk slots a store allocates (64 MiB of slots; 4 PiB of memory in 1G chunks).
 pub const MAX_CHUNKS: u64 = 1 << 20;
 
-/// Summary bit: the chunk is managed.
-const MANAGED: u64 = 1 << 63;
-/// Summary bit: the whole chunk has one set of mapping attributes.
-const CHUNK_UNIFORM: u64 = 1 << 62;
-/// Summary bits 0..GROUPS: every middle block of group `g` is mapping-uniform.
-const GROUPS: u32 = 32;
-
 /// One chunk of the span: 64 bytes, one cache line.
 #[cfg_attr(not(pfnstore_loom), repr(align(64)))]
 #[derive(Debug)]
 struct Slot {
     /// Written only with the chunk's write lock held; read without any lock by
-    /// [`MetadataStore::max_mapping_order`].
+    /// [`MetadataStore::max_mapping_order`]. See [`crate::summary`] for its bits.
     summary: AtomicU64,
     state: RwLock<Option<ChunkState>>,
 }
@@ -43,8 +39,7 @@ pub struct MetadataStore {
     geometry: Geometry,
     span: PfnRange,
     first_chunk: u64,
-    /// log2 of the middle blocks per summary group.
-    group_shift: u32,
+    summary: SummaryLayout,
     slots: Box<[Slot]>,
 }
 
@@ -62,7 +57,6 @@ impl MetadataStore {
                 max: MAX_CHUNKS,
             });
         }
-        let mids_log = geometry.order(PageSize::Size1G) - geometry.order(PageSize::Size2M);
         let slots = (0..chunks)
             .map(|_| Slot {
                 summary: AtomicU64::new(0),
@@ -73,7 +67,7 @@ impl MetadataStore {
             geometry,
             span,
             first_chunk: geometry.chunk_index(span.start()),
-            group_shift: mids_log.saturating_sub(GROUPS.trailing_zeros()),
+            summary: SummaryLayout::new(geometry),
             slots,
         })
     }
@@ -128,11 +122,6 @@ impl MetadataStore {
         Ok(self.slot_index(base))
     }
 
-    fn full_summary(&self) -> u64 {
-        let groups = (self.geometry.mids_per_chunk() >> self.group_shift) as u32;
-        MANAGED | CHUNK_UNIFORM | group_mask(0, groups - 1)
-    }
-
     /// Starts managing the chunk at `base`: unowned, clean, unpinned, not quarantined, and all
     /// `initial`.
     pub fn add_chunk(&self, base: Pfn, initial: Shareability) -> Result<(), MetadataError> {
@@ -143,7 +132,8 @@ impl MetadataStore {
             return Err(MetadataError::AlreadyManaged { base });
         }
         *state = Some(ChunkState::new(initial));
-        slot.summary.store(self.full_summary(), Ordering::Release);
+        slot.summary
+            .store(self.summary.uniform(), Ordering::Release);
         Ok(())
     }
 
@@ -186,21 +176,19 @@ impl MetadataStore {
 
     /// The largest naturally aligned block around `pfn` whose mapping attributes are uniform.
     ///
-    /// The fault path: no allocation, no per-page walk. When the chunk, or the group of middle
-    /// blocks around `pfn`, is uniform, the answer comes from one atomic load without a lock;
-    /// otherwise the chunk's read lock is taken for an O(log n) lookup.
+    /// The fault path: no allocation, no per-page walk. When the chunk is uniform, or the
+    /// summary group of middle blocks around `pfn` is all uniform or all non-uniform, the
+    /// answer comes from one atomic load without a lock; otherwise the chunk's read lock is
+    /// taken for an O(log n) lookup.
     pub fn max_mapping_order(&self, pfn: Pfn) -> Result<PageSize, MetadataError> {
         let (index, off) = self.locate(pfn)?;
         let slot = &self.slots[index];
-        let summary = slot.summary.load(Ordering::Acquire);
         let mid = off >> self.mid_order();
-        if summary & MANAGED != 0 {
-            if summary & CHUNK_UNIFORM != 0 {
-                return Ok(PageSize::Size1G);
-            }
-            if summary & (1 << (mid >> self.group_shift)) != 0 {
-                return Ok(PageSize::Size2M);
-            }
+        if let Some(size) = self
+            .summary
+            .lookup(slot.summary.load(Ordering::Acquire), mid)
+        {
+            return Ok(size);
         }
         let state = slot.state.read();
         let chunk = state.as_ref().ok_or(MetadataError::NotManaged { pfn })?;
@@ -301,18 +289,47 @@ impl MetadataStore {
         to: Shareability,
     ) -> Result<MappingChange, MetadataError> {
         let pages = self.chunk_pages();
-        self.mutate(
+        let validate = |first_pfn, c: &Coarse| {
+            if let Some(owner) = c.pins.first_owner() {
+                return Err(MetadataError::Pinned { first_pfn, owner });
+            }
+            if c.quarantined.is_some() {
+                return Err(MetadataError::Quarantined { first_pfn });
+            }
+            Ok(())
+        };
+        let mut apply = |chunk: &mut ChunkState, lo, hi| chunk.share.set(lo, hi, to, pages);
+        range.check_within(&self.span)?;
+        let index = self.slot_index(range.start());
+        if index != self.slot_index(range.last()) {
+            return self.mutate(range, validate, apply);
+        }
+        let slot = &self.slots[index];
+        let mut guard = slot.state.write();
+        // The fast path (see `fast_convert`): a uniform coarse plane and few flips.
+        if let Some(chunk) = guard.as_mut()
+            && let CoarsePlane::Uniform(coarse) = &chunk.coarse
+            && let Some(before) = chunk.share.small()
+        {
+            validate(range.start(), coarse)?;
+            let (lo, hi) = self.clip(range, index);
+            if let Some(after) = before.with_set(lo, hi, to, pages) {
+                chunk.share = SharePlane::from_small(after);
+                let base = self.chunk_base(index);
+                let mut result = Ok(MappingChange::new(self.geometry));
+                if let Ok(change) = &mut result {
+                    let summary = small_conversion(&before, &after, base, &self.summary, change);
+                    slot.summary.store(summary, Ordering::Release);
+                }
+                return result;
+            }
+        }
+        self.mutate_locked(
             range,
-            |first_pfn, c| {
-                if let Some(owner) = c.pins.first_owner() {
-                    return Err(MetadataError::Pinned { first_pfn, owner });
-                }
-                if c.quarantined.is_some() {
-                    return Err(MetadataError::Quarantined { first_pfn });
-                }
-                Ok(())
-            },
-            |chunk, lo, hi| chunk.share.set(lo, hi, to, pages),
+            index,
+            std::slice::from_mut(&mut guard),
+            validate,
+            &mut apply,
         )
     }
 
@@ -480,9 +497,14 @@ impl MetadataStore {
                     chunk
                         .check_canonical(self.chunk_pages())
                         .map_err(|e| format!("chunk {index}: {e}"))?;
-                    let window = (0, self.geometry.mids_per_chunk() as u32 - 1);
+                    let window = self.summary.whole_chunk();
                     let (uniform, nonuniform) = self.uniformity(chunk, window);
-                    self.summary_of(uniform, window, &nonuniform, MANAGED)
+                    self.summary.recompute(
+                        uniform,
+                        window,
+                        nonuniform.as_slice().iter().copied(),
+                        MANAGED,
+                    )
                 }
             };
             if summary != expected {
@@ -492,44 +514,6 @@ impl MetadataStore {
             }
         }
         Ok(())
-    }
-
-    /// The middle blocks of the summary groups holding `m0..=m1` (the window a mutation of
-    /// those blocks recomputes).
-    fn group_window(&self, m0: u32, m1: u32) -> (u32, u32) {
-        let (g0, g1) = (m0 >> self.group_shift, m1 >> self.group_shift);
-        (g0 << self.group_shift, ((g1 + 1) << self.group_shift) - 1)
-    }
-
-    /// `previous` with the chunk-uniform bit and the bits of the groups of `window` recomputed,
-    /// given whether the chunk is uniform and its non-uniform middle blocks in `window`.
-    fn summary_of(
-        &self,
-        uniform: bool,
-        window: (u32, u32),
-        nonuniform: &MidList,
-        previous: u64,
-    ) -> u64 {
-        let (g0, g1) = (window.0 >> self.group_shift, window.1 >> self.group_shift);
-        let mut summary = previous & !(CHUNK_UNIFORM | group_mask(g0, g1));
-        if uniform {
-            return summary | CHUNK_UNIFORM | group_mask(g0, g1);
-        }
-        let mut bad = nonuniform
-            .as_slice()
-            .iter()
-            .map(|m| m >> self.group_shift)
-            .peekable();
-        for g in g0..=g1 {
-            if bad.peek() == Some(&g) {
-                while bad.peek() == Some(&g) {
-                    bad.next();
-                }
-            } else {
-                summary |= 1 << g;
-            }
-        }
-        summary
     }
 
     /// Whether the chunk is mapping-uniform, and its non-uniform middle blocks in `window`.
@@ -647,13 +631,18 @@ impl MetadataStore {
             let index = first + k;
             let chunk = guard.as_mut().expect("check_managed passed");
             let (lo, hi) = self.clip(range, index);
-            let window = self.group_window(lo >> mid_order, (hi - 1) >> mid_order);
+            let window = self.summary.window(lo >> mid_order, (hi - 1) >> mid_order);
             let (uniform_before, before) = self.uniformity(chunk, window);
             apply(chunk, lo, hi);
             let (uniform_after, after) = self.uniformity(chunk, window);
             let slot = &self.slots[index];
             let previous = slot.summary.load(Ordering::Relaxed);
-            let summary = self.summary_of(uniform_after, window, &after, previous);
+            let summary = self.summary.recompute(
+                uniform_after,
+                window,
+                after.as_slice().iter().copied(),
+                previous,
+            );
             slot.summary.store(summary, Ordering::Release);
             let base = self.chunk_base(index);
             match (uniform_before, uniform_after) {
@@ -661,48 +650,14 @@ impl MetadataStore {
                 (false, true) => change.record(Transition::Merge, PageSize::Size1G, base),
                 _ => {}
             }
-            record_mid_diff(&mut change, base, mid_order, &before, &after);
+            change.record_mid_diff(
+                base,
+                before.as_slice().iter().copied(),
+                after.as_slice().iter().copied(),
+            );
         }
         Ok(change)
     }
-}
-
-/// Records middle blocks in `after` but not `before` as splits, and the reverse as merges.
-fn record_mid_diff(
-    change: &mut MappingChange,
-    base: Pfn,
-    mid_order: u32,
-    before: &MidList,
-    after: &MidList,
-) {
-    let (mut b, mut a) = (
-        before.as_slice().iter().peekable(),
-        after.as_slice().iter().peekable(),
-    );
-    let at = |mid: u32| Pfn(base.0 + (u64::from(mid) << mid_order));
-    loop {
-        match (b.peek().copied(), a.peek().copied()) {
-            (None, None) => break,
-            (Some(x), Some(y)) if x == y => {
-                b.next();
-                a.next();
-            }
-            (Some(x), y) if y.is_none_or(|y| x < y) => {
-                change.record(Transition::Merge, PageSize::Size2M, at(*x));
-                b.next();
-            }
-            (_, Some(y)) => {
-                change.record(Transition::Split, PageSize::Size2M, at(*y));
-                a.next();
-            }
-            (Some(_), None) => unreachable!("covered by the arm above"),
-        }
-    }
-}
-
-/// Bits `g0..=g1`.
-fn group_mask(g0: u32, g1: u32) -> u64 {
-    ((1u64 << (g1 - g0 + 1)) - 1) << g0
 }
 
 /// The size of a chunk slot, for the layout test.

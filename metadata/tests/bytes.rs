@@ -14,6 +14,8 @@ struct Counting;
 
 thread_local! {
     static LIVE: Cell<i64> = const { Cell::new(0) };
+    /// Allocation calls (alloc and realloc) on this thread.
+    static CALLS: Cell<u64> = const { Cell::new(0) };
 }
 
 // SAFETY: every call is forwarded to the system allocator unchanged; the counter is a
@@ -21,6 +23,7 @@ thread_local! {
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LIVE.with(|l| l.set(l.get() + layout.size() as i64));
+        CALLS.with(|c| c.set(c.get() + 1));
         // SAFETY: the caller upholds `alloc`'s contract, which we pass on.
         unsafe { System.alloc(layout) }
     }
@@ -31,6 +34,7 @@ unsafe impl GlobalAlloc for Counting {
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         LIVE.with(|l| l.set(l.get() - layout.size() as i64 + new_size as i64));
+        CALLS.with(|c| c.set(c.get() + 1));
         // SAFETY: as for `dealloc` and `alloc`.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -41,6 +45,10 @@ static GLOBAL: Counting = Counting;
 
 fn live() -> i64 {
     LIVE.with(|l| l.get())
+}
+
+fn allocation_calls() -> u64 {
+    CALLS.with(|c| c.get())
 }
 
 /// A deterministic pseudo-random sequence (xorshift), so the test needs no RNG crate.
@@ -173,4 +181,37 @@ fn a_quarantined_page_costs_a_small_run_list() {
     let grown = live() - before;
     assert_eq!(grown as u64, store.stats().heap_bytes);
     assert!(grown < 200, "{grown} B for one quarantined page");
+}
+
+/// The conversion fast path (a few 4K pages converted in a uniform chunk, and back) never
+/// calls the allocator, and its results are the ones the issue asks for.
+#[test]
+fn a_4k_conversion_and_back_does_not_allocate() {
+    let span = PfnRange::new(Pfn(0), Pfn(2 * G.chunk_pages())).unwrap();
+    let store = MetadataStore::new(G, span).unwrap();
+    store.add_chunk(Pfn(0), Shareability::Shared).unwrap();
+    store
+        .add_chunk(Pfn(G.chunk_pages()), Shareability::Shared)
+        .unwrap();
+    let pages = [G.chunk_pages() + 1000, G.chunk_pages() + 5000];
+    let calls = allocation_calls();
+    for p in pages {
+        let split = store
+            .set_shareability(page(p), Shareability::Private)
+            .unwrap();
+        assert_eq!(split.splits().count(), if p == pages[0] { 2 } else { 1 });
+    }
+    for p in pages {
+        let merged = store
+            .set_shareability(page(p), Shareability::Shared)
+            .unwrap();
+        assert_eq!(merged.merges().count(), if p == pages[1] { 2 } else { 1 });
+    }
+    assert_eq!(
+        allocation_calls(),
+        calls,
+        "the fast path called the allocator"
+    );
+    assert_eq!(store.stats().heap_bytes, 0);
+    store.check_invariants().unwrap();
 }
