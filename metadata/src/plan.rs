@@ -11,6 +11,13 @@ pub(crate) struct RunCollector {
 }
 
 impl RunCollector {
+    /// An empty collector with room for a few runs (most plans have one to three).
+    pub(crate) fn new() -> RunCollector {
+        RunCollector {
+            runs: Vec::with_capacity(4),
+        }
+    }
+
     /// Appends `start..end`; merges it into the previous run when contiguous and equal.
     pub(crate) fn push(&mut self, start: Pfn, end: Pfn, attrs: MappingAttributes) {
         if let Some(last) = self.runs.last_mut()
@@ -47,7 +54,8 @@ impl BlockPlan {
         geometry: Geometry,
         uniform_runs: Vec<(Pfn, Pfn, MappingAttributes)>,
     ) -> BlockPlan {
-        let mut runs = Vec::with_capacity(uniform_runs.len());
+        // A uniform run decomposes into at most five block runs.
+        let mut runs = Vec::with_capacity(uniform_runs.len() * 5);
         for (start, end, attrs) in uniform_runs {
             let range = PfnRange::new(start, end)
                 .expect("collected runs are non-empty pieces of a valid range");

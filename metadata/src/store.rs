@@ -205,7 +205,7 @@ impl MetadataStore {
     /// The maximal runs of equal attributes that intersect `range`, clipped to it, ascending.
     pub fn ranges(&self, range: PfnRange) -> Result<Vec<(PfnRange, Attributes)>, MetadataError> {
         self.read_locked(range, |guards, first| {
-            let mut out: Vec<(PfnRange, Attributes)> = Vec::new();
+            let mut out: Vec<(PfnRange, Attributes)> = Vec::with_capacity(4);
             for (k, guard) in guards.iter().enumerate() {
                 let chunk = guard
                     .as_ref()
@@ -234,7 +234,7 @@ impl MetadataStore {
     /// `range`, as runs of equal-sized blocks (see [`BlockPlan`]).
     pub fn block_plan(&self, range: PfnRange) -> Result<BlockPlan, MetadataError> {
         self.read_locked(range, |guards, first| {
-            let mut runs = RunCollector::default();
+            let mut runs = RunCollector::new();
             for (k, guard) in guards.iter().enumerate() {
                 let chunk = guard
                     .as_ref()
@@ -542,6 +542,12 @@ impl MetadataStore {
             self.slot_index(range.start()),
             self.slot_index(range.last()),
         );
+        if first == last {
+            // The common case (a range inside one chunk): no vector of guards to allocate.
+            let guards = [self.slots[first].state.read()];
+            self.check_managed(range, first, &guards)?;
+            return f(&guards, first);
+        }
         let guards: Vec<_> = (first..=last).map(|i| self.slots[i].state.read()).collect();
         self.check_managed(range, first, &guards)?;
         f(&guards, first)
