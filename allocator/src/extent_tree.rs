@@ -12,6 +12,9 @@ use crate::shape::{Capacities, FIELDS, Field, RunShape, Shape};
 
 const NIL: u32 = u32::MAX;
 
+/// A run's bounds, `(start, end)`.
+type Run = (u64, u64);
+
 #[derive(Debug, Clone)]
 struct Node {
     start: u64,
@@ -39,8 +42,10 @@ pub(crate) struct ExtentTree {
     nodes: Vec<Node>,
     vacant: Vec<u32>,
     root: u32,
-    rng: u64,
     totals: Totals,
+    /// Scratch: the ancestors of the node being changed, root first (kept to avoid an
+    /// allocation per operation).
+    path: Vec<u32>,
 }
 
 impl ExtentTree {
@@ -50,8 +55,8 @@ impl ExtentTree {
             nodes: Vec::new(),
             vacant: Vec::new(),
             root: NIL,
-            rng: 0x9E37_79B9_7F4A_7C15,
             totals: Totals::default(),
+            path: Vec::new(),
         }
     }
 
@@ -126,51 +131,90 @@ impl ExtentTree {
         None
     }
 
+    /// The run with the greatest start `<= pfn` and the run with the least start `> pfn`, in
+    /// one descent.
+    fn around(&self, pfn: u64) -> (Option<Run>, Option<Run>) {
+        let mut t = self.root;
+        let (mut below, mut above) = (None, None);
+        while t != NIL {
+            let n = &self.nodes[t as usize];
+            if n.start <= pfn {
+                below = Some((n.start, n.end));
+                t = n.right;
+            } else {
+                above = Some((n.start, n.end));
+                t = n.left;
+            }
+        }
+        (below, above)
+    }
+
     /// Adds `[start, end)`, merging it with every run it overlaps or touches.
     pub(crate) fn insert(&mut self, start: u64, end: u64) {
         debug_assert!(start < end);
+        let (below, mut next) = self.around(start);
         let (mut lo, mut hi) = (start, end);
         let mut kept = None;
-        if let Some((ls, le)) = self.find_le(start)
+        if let Some((ls, le)) = below
             && le >= start
         {
             lo = ls;
             hi = hi.max(le);
             kept = Some((ls, le));
         }
-        let mut probe = kept.map_or(start, |(ls, _)| ls + 1);
-        while let Some((ns, ne)) = self.find_ge(probe) {
+        // Runs never touch, so the run after `(ns, ne)` starts beyond `ne`: once `hi <= ne`
+        // nothing further can be absorbed and no descent is needed to see it.
+        let mut absorbed = 0u64;
+        let mut only_absorbed = 0;
+        while let Some((ns, ne)) = next {
             if ns > hi {
                 break;
             }
-            hi = hi.max(ne);
             if kept.is_none() {
                 kept = Some((ns, ne));
             } else {
-                self.remove_node(ns, ne);
+                absorbed += 1;
+                only_absorbed = ns;
             }
-            probe = ns + 1;
+            if hi <= ne {
+                hi = ne;
+                break;
+            }
+            next = self.find_ge(ns + 1);
         }
-        // Every run between `lo` and `hi` has been absorbed, so moving the kept run's bounds
-        // keeps the order of the tree.
-        match kept {
-            Some(old) => self.update_node(old, lo, hi),
-            None => self.insert_node(lo, hi),
+        let Some(old) = kept else {
+            self.insert_node(lo, hi);
+            return;
+        };
+        // Grow the kept run first, then drop the absorbed ones: the tree's maxima then never
+        // dip below their final values, so the removals stop refreshing early. Every absorbed
+        // run starts in `(lo, hi]`, after the kept run's new start, so the order holds.
+        self.update_node(old, lo, hi);
+        if absorbed == 1 {
+            self.remove_node(only_absorbed);
+        } else if absorbed > 1 {
+            while let Some((ns, _)) = self.find_ge(lo + 1).filter(|&(ns, _)| ns <= hi) {
+                self.remove_node(ns);
+            }
         }
     }
 
     /// Removes `[start, end)`, which must lie inside one run.
     pub(crate) fn remove(&mut self, start: u64, end: u64) {
-        let (rs, re) = self
-            .find_le(start)
-            .filter(|&(_, re)| re >= end)
+        let t = self
+            .descend_le(start)
+            .filter(|&t| self.nodes[t as usize].end >= end)
             .expect("callers remove only ranges they found inside one run");
+        let (rs, re) = (self.nodes[t as usize].start, self.nodes[t as usize].end);
+        // `self.path` now holds the ancestors of `t`: the bounds can be moved without a
+        // second descent.
         match (rs == start, re == end) {
-            (true, true) => self.remove_node(rs, re),
-            (true, false) => self.update_node((rs, re), end, re),
-            (false, true) => self.update_node((rs, re), rs, start),
+            (true, true) => self.remove_found(t),
+            (true, false) => self.set_bounds(t, (rs, re), end, re),
+            (false, true) => self.set_bounds(t, (rs, re), rs, start),
             (false, false) => {
-                self.update_node((rs, re), rs, start);
+                self.set_bounds(t, (rs, re), rs, start);
+                // Inserting only raises maxima on the way down: no child is read.
                 self.insert_node(end, re);
             }
         }
@@ -274,7 +318,9 @@ impl ExtentTree {
 
     // --- node primitives: the only code that touches `totals` and the arena ---
 
-    fn account(&mut self, start: u64, end: u64, add: bool) {
+    /// Adds the run `[start, end)` to the totals, or takes it out; returns its shape so that
+    /// callers need not work it out again.
+    fn account(&mut self, start: u64, end: u64, add: bool) -> RunShape {
         let r = RunShape::new(self.shape, start, end);
         let (pages, mids, chunks) = (
             end - start,
@@ -293,25 +339,29 @@ impl ExtentTree {
             t.whole_mids -= mids;
             t.whole_chunks -= chunks;
         }
+        r
     }
 
-    fn next_prio(&mut self) -> u32 {
-        // xorshift64: the treap only needs priorities that are independent of the keys.
-        let mut x = self.rng;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.rng = x;
-        (x >> 32) as u32
+    /// The priority of a node created for a run starting at `start`: a hash of the start
+    /// (splitmix64's finaliser). The treap only needs priorities that look independent of the
+    /// key order, which a good mix gives as well as a random generator does; being a function
+    /// of the key, a run that is removed and put back (a chunk allocated and freed, a tail
+    /// split off and merged again) gets its old priority back, so the tree returns to the same
+    /// shape and the hot paths stay the same from one operation to the next.
+    fn prio_for(start: u64) -> u32 {
+        let mut z = start ^ 0x9E37_79B9_7F4A_7C15;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 32) as u32
     }
 
     fn insert_node(&mut self, start: u64, end: u64) {
-        self.account(start, end, true);
-        let own = RunShape::new(self.shape, start, end).capacities();
+        let own = self.account(start, end, true).capacities();
+        let prio = Self::prio_for(start);
         let node = Node {
             start,
             end,
-            prio: self.next_prio(),
+            prio,
             left: NIL,
             right: NIL,
             own,
@@ -328,38 +378,152 @@ impl ExtentTree {
                     .expect("a shard holds fewer than 2^32 runs: each spans a page of its chunks")
             }
         };
-        self.root = self.insert_at(self.root, i);
+        // Down to where the new node's priority puts it. Every node passed gains the new run
+        // in its subtree, so its maxima only rise: no child needs to be read.
+        let mut parent = NIL;
+        let mut t = self.root;
+        while t != NIL && self.nodes[t as usize].prio >= prio {
+            let n = &mut self.nodes[t as usize];
+            raise(&mut n.best, &own);
+            parent = t;
+            t = if start < n.start { n.left } else { n.right };
+        }
+        let (l, r) = self.split(t, start);
+        self.nodes[i as usize].left = l;
+        self.nodes[i as usize].right = r;
+        self.pull(i);
+        self.link(parent, start, i);
     }
 
-    /// Removes the run `[start, end)`, which callers have just found in the tree.
-    fn remove_node(&mut self, start: u64, end: u64) {
-        debug_assert_eq!(self.find_le(start), Some((start, end)));
+    /// Makes `child` the child of `parent` on the side of `key` (the root if `parent` is NIL).
+    fn link(&mut self, parent: u32, key: u64, child: u32) {
+        if parent == NIL {
+            self.root = child;
+        } else if key < self.nodes[parent as usize].start {
+            self.nodes[parent as usize].left = child;
+        } else {
+            self.nodes[parent as usize].right = child;
+        }
+    }
+
+    /// Walks from the root to the node whose run starts at `key`, which must exist, leaving
+    /// its ancestors in `self.path` (root first).
+    fn descend_to(&mut self, key: u64) -> u32 {
+        self.path.clear();
+        let mut t = self.root;
+        loop {
+            debug_assert!(t != NIL, "callers name a run that is in the tree");
+            let n = &self.nodes[t as usize];
+            if n.start == key {
+                return t;
+            }
+            self.path.push(t);
+            t = if key < n.start { n.left } else { n.right };
+        }
+    }
+
+    /// Refreshes the maxima of the nodes in `self.path`, deepest first, stopping at the first
+    /// that does not change: its ancestors then see the same inputs as before.
+    fn refresh_path(&mut self) {
+        while let Some(t) = self.path.pop() {
+            if !self.pull(t) {
+                break;
+            }
+        }
+    }
+
+    /// Removes the run starting at `start`, which callers have just found in the tree.
+    fn remove_node(&mut self, start: u64) {
+        let t = self.descend_to(start);
+        self.remove_found(t);
+    }
+
+    /// Removes node `t`; `self.path` holds its ancestors, root first.
+    fn remove_found(&mut self, t: u32) {
+        let (start, end, left, right) = {
+            let n = &self.nodes[t as usize];
+            (n.start, n.end, n.left, n.right)
+        };
         self.account(start, end, false);
-        self.root = self.remove_at(self.root, start);
+        let merged = self.merge(left, right);
+        self.vacant.push(t);
+        let parent = self.path.last().copied().unwrap_or(NIL);
+        self.link(parent, start, merged);
+        self.refresh_path();
     }
 
     /// Moves the bounds of the run `old`, which callers have just found in the tree, to
     /// `[start, end)` without passing another run.
     fn update_node(&mut self, old: (u64, u64), start: u64, end: u64) {
         debug_assert_eq!(self.find_le(old.0), Some(old));
-        self.account(old.0, old.1, false);
-        self.account(start, end, true);
-        let own = RunShape::new(self.shape, start, end).capacities();
-        self.update_at(self.root, old.0, start, end, own);
+        let t = self.descend_to(old.0);
+        self.set_bounds(t, old, start, end);
     }
 
-    fn pull(&mut self, t: u32) {
-        let n = &self.nodes[t as usize];
-        let mut best = n.own;
-        for child in [n.left, n.right] {
-            if child != NIL {
-                let sub = &self.nodes[child as usize].best;
-                for f in 0..FIELDS {
-                    best[f] = best[f].max(sub[f]);
-                }
+    /// Moves the bounds of node `t`, the run `old`, to `[start, end)` (passing no other run);
+    /// `self.path` holds the ancestors of `t`, root first.
+    fn set_bounds(&mut self, t: u32, old: (u64, u64), start: u64, end: u64) {
+        self.account(old.0, old.1, false);
+        let own = self.account(start, end, true).capacities();
+        let n = &mut self.nodes[t as usize];
+        let grows = (0..FIELDS).all(|f| own[f] >= n.own[f]);
+        n.start = start;
+        n.end = end;
+        n.own = own;
+        if grows {
+            // No capacity fell, so no maximum on the path can fall: raising them to the new
+            // run's capacities is exact and reads no child.
+            raise(&mut n.best, &own);
+            for &a in &self.path {
+                raise(&mut self.nodes[a as usize].best, &own);
+            }
+        } else if self.pull(t) {
+            self.refresh_path();
+        }
+    }
+
+    /// Like [`ExtentTree::find_le`], but returns the node and leaves its ancestors in
+    /// `self.path` (root first).
+    fn descend_le(&mut self, pfn: u64) -> Option<u32> {
+        self.path.clear();
+        let mut t = self.root;
+        let mut found = None;
+        let mut depth = 0;
+        while t != NIL {
+            let n = &self.nodes[t as usize];
+            if n.start <= pfn {
+                found = Some(t);
+                depth = self.path.len();
+                self.path.push(t);
+                t = n.right;
+            } else {
+                self.path.push(t);
+                t = n.left;
             }
         }
-        self.nodes[t as usize].best = best;
+        self.path.truncate(depth);
+        found
+    }
+
+    /// Recomputes the maxima of `t` from its own run and its children; says whether they
+    /// changed. On every changed node's path: written out field by field, because this is
+    /// where the tree spends its time.
+    fn pull(&mut self, t: u32) -> bool {
+        let n = &self.nodes[t as usize];
+        let mut best = n.own;
+        if n.left != NIL {
+            raise(&mut best, &self.nodes[n.left as usize].best);
+        }
+        if n.right != NIL {
+            raise(&mut best, &self.nodes[n.right as usize].best);
+        }
+        let slot = &mut self.nodes[t as usize].best;
+        let mut diff = 0;
+        for f in 0..FIELDS {
+            diff |= slot[f] ^ best[f];
+        }
+        *slot = best;
+        diff != 0
     }
 
     /// Splits the subtree at `t` into runs starting before `key` and the rest.
@@ -400,64 +564,13 @@ impl ExtentTree {
             b
         }
     }
+}
 
-    fn insert_at(&mut self, t: u32, i: u32) -> u32 {
-        if t == NIL {
-            return i;
-        }
-        let key = self.nodes[i as usize].start;
-        if self.nodes[i as usize].prio > self.nodes[t as usize].prio {
-            let (l, r) = self.split(t, key);
-            self.nodes[i as usize].left = l;
-            self.nodes[i as usize].right = r;
-            self.pull(i);
-            return i;
-        }
-        if key < self.nodes[t as usize].start {
-            let l = self.insert_at(self.nodes[t as usize].left, i);
-            self.nodes[t as usize].left = l;
-        } else {
-            let r = self.insert_at(self.nodes[t as usize].right, i);
-            self.nodes[t as usize].right = r;
-        }
-        self.pull(t);
-        t
-    }
-
-    fn remove_at(&mut self, t: u32, key: u64) -> u32 {
-        debug_assert!(t != NIL);
-        let n = &self.nodes[t as usize];
-        if n.start == key {
-            let (l, r) = (n.left, n.right);
-            self.vacant.push(t);
-            return self.merge(l, r);
-        }
-        if key < n.start {
-            let l = self.remove_at(n.left, key);
-            self.nodes[t as usize].left = l;
-        } else {
-            let r = self.remove_at(n.right, key);
-            self.nodes[t as usize].right = r;
-        }
-        self.pull(t);
-        t
-    }
-
-    fn update_at(&mut self, t: u32, key: u64, start: u64, end: u64, own: Capacities) {
-        debug_assert!(t != NIL);
-        let n = &mut self.nodes[t as usize];
-        if n.start == key {
-            n.start = start;
-            n.end = end;
-            n.own = own;
-        } else if key < n.start {
-            let l = n.left;
-            self.update_at(l, key, start, end, own);
-        } else {
-            let r = n.right;
-            self.update_at(r, key, start, end, own);
-        }
-        self.pull(t);
+/// `best` becomes the fieldwise maximum of itself and `other`.
+#[inline(always)]
+fn raise(best: &mut Capacities, other: &Capacities) {
+    for f in 0..FIELDS {
+        best[f] = best[f].max(other[f]);
     }
 }
 
@@ -508,6 +621,46 @@ mod tests {
         assert_eq!(t.leftmost_with(Field::Chunk, 8), Some((17, 40)));
         assert_eq!(t.leftmost_with(Field::Chunk, 9), None);
         assert_eq!(t.max(Field::Len), 23);
+    }
+
+    /// Each run with its depth, in address order: the shape of the tree.
+    fn shape_of(t: &ExtentTree) -> Vec<(u64, u64, usize)> {
+        fn walk(t: &ExtentTree, i: u32, depth: usize, out: &mut Vec<(u64, u64, usize)>) {
+            if i == NIL {
+                return;
+            }
+            let n = &t.nodes[i as usize];
+            walk(t, n.left, depth + 1, out);
+            out.push((n.start, n.end, depth));
+            walk(t, n.right, depth + 1, out);
+        }
+        let mut out = Vec::new();
+        walk(t, t.root, 0, &mut out);
+        out
+    }
+
+    #[test]
+    fn carving_the_same_piece_again_gives_the_same_tree() {
+        // Priorities are a function of the start: the tail split off by a carve gets the same
+        // priority every time, so the tree takes the same shape on every alloc+free of the
+        // same range (the hot path stays the same from one call to the next), and freeing the
+        // piece restores the shape from before.
+        let mut t = ExtentTree::new(S);
+        for i in 0..200 {
+            t.insert(i * 4, i * 4 + 2);
+        }
+        t.insert(1000, 5000);
+        let before = shape_of(&t);
+        let mut carved = None;
+        for _ in 0..5 {
+            t.remove(1500, 1600);
+            t.check("carved").unwrap();
+            let now = shape_of(&t);
+            assert_eq!(*carved.get_or_insert_with(|| now.clone()), now);
+            t.insert(1500, 1600);
+            t.check("given back").unwrap();
+            assert_eq!(shape_of(&t), before);
+        }
     }
 
     #[derive(Debug, Clone)]

@@ -93,7 +93,7 @@ impl RunShape {
     /// Whole mid blocks in the run.
     pub(crate) fn whole_mids(&self, shape: Shape) -> u64 {
         if self.has_whole_mid() {
-            (self.mid_end - self.mid_start) / shape.mid
+            (self.mid_end - self.mid_start) >> shape.mid.trailing_zeros()
         } else {
             0
         }
@@ -102,7 +102,7 @@ impl RunShape {
     /// Whole chunks in the run.
     pub(crate) fn whole_chunks(&self, shape: Shape) -> u64 {
         if self.has_whole_chunk() {
-            (self.chunk_end - self.chunk_start) / shape.chunk
+            (self.chunk_end - self.chunk_start) >> shape.chunk.trailing_zeros()
         } else {
             0
         }

@@ -5,7 +5,7 @@
 #![cfg(not(pfnstore_loom))]
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 
 use pfnstore_allocator::{AllocRequest, Allocator, AllocatorConfig, ShardHint, ShardId};
@@ -72,14 +72,24 @@ fn threads_never_share_a_page_and_accounting_is_exact() {
     ));
     // Ranges one thread hands to another to free (cross-shard frees).
     let mailbox: Arc<Mutex<Vec<(PfnRange, u32)>>> = Arc::new(Mutex::new(Vec::new()));
+    // All threads start together, so that they interleave rather than run one after another.
+    let start = Arc::new(Barrier::new(THREADS as usize));
     let handles: Vec<_> = (1..=THREADS)
         .map(|me| {
             let (alloc, owners, mailbox) = (alloc.clone(), owners.clone(), mailbox.clone());
+            let start = start.clone();
             thread::spawn(move || {
+                start.wait();
                 let mut rng = 0x1234_5678_9abc_def0 ^ u64::from(me) << 32;
                 let mut held: Vec<PfnRange> = Vec::new();
                 let mut stats = [0u64; 5];
-                for _ in 0..OPS {
+                for op in 0..OPS {
+                    if op % 64 == 0 {
+                        // There are more threads than cores: without this, a thread can do all
+                        // its operations in one time slice and the threads barely interleave
+                        // (no range posted by one is freed by another).
+                        thread::yield_now();
+                    }
                     let roll = xorshift(&mut rng) % 100;
                     if roll < 45 || held.is_empty() {
                         let (pages, align) = match xorshift(&mut rng) % 4 {
@@ -92,14 +102,31 @@ fn threads_never_share_a_page_and_accounting_is_exact() {
                             0 => ShardHint::Shard(ShardId(2)),
                             _ => ShardHint::Home,
                         };
-                        if let Ok(a) =
-                            alloc.alloc(AllocRequest::new(pages).aligned(align).hint(hint))
-                        {
-                            owners.claim(a.range, me);
-                            held.push(a.range);
-                            stats[0] += 1;
-                            if hint == ShardHint::Shard(ShardId(2)) && a.shard != ShardId(2) {
-                                stats[4] += 1; // stolen from another shard
+                        match alloc.alloc(AllocRequest::new(pages).aligned(align).hint(hint)) {
+                            Ok(a) => {
+                                owners.claim(a.range, me);
+                                held.push(a.range);
+                                stats[0] += 1;
+                                if hint == ShardHint::Shard(ShardId(2)) && a.shard != ShardId(2) {
+                                    stats[4] += 1; // stolen from another shard
+                                }
+                            }
+                            Err(_) => {
+                                // Memory is full. If much of it waits in the mailbox (a thread
+                                // that ran alone for a while posted its ranges there), free one
+                                // posted range, so that no thread starves on an empty `held`.
+                                let taken = {
+                                    let mut mb = mailbox.lock().unwrap();
+                                    let j = mb.iter().position(|&(_, from)| from != me);
+                                    j.or((!mb.is_empty()).then_some(0))
+                                        .map(|j| mb.swap_remove(j))
+                                };
+                                if let Some((r, from)) = taken {
+                                    alloc.free(r).unwrap();
+                                    if from != me {
+                                        stats[3] += 1;
+                                    }
+                                }
                             }
                         }
                     } else if roll < 75 {

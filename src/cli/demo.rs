@@ -125,7 +125,7 @@ pub fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         stats.metadata.nodes,
         stats.metadata.bytes,
         stats.size / GIB,
-        stats.size / PAGE * 64 >> 20
+        (stats.size / PAGE * 64) >> 20
     );
     let problems: Vec<_> = iommu
         .violations()
