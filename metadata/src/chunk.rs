@@ -1,8 +1,10 @@
 //! The state of one managed chunk: its two planes and the uniformity questions asked of them.
 
+use pfnstore_core::PageSize;
+
 use crate::coarse_plane::{Coarse, CoarsePlane};
 use crate::inline_vec::InlineVec;
-use crate::share_plane::SharePlane;
+use crate::share_plane::{PlaneShape, SharePlane};
 use crate::{Attributes, MappingAttributes, Shareability};
 
 /// Middle-block indices inside a chunk, ascending.
@@ -43,9 +45,43 @@ impl ChunkState {
         self.share.uniform_value().is_some() && self.coarse.mapping_uniform()
     }
 
-    /// Whether pages `lo..hi` have one set of mapping attributes.
-    pub(crate) fn mapping_uniform_over(&self, lo: u32, hi: u32) -> bool {
-        self.share.uniform_over(lo, hi) && self.coarse.next_boundary(lo, hi, true).is_none()
+    /// Whether middle block `mid` (of `2^mid_order` pages) has one set of mapping attributes.
+    #[inline]
+    pub(crate) fn mapping_uniform_mid(&self, mid: u32, mid_order: u32) -> bool {
+        let (lo, hi) = (mid << mid_order, (mid + 1) << mid_order);
+        // Both evaluated (`&`, not `&&`): the coarse test of a uniform coarse plane is a
+        // constant, and a random mid's answer is better selected than branched on.
+        let coarse_uniform =
+            self.coarse.is_uniform() || self.coarse.next_boundary(lo, hi, true).is_none();
+        self.share.mid_uniform(mid, mid_order) & coarse_uniform
+    }
+
+    /// The largest mapping size for the pages of middle block `mid` (of `2^mid_order` pages).
+    #[inline]
+    pub(crate) fn mid_mapping_order(&self, mid: u32, mid_order: u32) -> PageSize {
+        // The case the mid index is for, with no call (hence no register spill) on its path.
+        if self.coarse.is_uniform()
+            && let Some(uniform) = self.share.indexed_mid_uniform(mid)
+        {
+            return if uniform {
+                PageSize::Size2M
+            } else {
+                PageSize::Size4K
+            };
+        }
+        self.mid_mapping_order_general(mid, mid_order)
+    }
+
+    /// [`Self::mid_mapping_order`] for every other chunk (out of line, see there).
+    #[inline(never)]
+    fn mid_mapping_order_general(&self, mid: u32, mid_order: u32) -> PageSize {
+        if self.mapping_uniform() {
+            PageSize::Size1G
+        } else if self.mapping_uniform_mid(mid, mid_order) {
+            PageSize::Size2M
+        } else {
+            PageSize::Size4K
+        }
     }
 
     /// The first offset `p` with `after < p < limit` where the mapping attributes change.
@@ -98,8 +134,8 @@ impl ChunkState {
         self.share.heap_bytes() + self.coarse.heap_bytes()
     }
 
-    pub(crate) fn check_canonical(&self, pages: u32) -> Result<(), String> {
-        self.share.check_canonical(pages)?;
+    pub(crate) fn check_canonical(&self, shape: PlaneShape) -> Result<(), String> {
+        self.share.check_canonical(shape)?;
         self.coarse.check_canonical()
     }
 }

@@ -18,7 +18,8 @@
 //! The state has two planes (see `IMPLEMENTATION.md` for the details and the memory math):
 //!
 //! * **shareability**, the attribute that fragments at 4K: uniform, a few flip offsets inline,
-//!   a list of flip offsets, or a bitmap, chosen by the number of flips alone;
+//!   a list of flip offsets (with a per-middle-block index once it is long), or a bitmap,
+//!   chosen by the number of flips alone;
 //! * **coarse** attributes (owner, quarantine, dirty, pins): a run list, inline when uniform.
 //!
 //! Both are *canonical*: the representation is a function of the content, equal adjacent runs
@@ -57,7 +58,9 @@
 //! chunk is mapping-uniform, 32 bits saying that every middle block of a group (1/32 of the
 //! chunk) is, and 16 bits saying that *no* middle block of a larger group (1/16 of the chunk)
 //! is. When a bit answers for `pfn` (1G, 2M or 4K), no lock is taken; otherwise the chunk's
-//! read lock is taken for an O(log n) look-up. The summary is written only under the chunk's
+//! read lock is taken, and a fragmented chunk answers from its *mid index* (one bit per middle
+//! block, kept with long flip lists) with one load, a lightly fragmented one with an O(log n)
+//! search of its short list. The summary is written only under the chunk's
 //! write lock, after the state changed, with release ordering: a lock-free reader sees the
 //! summary of the state before or after a concurrent mutation, each exact for its state.
 //!

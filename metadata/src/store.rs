@@ -5,13 +5,13 @@ use std::ops::{Deref, DerefMut};
 
 use pfnstore_core::sync::RwLock;
 use pfnstore_core::sync::atomic::{AtomicU64, Ordering};
-use pfnstore_core::{Geometry, PageSize, Pfn, PfnRange};
+use pfnstore_core::{Geometry, PageSize, Pfn, PfnRange, RangeError};
 
 use crate::chunk::{ChunkState, MidList};
 use crate::coarse_plane::{Coarse, CoarsePlane};
 use crate::fast_convert::small_conversion;
 use crate::plan::{BlockPlan, RunCollector};
-use crate::share_plane::SharePlane;
+use crate::share_plane::{PlaneShape, SharePlane};
 use crate::summary::{MANAGED, SummaryLayout};
 use crate::{
     Attributes, FileId, MappingChange, MetadataError, PinOwner, QuarantineReason, Shareability,
@@ -91,6 +91,10 @@ impl MetadataStore {
         self.geometry.order(PageSize::Size2M)
     }
 
+    fn plane_shape(&self) -> PlaneShape {
+        PlaneShape::new(self.chunk_pages(), self.mid_order())
+    }
+
     fn slot_index(&self, pfn: Pfn) -> usize {
         (self.geometry.chunk_index(pfn) - self.first_chunk) as usize
     }
@@ -99,11 +103,27 @@ impl MetadataStore {
         Pfn((self.first_chunk + index as u64) << self.geometry.order(PageSize::Size1G))
     }
 
-    /// The slot and offset of `pfn`, which must lie in the span.
+    /// The slot and offset of `pfn`, which must lie in the span: one subtraction and one
+    /// comparison, as the span is chunk-aligned (this is on the fault path).
+    #[inline]
     fn locate(&self, pfn: Pfn) -> Result<(usize, u32), MetadataError> {
-        PfnRange::page(pfn)?.check_within(&self.span)?;
-        let index = self.slot_index(pfn);
-        Ok((index, (pfn.0 - self.chunk_base(index).0) as u32))
+        let rel = pfn.0.wrapping_sub(self.span.start().0);
+        if rel >= self.span.len() {
+            return Err(self.outside_span(pfn));
+        }
+        let index = (rel >> self.geometry.order(PageSize::Size1G)) as usize;
+        // The offset is below the chunk's page count, which fits in a u32.
+        Ok((index, (rel & (self.geometry.chunk_pages() - 1)) as u32))
+    }
+
+    /// The error for a `pfn` outside the span: the one `PfnRange::page(pfn)` and
+    /// `check_within` give.
+    #[cold]
+    fn outside_span(&self, pfn: Pfn) -> MetadataError {
+        match PfnRange::page(pfn) {
+            Err(e) => e.into(),
+            Ok(_) => RangeError::OutOfBounds { pfn }.into(),
+        }
     }
 
     /// The part of `range` in chunk `index`, as offsets.
@@ -179,27 +199,21 @@ impl MetadataStore {
     /// The fault path: no allocation, no per-page walk. When the chunk is uniform, or the
     /// summary group of middle blocks around `pfn` is all uniform or all non-uniform, the
     /// answer comes from one atomic load without a lock; otherwise the chunk's read lock is
-    /// taken for an O(log n) lookup.
+    /// taken and a fragmented chunk answers from its mid index with one more load (a lightly
+    /// fragmented one with a search of its short flip list).
+    #[inline]
     pub fn max_mapping_order(&self, pfn: Pfn) -> Result<PageSize, MetadataError> {
         let (index, off) = self.locate(pfn)?;
         let slot = &self.slots[index];
         let mid = off >> self.mid_order();
-        if let Some(size) = self
+        match self
             .summary
             .lookup(slot.summary.load(Ordering::Acquire), mid)
         {
-            return Ok(size);
+            Some(size) => Ok(size),
+            None => mid_mapping_order_locked(slot, mid, self.mid_order())
+                .ok_or(MetadataError::NotManaged { pfn }),
         }
-        let state = slot.state.read();
-        let chunk = state.as_ref().ok_or(MetadataError::NotManaged { pfn })?;
-        Ok(if chunk.mapping_uniform() {
-            PageSize::Size1G
-        } else if chunk.mapping_uniform_over(mid << self.mid_order(), (mid + 1) << self.mid_order())
-        {
-            PageSize::Size2M
-        } else {
-            PageSize::Size4K
-        })
     }
 
     /// The maximal runs of equal attributes that intersect `range`, clipped to it, ascending.
@@ -289,6 +303,7 @@ impl MetadataStore {
         to: Shareability,
     ) -> Result<MappingChange, MetadataError> {
         let pages = self.chunk_pages();
+        let shape = self.plane_shape();
         let validate = |first_pfn, c: &Coarse| {
             if let Some(owner) = c.pins.first_owner() {
                 return Err(MetadataError::Pinned { first_pfn, owner });
@@ -298,7 +313,7 @@ impl MetadataStore {
             }
             Ok(())
         };
-        let mut apply = |chunk: &mut ChunkState, lo, hi| chunk.share.set(lo, hi, to, pages);
+        let mut apply = |chunk: &mut ChunkState, lo, hi| chunk.share.set(lo, hi, to, shape);
         range.check_within(&self.span)?;
         let index = self.slot_index(range.start());
         if index != self.slot_index(range.last()) {
@@ -495,7 +510,7 @@ impl MetadataStore {
                 None => 0,
                 Some(chunk) => {
                     chunk
-                        .check_canonical(self.chunk_pages())
+                        .check_canonical(self.plane_shape())
                         .map_err(|e| format!("chunk {index}: {e}"))?;
                     let window = self.summary.whole_chunk();
                     let (uniform, nonuniform) = self.uniformity(chunk, window);
@@ -664,6 +679,19 @@ impl MetadataStore {
         }
         Ok(change)
     }
+}
+
+/// [`MetadataStore::max_mapping_order`] under the read lock of a chunk, for its middle block
+/// `mid`; `None` when the chunk is not managed. Out of line so that the lock-free part inlines
+/// into the caller, and with a small signature: a locked instruction waits for every earlier
+/// store, so the fewer registers spilled (and no result written to memory) before the lock is
+/// released, the cheaper it is.
+#[inline(never)]
+fn mid_mapping_order_locked(slot: &Slot, mid: u32, mid_order: u32) -> Option<PageSize> {
+    let state = slot.state.read();
+    state
+        .as_ref()
+        .map(|chunk| chunk.mid_mapping_order(mid, mid_order))
 }
 
 /// The size of a chunk slot, for the layout test.

@@ -3,8 +3,8 @@
 //! and the store's canonical-form and summary invariants are checked after every step.
 //!
 //! Sequences per run: 6,000 (64-page chunks) + 3,000 (512-page chunks, which reach the
-//! flip-list form) + 1,500 (32-page chunks with 2-page middle blocks) + 64 (x86-64 1G chunks)
-//! = 10,564.
+//! flip-list form) + 500 (1024-page chunks, which reach the indexed flip list) + 1,500
+//! (32-page chunks with 2-page middle blocks) + 64 (x86-64 1G chunks) = 11,064.
 
 #![cfg(not(pfnstore_loom))]
 
@@ -301,6 +301,24 @@ proptest! {
     #[test]
     fn flip_list_geometry_matches_the_reference((initial, ops) in case_strategy(space(3, 9, 2), 40)) {
         run_case(space(3, 9, 2), false, &initial, &ops)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+    /// 1024-page chunks of 32 middle blocks: a list carries its one-word mid index from 16 to
+    /// 31 flips. Scattered single pages are converted first so that the indexed form is
+    /// reached, then random operations run from there.
+    #[test]
+    fn indexed_list_geometry_matches_the_reference(
+        (initial, ops) in case_strategy(space(5, 10, 2), 24),
+        scattered in prop::collection::vec(0u64..2048, 8..28),
+    ) {
+        let space = space(5, 10, 2);
+        let lo = space.span().start().0;
+        let mut steps: Vec<Op> = scattered.into_iter().map(|p| Op::Share(lo + p, 1, false)).collect();
+        steps.extend(ops);
+        run_case(space, false, &initial, &steps)?;
     }
 }
 
