@@ -451,23 +451,31 @@ fn a_subscriber_registered_mid_conversion_sees_none_of_it() {
 }
 
 #[test]
-fn dropped_subscribers_and_registrations_are_not_called() {
+fn a_dropped_registration_stops_the_calls_and_releases_the_subscriber() {
     let store = synthetic(tiny(), 2, 1);
     let file = store.create_file(FileOptions::new(64 * PAGE)).unwrap();
     let kept = Recorder::new("kept");
-    let reg = store.subscribe(&dyn_sub(&kept), Interest::All);
-    {
-        let gone = Recorder::new("gone");
-        // The registration outlives the subscriber: the store holds it weakly.
-        std::mem::forget(store.subscribe(&dyn_sub(&gone), Interest::All));
-    }
+    let _kept_reg = store.subscribe(&dyn_sub(&kept), Interest::All);
+    let gone = Recorder::new("gone");
+    let gone_weak = Arc::downgrade(&gone);
+    let reg = store.subscribe(&dyn_sub(&gone), Interest::All);
     file.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
         .unwrap();
-    assert_eq!(kept.take().len(), 2);
-    reg.unregister();
+    assert_eq!(gone.take().len(), 2);
+    drop(reg);
     file.convert(0, PAGE, Shareability::Private, ConvertMode::Preserve)
         .unwrap();
-    assert!(kept.events().is_empty());
+    assert!(
+        gone.events().is_empty(),
+        "called after its registration was dropped"
+    );
+    assert_eq!(kept.take().len(), 4);
+    // The store let go of every reference: the owner's is the last one.
+    drop(gone);
+    assert!(
+        gone_weak.upgrade().is_none(),
+        "the store kept an unregistered subscriber alive"
+    );
 }
 
 #[test]

@@ -48,7 +48,7 @@ use pfnstore_core::{BlockRun, Geometry, Pfn, PfnRange, RangeError};
 
 pub use plan::{ConversionPlan, PlanEntry};
 pub use range_lock::{RangeGuard, RangeLocks, Reentrant, chunk_hull};
-pub use registry::{Registration, Snapshot, SubscriberId, SubscriberRegistry};
+pub use registry::{DomainView, Registration, Snapshot, SubscriberId, SubscriberRegistry};
 pub use subscriber::{ConversionRequest, Interest, Invalidation, Subscriber, UnmapError, Veto};
 
 use registry::InCallback;
@@ -126,6 +126,7 @@ pub struct ConversionDomain {
     store: Arc<MetadataStore>,
     locks: RangeLocks,
     registry: std::sync::Arc<SubscriberRegistry>,
+    view: std::sync::Arc<DomainView>,
 }
 
 struct Failure {
@@ -144,6 +145,7 @@ impl ConversionDomain {
             file,
             store,
             locks: RangeLocks::new(),
+            view: registry.view(file),
             registry,
         }
     }
@@ -211,7 +213,7 @@ impl ConversionDomain {
             range,
             to,
         };
-        let snapshot = self.registry.snapshot(self.file);
+        let snapshot = self.registry.snapshot(&self.view);
         let subscribers = &snapshot;
         for (i, subscriber) in subscribers.subscribers().enumerate() {
             let answer = {
@@ -261,7 +263,7 @@ impl ConversionDomain {
         // registered mid-conversion gets a commit without a prepare (the loom models must
         // catch it).
         #[cfg(pfnstore_loom_mutation = "snapshot_per_phase")]
-        let late = self.registry.snapshot(self.file);
+        let late = self.registry.snapshot(&self.view);
         #[cfg(pfnstore_loom_mutation = "snapshot_per_phase")]
         let subscribers = &late;
         let mut failures = commit_all(subscribers.subscribers(), &request, &plan);
@@ -307,7 +309,7 @@ impl ConversionDomain {
             range,
             plan,
         };
-        let snapshot = self.registry.snapshot(self.file);
+        let snapshot = self.registry.snapshot(&self.view);
         let mut failures = Vec::new();
         for subscriber in snapshot.subscribers() {
             let answer = {

@@ -1,19 +1,37 @@
 //! The registry of subscribers, and the snapshots that operations take of it.
 //!
-//! The registry holds subscribers by [`Weak`] reference: a VMM component that drops its
-//! subscriber is simply no longer called, and a subscriber never keeps the store alive. An
-//! operation takes a [`Snapshot`] of the matching subscribers when it starts and calls exactly
-//! those until it ends, so a subscriber that registers mid-operation sees none of it.
-//! Unregistering waits until no in-flight operation holds the subscriber in its snapshot, so no
-//! callback arrives after [`Registration::unregister`] returns.
+//! A [`Registration`] is the subscriber's lifetime in the store: the store holds the subscriber
+//! while it is registered, and dropping the registration stops the calls and releases every
+//! reference the store had (the registry's and the domains' copies), once the operations in
+//! flight are done. The store is never kept alive by a subscriber as long as subscribers hold
+//! the store weakly, as the reference subscribers do. An operation
+//! takes a [`Snapshot`] of the matching subscribers when it starts and calls exactly those until
+//! it ends, so a subscriber that registers mid-operation sees none of it. Unregistering waits
+//! until no operation that may hold the subscriber is in flight, so no callback arrives after
+//! [`Registration::unregister`] returns.
+//!
+//! # Why every domain keeps its own view
+//!
+//! Conversions of different files must not contend. A registry-wide lock (or per-entry
+//! in-flight counters) taken by every operation makes two threads converting disjoint files
+//! bounce the same cache lines and, under parking_lot, put each other to sleep: measured here,
+//! two threads were slower than one. So each domain (file) keeps a [`DomainView`]: its own copy
+//! of the interested subscribers, tagged with the registry's generation, and its own in-flight
+//! counter. An operation touches only its domain's view; it goes to the registry only when the
+//! generation moved (someone registered or unregistered). Unregistering bumps the generation,
+//! then waits until every domain has no operation in flight: an operation that started after
+//! the bump sees the new generation and a list without the subscriber (the counter is raised
+//! before the generation is read, both sequentially consistent, so one side always sees the
+//! other).
 
 use std::cell::Cell;
 // Subscribers are the VMM's objects, handed over as `Arc<dyn Subscriber>` (loom's
 // `Arc` cannot hold a trait object or be a method receiver). Only their reference counts live
-// here; every lock and wait goes through the sync facade and is modelled by loom.
+// here; every lock, counter and wait goes through the sync facade and is modelled by loom.
 use std::sync::{Arc, Weak};
 
-use pfnstore_core::sync::{Condvar, Mutex, thread_local};
+use pfnstore_core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use pfnstore_core::sync::{Mutex, thread, thread_local};
 
 use super::subscriber::{Interest, Subscriber};
 use crate::FileId;
@@ -26,24 +44,39 @@ pub struct SubscriberId(u64);
 struct Entry {
     id: SubscriberId,
     interest: Interest,
-    subscriber: Weak<dyn Subscriber>,
-    /// Operations whose snapshot holds this entry.
-    in_flight: usize,
-    /// Unregistered; kept only until `in_flight` drops to zero.
-    removed: bool,
+    subscriber: Arc<dyn Subscriber>,
 }
 
 #[derive(Debug, Default)]
 struct State {
     entries: Vec<Entry>,
     next_id: u64,
+    /// The views of the domains alive, to wait on when unregistering.
+    domains: Vec<Weak<DomainView>>,
 }
 
 /// All subscribers of a store.
 #[derive(Debug, Default)]
 pub struct SubscriberRegistry {
     state: Mutex<State>,
-    idle: Condvar,
+    /// Bumped (under `state`) by every registration and unregistration.
+    generation: AtomicU64,
+}
+
+/// The subscribers one domain calls, shared by its in-flight operations.
+type Members = Arc<[Arc<dyn Subscriber>]>;
+
+/// One domain's copy of the subscribers interested in it, and its in-flight operations.
+///
+/// The copy holds the subscribers strongly, so that an operation takes them with one
+/// reference count of the domain's own instead of one contended count per subscriber; the
+/// registry drops the copies whenever it changes.
+#[derive(Debug)]
+pub struct DomainView {
+    file: FileId,
+    in_flight: AtomicUsize,
+    /// (registry generation, subscribers interested in `file`).
+    cached: Mutex<(u64, Members)>,
 }
 
 thread_local! {
@@ -79,8 +112,7 @@ impl SubscriberRegistry {
         SubscriberRegistry::default()
     }
 
-    /// Registers `subscriber` for `interest`. The registry keeps only a weak reference: the
-    /// caller keeps the subscriber alive for as long as it wants to be called.
+    /// Registers `subscriber` for `interest`, until the returned registration is dropped.
     pub fn register(
         self: &Arc<Self>,
         subscriber: &Arc<dyn Subscriber>,
@@ -92,10 +124,9 @@ impl SubscriberRegistry {
         state.entries.push(Entry {
             id,
             interest,
-            subscriber: Arc::downgrade(subscriber),
-            in_flight: 0,
-            removed: false,
+            subscriber: Arc::clone(subscriber),
         });
+        self.generation.fetch_add(1, Ordering::SeqCst);
         Registration {
             registry: Arc::clone(self),
             id,
@@ -103,30 +134,48 @@ impl SubscriberRegistry {
         }
     }
 
-    /// The live subscribers interested in `file`, held until the snapshot drops.
-    pub fn snapshot(&self, file: FileId) -> Snapshot<'_> {
+    /// A view for the domain of `file`; operations on that domain take their snapshots from it.
+    pub fn view(&self, file: FileId) -> Arc<DomainView> {
+        let view = Arc::new(DomainView {
+            file,
+            in_flight: AtomicUsize::new(0),
+            // Generation 0 is never current once anything registered; an empty registry at
+            // generation 0 has nothing to list anyway.
+            cached: Mutex::new((0, Arc::from(Vec::new()))),
+        });
         let mut state = self.state.lock();
-        let mut members = Vec::new();
-        for entry in state.entries.iter_mut() {
-            if entry.removed || !entry.interest.covers(file) {
-                continue;
-            }
-            if let Some(subscriber) = entry.subscriber.upgrade() {
-                entry.in_flight += 1;
-                members.push((entry.id, subscriber));
-            }
+        state.domains.retain(|d| d.strong_count() > 0);
+        state.domains.push(Arc::downgrade(&view));
+        view
+    }
+
+    /// The live subscribers interested in `view`'s file, held until the snapshot drops.
+    pub fn snapshot<'a>(&self, view: &'a DomainView) -> Snapshot<'a> {
+        // Raise the counter before reading the generation: see the module docs.
+        view.in_flight.fetch_add(1, Ordering::SeqCst);
+        let generation = self.generation.load(Ordering::SeqCst);
+        let mut cached = view.cached.lock();
+        if cached.0 != generation {
+            let state = self.state.lock();
+            let members: Vec<Arc<dyn Subscriber>> = state
+                .entries
+                .iter()
+                .filter(|e| e.interest.covers(view.file))
+                .map(|e| Arc::clone(&e.subscriber))
+                .collect();
+            cached.1 = Arc::from(members);
+            // The generation read under `state` is the one this list belongs to.
+            cached.0 = self.generation.load(Ordering::SeqCst);
         }
-        // Forget subscribers whose owner dropped them.
-        state
-            .entries
-            .retain(|e| e.in_flight > 0 || e.subscriber.strong_count() > 0);
+        let members = Arc::clone(&cached.1);
+        drop(cached);
         Snapshot {
-            registry: self,
-            members,
+            view,
+            members: Some(members),
         }
     }
 
-    /// Number of registrations (live or waiting for in-flight operations).
+    /// Number of registrations.
     pub fn len(&self) -> usize {
         self.state.lock().entries.len()
     }
@@ -137,36 +186,28 @@ impl SubscriberRegistry {
     }
 
     fn unregister(&self, id: SubscriberId) {
-        let mut state = self.state.lock();
-        if let Some(entry) = state.entries.iter_mut().find(|e| e.id == id) {
-            entry.removed = true;
-        }
+        let domains: Vec<Arc<DomainView>> = {
+            let mut state = self.state.lock();
+            state.entries.retain(|e| e.id != id);
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            state.domains.retain(|d| d.strong_count() > 0);
+            state.domains.iter().filter_map(Weak::upgrade).collect()
+        };
         // From inside a callback the current operation may hold this very subscriber: waiting
         // would deadlock, so the removal takes effect for later operations only.
         // Test-only mutation: return without waiting (the loom models must catch it).
         let wait = !cfg!(pfnstore_loom_mutation = "unregister_no_wait");
         if wait && !in_callback() {
-            while state.entries.iter().any(|e| e.id == id && e.in_flight > 0) {
-                state = self.idle.wait(state);
+            for domain in &domains {
+                while domain.in_flight.load(Ordering::SeqCst) > 0 {
+                    thread::yield_now();
+                }
             }
         }
-        state.entries.retain(|e| !(e.id == id && e.in_flight == 0));
-    }
-
-    fn release(&self, ids: impl Iterator<Item = SubscriberId>) {
-        let mut state = self.state.lock();
-        let mut idle_removed = false;
-        for id in ids {
-            if let Some(entry) = state.entries.iter_mut().find(|e| e.id == id) {
-                entry.in_flight -= 1;
-                idle_removed |= entry.removed && entry.in_flight == 0;
-            }
-        }
-        if idle_removed {
-            state.entries.retain(|e| !(e.removed && e.in_flight == 0));
-            drop(state);
-            // Someone unregisters and waits for exactly this.
-            self.idle.notify_all();
+        // Let go of the copies that still hold the subscriber; the next operation of each
+        // domain builds a fresh one.
+        for domain in &domains {
+            *domain.cached.lock() = (0, Arc::from(Vec::new()));
         }
     }
 }
@@ -174,8 +215,9 @@ impl SubscriberRegistry {
 /// The subscribers one operation calls, fixed when it started.
 #[derive(Debug)]
 pub struct Snapshot<'a> {
-    registry: &'a SubscriberRegistry,
-    members: Vec<(SubscriberId, Arc<dyn Subscriber>)>,
+    view: &'a DomainView,
+    /// `None` once dropped.
+    members: Option<Members>,
 }
 
 impl Snapshot<'_> {
@@ -183,26 +225,26 @@ impl Snapshot<'_> {
     pub fn subscribers(
         &self,
     ) -> impl DoubleEndedIterator<Item = &Arc<dyn Subscriber>> + ExactSizeIterator {
-        self.members.iter().map(|(_, s)| s)
+        self.members.as_deref().unwrap_or(&[]).iter()
     }
 
     /// Number of subscribers.
     pub fn len(&self) -> usize {
-        self.members.len()
+        self.members.as_deref().map_or(0, <[_]>::len)
     }
 
     /// Whether nobody is interested.
     pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
+        self.len() == 0
     }
 }
 
 impl Drop for Snapshot<'_> {
     fn drop(&mut self) {
-        if !self.members.is_empty() {
-            self.registry
-                .release(self.members.iter().map(|(id, _)| *id));
-        }
+        // Let go of the subscribers before the operation counts as finished: an unregister
+        // that waited for us may assume no operation holds them any more.
+        self.members = None;
+        self.view.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
