@@ -5,7 +5,7 @@
 //! Run: `cargo bench -p pfnstore-benches --bench conversion -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group};
@@ -95,29 +95,61 @@ fn benches(c: &mut Criterion) {
         })
         .collect();
     for threads in [1usize, 2] {
+        let workers = Workers::new(&files[..threads]);
         group.bench_function(
             format!("disjoint files, {threads} thread(s), per op"),
-            |b| b.iter_custom(|iters| run_threads(&files[..threads], iters)),
+            |b| b.iter_custom(|iters| workers.run(iters)),
         );
     }
     group.finish();
 }
 
-/// Runs `iters` convert-and-back pairs split across one thread per file; returns the wall
-/// time divided by the thread count, i.e. the time per pair at that parallelism.
-fn run_threads(files: &[GuestMemory], iters: u64) -> Duration {
-    let per_thread = iters.div_ceil(files.len() as u64);
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for file in files {
-            s.spawn(move || {
-                for i in 0..per_thread {
-                    convert_and_back(file, (i % 4096) * PAGE * 7, PAGE);
-                }
-            });
+/// Long-lived worker threads, one per file, as a VMM's vCPU threads are: spawning threads for
+/// every sample would measure thread start-up and the C allocator's arena assignment instead.
+struct Workers {
+    orders: Vec<mpsc::Sender<u64>>,
+    spans: mpsc::Receiver<(Instant, Instant)>,
+}
+
+impl Workers {
+    fn new(files: &[GuestMemory]) -> Workers {
+        let (span_tx, spans) = mpsc::channel();
+        let orders = files
+            .iter()
+            .map(|file| {
+                let (tx, rx) = mpsc::channel::<u64>();
+                let (file, span_tx) = (file.clone(), span_tx.clone());
+                std::thread::spawn(move || {
+                    for pairs in rx {
+                        let start = Instant::now();
+                        for i in 0..pairs {
+                            convert_and_back(&file, (i % 4096) * PAGE * 7, PAGE);
+                        }
+                        if span_tx.send((start, Instant::now())).is_err() {
+                            return;
+                        }
+                    }
+                });
+                tx
+            })
+            .collect();
+        Workers { orders, spans }
+    }
+
+    /// Runs `iters` pairs split across the workers; returns the span from the first start to
+    /// the last end, so criterion reports the time per pair at that parallelism.
+    fn run(&self, iters: u64) -> Duration {
+        let per_worker = iters.div_ceil(self.orders.len() as u64);
+        for order in &self.orders {
+            order.send(per_worker).expect("worker alive");
         }
-    });
-    start.elapsed() / files.len() as u32
+        let spans: Vec<_> = (0..self.orders.len())
+            .map(|_| self.spans.recv().expect("worker alive"))
+            .collect();
+        let first = spans.iter().map(|s| s.0).min().expect("a worker");
+        let last = spans.iter().map(|s| s.1).max().expect("a worker");
+        last - first
+    }
 }
 
 criterion_group!(conversion, benches);

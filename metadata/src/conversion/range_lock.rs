@@ -13,13 +13,14 @@
 //! [`RangeLocks::lock_chunks`]). Queries never take these locks: they read the metadata under
 //! the per-chunk shard locks only.
 
-use pfnstore_core::sync::{self, Condvar, Mutex};
+use pfnstore_core::sync::{self, CachePadded, Condvar, Mutex};
 use pfnstore_core::{Geometry, PfnRange};
 
 /// The set of ranges currently locked, with a condition variable for waiters.
 #[derive(Debug, Default)]
 pub struct RangeLocks {
-    held: Mutex<Vec<HeldRange>>,
+    /// Taken by every operation of the domain: kept off other domains' cache lines.
+    held: CachePadded<Mutex<Vec<HeldRange>>>,
     released: Condvar,
 }
 

@@ -31,7 +31,7 @@ use std::cell::Cell;
 use std::sync::{Arc, Weak};
 
 use pfnstore_core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use pfnstore_core::sync::{Mutex, thread, thread_local};
+use pfnstore_core::sync::{CachePadded, Mutex, thread, thread_local};
 
 use super::subscriber::{Interest, Subscriber};
 use crate::FileId;
@@ -74,9 +74,11 @@ type Members = Arc<[Arc<dyn Subscriber>]>;
 #[derive(Debug)]
 pub struct DomainView {
     file: FileId,
-    in_flight: AtomicUsize,
+    /// Written by every operation of this domain: on a cache line of its own, so that two
+    /// domains' views allocated side by side do not share one.
+    in_flight: CachePadded<AtomicUsize>,
     /// (registry generation, subscribers interested in `file`).
-    cached: Mutex<(u64, Members)>,
+    cached: CachePadded<Mutex<(u64, Members)>>,
 }
 
 thread_local! {
@@ -138,10 +140,10 @@ impl SubscriberRegistry {
     pub fn view(&self, file: FileId) -> Arc<DomainView> {
         let view = Arc::new(DomainView {
             file,
-            in_flight: AtomicUsize::new(0),
+            in_flight: CachePadded::new(AtomicUsize::new(0)),
             // Generation 0 is never current once anything registered; an empty registry at
             // generation 0 has nothing to list anyway.
-            cached: Mutex::new((0, Arc::from(Vec::new()))),
+            cached: CachePadded::new(Mutex::new((0, Arc::from(Vec::new())))),
         });
         let mut state = self.state.lock();
         state.domains.retain(|d| d.strong_count() > 0);
