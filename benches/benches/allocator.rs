@@ -13,7 +13,7 @@
 //! `cargo bench -p pfnstore-benches --bench allocator -- --warm-up-time 1 --measurement-time 2`
 
 use std::hint::black_box;
-use std::sync::Barrier;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -141,59 +141,88 @@ fn holes(c: &mut Criterion) {
 
 const OPS_PER_THREAD: u64 = 20_000;
 
-/// `threads` threads each run `OPS_PER_THREAD` alloc+free pairs of mixed sizes.
-fn run_threads<A: PfnAlloc>(a: &A, threads: u64) -> Duration {
-    let barrier = Barrier::new(threads as usize + 1);
-    std::thread::scope(|s| {
-        for t in 0..threads {
-            let barrier = &barrier;
-            s.spawn(move || {
-                let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (t + 1);
-                let mut live: Vec<A::Handle> = Vec::with_capacity(17);
-                barrier.wait();
-                for _ in 0..OPS_PER_THREAD {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    let (pages, align) = match rng % 100 {
-                        0..70 => (1, 1),
-                        70..95 => (512, 512),
-                        _ => (512 * 512, 512 * 512),
-                    };
-                    live.push(a.alloc(pages, align));
-                    if live.len() > 16 {
-                        let victim = live.swap_remove((rng >> 32) as usize % live.len());
-                        a.free(victim);
-                    }
-                }
-                for h in live {
-                    a.free(h);
-                }
-            });
+/// One thread's share of a round: `OPS_PER_THREAD` alloc+free pairs of mixed sizes.
+fn work<A: PfnAlloc>(a: &A, seed: u64) {
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (seed + 1);
+    let mut live: Vec<A::Handle> = Vec::with_capacity(17);
+    for _ in 0..OPS_PER_THREAD {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let (pages, align) = match rng % 100 {
+            0..70 => (1, 1),
+            70..95 => (512, 512),
+            _ => (512 * 512, 512 * 512),
+        };
+        live.push(a.alloc(pages, align));
+        if live.len() > 16 {
+            let victim = live.swap_remove((rng >> 32) as usize % live.len());
+            a.free(victim);
         }
-        barrier.wait();
-        let start = Instant::now();
-        // The scope joins every thread before returning.
-        start
-    })
-    .elapsed()
+    }
+    for h in live {
+        a.free(h);
+    }
+}
+
+/// `n` long-lived worker threads (as a VMM's vCPU threads are; spawning threads for every
+/// round would measure thread start-up and the C allocator's arena assignment). A round
+/// releases all of them at once and ends when the last one is done.
+struct Workers {
+    orders: Vec<mpsc::Sender<()>>,
+    spans: mpsc::Receiver<(Instant, Instant)>,
+}
+
+impl Workers {
+    fn new<A: PfnAlloc + Send + 'static>(a: Arc<A>, n: u64) -> Workers {
+        let (span_tx, spans) = mpsc::channel();
+        let orders = (0..n)
+            .map(|t| {
+                let (tx, rx) = mpsc::channel::<()>();
+                let (a, span_tx) = (Arc::clone(&a), span_tx.clone());
+                std::thread::spawn(move || {
+                    for () in rx {
+                        let start = Instant::now();
+                        work(&*a, t);
+                        if span_tx.send((start, Instant::now())).is_err() {
+                            return;
+                        }
+                    }
+                });
+                tx
+            })
+            .collect();
+        Workers { orders, spans }
+    }
+
+    fn round(&self) -> Duration {
+        for order in &self.orders {
+            order.send(()).expect("worker alive");
+        }
+        let spans: Vec<_> = (0..self.orders.len())
+            .map(|_| self.spans.recv().expect("worker alive"))
+            .collect();
+        let first = spans.iter().map(|s| s.0).min().expect("a worker");
+        let last = spans.iter().map(|s| s.1).max().expect("a worker");
+        last - first
+    }
 }
 
 fn threads(c: &mut Criterion) {
     let mut group = c.benchmark_group("threads");
     for n in [1u64, 2, 8] {
         group.throughput(Throughput::Elements(n * OPS_PER_THREAD));
-        let vm = VmAllocator::new();
-        let one = Ours::new(1);
-        let sharded = Ours::new(8);
+        let vm = Workers::new(Arc::new(VmAllocator::new()), n);
+        let one = Workers::new(Arc::new(Ours::new(1)), n);
+        let sharded = Workers::new(Arc::new(Ours::new(8)), n);
         group.bench_function(BenchmarkId::new(n.to_string(), "vm-allocator"), |b| {
-            b.iter_custom(|iters| (0..iters).map(|_| run_threads(&vm, n)).sum())
+            b.iter_custom(|iters| (0..iters).map(|_| vm.round()).sum())
         });
         group.bench_function(BenchmarkId::new(n.to_string(), "ours-1-shard"), |b| {
-            b.iter_custom(|iters| (0..iters).map(|_| run_threads(&one, n)).sum())
+            b.iter_custom(|iters| (0..iters).map(|_| one.round()).sum())
         });
         group.bench_function(BenchmarkId::new(n.to_string(), "ours-sharded"), |b| {
-            b.iter_custom(|iters| (0..iters).map(|_| run_threads(&sharded, n)).sum())
+            b.iter_custom(|iters| (0..iters).map(|_| sharded.round()).sum())
         });
     }
     group.finish();
