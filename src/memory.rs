@@ -15,8 +15,10 @@ use crate::store::internal;
 
 /// The source and, when it has bytes, the view through which the store touches them.
 pub(crate) struct Memory {
-    source: Box<dyn MemorySource>,
+    // Field order is drop order: the views map the source's memfd and must be gone before the
+    // source gives its hugetlb pages back to the pool.
     views: Option<Views>,
+    source: Box<dyn MemorySource>,
 }
 
 /// The two mappings of a source with bytes.
@@ -30,7 +32,7 @@ pub struct Views {
 
 impl Memory {
     pub(crate) fn new(source: Box<dyn MemorySource>, views: Option<Views>) -> Memory {
-        Memory { source, views }
+        Memory { views, source }
     }
 
     pub(crate) fn has_bytes(&self) -> bool {

@@ -133,3 +133,34 @@ fn a_punched_range_reads_as_zeros_once_populated_again() {
     assert_eq!(store.stats().allocator.total.dirty_pages, 0);
     file.destroy().unwrap();
 }
+
+#[test]
+fn dropping_the_store_gives_the_grown_pool_back() {
+    use pfnstore::hugetlb::pool::{PoolId, Sysfs};
+    let pool = PoolId {
+        page_size: HugePageSize::Huge1G,
+        node: None,
+    };
+    let total = || Sysfs::system().read_pool(pool).map(|c| c.total);
+    let lock = hugetlb_lock();
+    let Ok(before) = total() else {
+        return pfnstore::core::testing::skip(
+            "dropping_the_store_gives_the_grown_pool_back",
+            "the 1 GiB pool cannot be read",
+        );
+    };
+    drop(lock);
+    let Some((store, lock)) = real_store("dropping_the_store_gives_the_grown_pool_back") else {
+        return;
+    };
+    let file = store
+        .create_file(FileOptions::new(GIB).shared().populated())
+        .unwrap();
+    file.write(0, b"x").unwrap();
+    assert!(total().unwrap() > before, "the store grew the pool");
+    // The views map the memfd; they must be gone before the pool shrinks back.
+    drop(file);
+    drop(store);
+    assert_eq!(total().unwrap(), before, "the pool was not given back");
+    drop(lock);
+}
