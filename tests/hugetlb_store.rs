@@ -10,7 +10,21 @@ use pfnstore::hugetlb::testing::{can_reserve, hugetlb_lock};
 use pfnstore::hugetlb::{HugePageSize, HugetlbConfig, HugetlbSource, PfnKind, Prefault};
 use pfnstore::{ConvertMode, FileOptions, Shareability, Store, StoreError, StoreOptions};
 
-fn real_store(test: &str) -> Option<(Store, pfnstore::hugetlb::testing::HugetlbLock)> {
+/// A store on one real 1 GiB page, and the pool lock. Field order is drop order: the store
+/// (which gives the page back to the pool) goes before the lock is released.
+struct RealStore {
+    store: Store,
+    _lock: pfnstore::hugetlb::testing::HugetlbLock,
+}
+
+impl std::ops::Deref for RealStore {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        &self.store
+    }
+}
+
+fn real_store(test: &str) -> Option<RealStore> {
     let lock = hugetlb_lock();
     if let Err(why) = can_reserve(HugePageSize::Huge1G) {
         pfnstore::core::testing::skip(test, &why);
@@ -32,16 +46,15 @@ fn real_store(test: &str) -> Option<(Store, pfnstore::hugetlb::testing::HugetlbL
             return None;
         }
     };
-    Some((
-        Store::from_hugetlb(source, StoreOptions { shards: 1 }).expect("store"),
-        lock,
-    ))
+    Some(RealStore {
+        store: Store::from_hugetlb(source, StoreOptions { shards: 1 }).expect("store"),
+        _lock: lock,
+    })
 }
 
 #[test]
 fn bytes_conversions_and_revocation_on_a_real_1g_page() {
-    let Some((store, _lock)) = real_store("bytes_conversions_and_revocation_on_a_real_1g_page")
-    else {
+    let Some(store) = real_store("bytes_conversions_and_revocation_on_a_real_1g_page") else {
         return;
     };
     assert!(store.has_host_memory());
@@ -108,8 +121,7 @@ fn bytes_conversions_and_revocation_on_a_real_1g_page() {
 
 #[test]
 fn a_punched_range_reads_as_zeros_once_populated_again() {
-    let Some((store, _lock)) = real_store("a_punched_range_reads_as_zeros_once_populated_again")
-    else {
+    let Some(store) = real_store("a_punched_range_reads_as_zeros_once_populated_again") else {
         return;
     };
     let file = store
@@ -150,14 +162,20 @@ fn dropping_the_store_gives_the_grown_pool_back() {
         );
     };
     drop(lock);
-    let Some((store, lock)) = real_store("dropping_the_store_gives_the_grown_pool_back") else {
+    let Some(RealStore { store, _lock: lock }) =
+        real_store("dropping_the_store_gives_the_grown_pool_back")
+    else {
         return;
     };
     let file = store
         .create_file(FileOptions::new(GIB).shared().populated())
         .unwrap();
     file.write(0, b"x").unwrap();
-    assert!(total().unwrap() > before, "the store grew the pool");
+    let during = total().unwrap();
+    assert!(
+        during > before,
+        "the store grew the pool: {before} -> {during}"
+    );
     // The views map the memfd; they must be gone before the pool shrinks back.
     drop(file);
     drop(store);
