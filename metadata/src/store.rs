@@ -220,26 +220,22 @@ impl MetadataStore {
     pub fn ranges(&self, range: PfnRange) -> Result<Vec<(PfnRange, Attributes)>, MetadataError> {
         self.read_locked(range, |guards, first| {
             let mut out: Vec<(PfnRange, Attributes)> = Vec::with_capacity(4);
-            for (k, guard) in guards.iter().enumerate() {
-                let chunk = guard
-                    .as_ref()
-                    .expect("read_locked checked every chunk is managed");
-                let base = self.chunk_base(first + k).0;
-                let (lo, hi) = self.clip(range, first + k);
-                let mut pos = lo;
-                while pos < hi {
-                    let next = chunk.next_boundary(pos, hi).unwrap_or(hi);
+            self.walk_runs(
+                range,
+                guards,
+                first,
+                ChunkState::next_boundary,
+                |chunk, pos, start, end| {
                     let attrs = chunk.attributes_at(pos);
-                    let (start, end) = (Pfn(base + u64::from(pos)), Pfn(base + u64::from(next)));
                     match out.last_mut() {
                         Some((r, a)) if r.end() == start && *a == attrs => {
-                            *r = PfnRange::new(r.start(), end)?;
+                            *r = PfnRange::new(r.start(), end)?
                         }
                         _ => out.push((PfnRange::new(start, end)?, attrs)),
                     }
-                    pos = next;
-                }
-            }
+                    Ok(())
+                },
+            )?;
             Ok(out)
         })
     }
@@ -249,25 +245,50 @@ impl MetadataStore {
     pub fn block_plan(&self, range: PfnRange) -> Result<BlockPlan, MetadataError> {
         self.read_locked(range, |guards, first| {
             let mut runs = RunCollector::new();
-            for (k, guard) in guards.iter().enumerate() {
-                let chunk = guard
-                    .as_ref()
-                    .expect("read_locked checked every chunk is managed");
-                let base = self.chunk_base(first + k).0;
-                let (lo, hi) = self.clip(range, first + k);
-                let mut pos = lo;
-                while pos < hi {
-                    let next = chunk.next_mapping_boundary(pos, hi).unwrap_or(hi);
-                    runs.push(
-                        Pfn(base + u64::from(pos)),
-                        Pfn(base + u64::from(next)),
-                        chunk.mapping_at(pos),
-                    );
-                    pos = next;
-                }
-            }
+            self.walk_runs(
+                range,
+                guards,
+                first,
+                ChunkState::next_mapping_boundary,
+                |chunk, pos, start, end| {
+                    runs.push(start, end, chunk.mapping_at(pos));
+                    Ok(())
+                },
+            )?;
             Ok(BlockPlan::from_runs(self.geometry, runs.finish()))
         })
+    }
+
+    /// Calls `visit(chunk, offset, start, end)` for each piece of `range` between two
+    /// consecutive boundaries that `next` finds, chunk by chunk, ascending. The guards are the
+    /// read-locked chunks of `range`, the first at slot `first`.
+    fn walk_runs<G: Deref<Target = Option<ChunkState>>>(
+        &self,
+        range: PfnRange,
+        guards: &Guards<G>,
+        first: usize,
+        next: impl Fn(&ChunkState, u32, u32) -> Option<u32>,
+        mut visit: impl FnMut(&ChunkState, u32, Pfn, Pfn) -> Result<(), MetadataError>,
+    ) -> Result<(), MetadataError> {
+        for (k, guard) in guards.iter().enumerate() {
+            let chunk = guard
+                .as_ref()
+                .expect("read_locked checked every chunk is managed");
+            let base = self.chunk_base(first + k).0;
+            let (lo, hi) = self.clip(range, first + k);
+            let mut pos = lo;
+            while pos < hi {
+                let end = next(chunk, pos, hi).unwrap_or(hi);
+                visit(
+                    chunk,
+                    pos,
+                    Pfn(base + u64::from(pos)),
+                    Pfn(base + u64::from(end)),
+                )?;
+                pos = end;
+            }
+        }
+        Ok(())
     }
 
     /// The one file that owns every page of `range` (`None`: no page is owned), or
