@@ -1,6 +1,8 @@
-//! Metadata store vs. its baselines (issue 3): conversion of 4K inside a uniform 1G and back,
-//! max-mapping-order at several fragmentations, 1G and 1 TiB conversion, and metadata bytes
-//! per GiB (printed as a table before the timings, measured with a counting allocator).
+//! Metadata store vs. its baselines (issue 3): conversion of 4K inside a uniform 1G and back
+//! (shared and private memory), max-mapping-order at several fragmentations, 1G and 1 TiB
+//! conversion, and metadata bytes per GiB (printed as a table before the timings, measured with
+//! a counting allocator). Every conversion, ours and the baselines', reports the blocks it split
+//! and merged (see `pfnstore_benches::metadata_baselines`).
 //!
 //! Run: `cargo bench -p pfnstore-benches --bench metadata -- --warm-up-time 1 --measurement-time 2`
 
@@ -9,10 +11,10 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use criterion::{BenchmarkId, Criterion, criterion_group};
-use pfnstore_benches::metadata_baselines::ShareTracker;
 use pfnstore_benches::metadata_baselines::bitmap::BitmapTracker;
 use pfnstore_benches::metadata_baselines::range_map::RangeMapTracker;
 use pfnstore_benches::metadata_baselines::struct_page::StructPageArray;
+use pfnstore_benches::metadata_baselines::{BlockChange, ShareTracker};
 use pfnstore_core::{Geometry, Pfn, PfnRange};
 use pfnstore_metadata::{MetadataStore, Shareability};
 
@@ -58,12 +60,14 @@ fn chunk_pages() -> u64 {
 }
 
 fn store(gib: u64) -> MetadataStore {
+    store_of(gib, Shareability::Shared)
+}
+
+fn store_of(gib: u64, initial: Shareability) -> MetadataStore {
     let span = PfnRange::new(Pfn(0), Pfn(gib * chunk_pages())).unwrap();
     let store = MetadataStore::new(G, span).unwrap();
     for c in 0..gib {
-        store
-            .add_chunk(Pfn(c * chunk_pages()), Shareability::Shared)
-            .unwrap();
+        store.add_chunk(Pfn(c * chunk_pages()), initial).unwrap();
     }
     store
 }
@@ -133,8 +137,10 @@ fn print_bytes_table() {
 
         let before = LIVE.load(Ordering::Relaxed);
         let bitmap = BitmapTracker::new(G, pages);
+        let mut changes = Vec::new();
         for &p in &converted {
-            bitmap.convert(p, p + 1, true);
+            bitmap.convert(p, p + 1, true, &mut changes);
+            changes.clear();
         }
         let bitmap_bytes = (LIVE.load(Ordering::Relaxed) - before) as f64 / gib as f64;
         drop(bitmap);
@@ -142,8 +148,10 @@ fn print_bytes_table() {
         let before = LIVE.load(Ordering::Relaxed);
         let rmap = RangeMapTracker::new(G);
         for &p in &converted {
-            rmap.convert(p, p + 1, true);
+            rmap.convert(p, p + 1, true, &mut changes);
+            changes.clear();
         }
+        drop(changes);
         let rmap_bytes = (LIVE.load(Ordering::Relaxed) - before) as f64 / gib as f64;
         drop(rmap);
 
@@ -161,37 +169,81 @@ fn print_bytes_table() {
     println!();
 }
 
+/// 4K converted inside a uniform 1G and back (a split and a merge), with the memory shared
+/// (as a plain VM's) or private (as a confidential VM's starts, converting pages to shared for
+/// I/O buffers). Every design starts with all of its space at that value.
 fn convert_4k_in_uniform_1g(c: &mut Criterion) {
-    let mut group = c.benchmark_group("metadata/convert_4k_and_back_in_uniform_1g");
-    // Inside chunk 1, which every design (including the 4 GiB struct-page array) holds.
-    let page = chunk_pages() + 1000;
-    let ours = store(GIB_64);
-    let p = PfnRange::page(Pfn(page)).unwrap();
-    group.bench_function("pfnstore", |b| {
-        b.iter(|| {
-            black_box(ours.set_shareability(p, Shareability::Private).unwrap());
-            black_box(ours.set_shareability(p, Shareability::Shared).unwrap());
-        })
-    });
-    let bitmap = BitmapTracker::new(G, GIB_64 * chunk_pages());
-    let rmap = RangeMapTracker::new(G);
-    let array = StructPageArray::new(G, STRUCT_PAGE_GIB * chunk_pages());
-    let baselines: [(&str, &dyn ShareTracker); 3] = [
-        ("bitmap", &bitmap),
-        ("rangemap", &rmap),
-        ("struct_page", &array),
-    ];
-    for (name, t) in baselines {
-        group.bench_function(name, |b| {
+    for initial in [Shareability::Shared, Shareability::Private] {
+        let label = match initial {
+            Shareability::Shared => "shared",
+            Shareability::Private => "private",
+        };
+        let mut group = c.benchmark_group(format!("metadata/convert_4k_and_back_in_{label}_1g"));
+        // Inside chunk 1, which every design (including the 4 GiB struct-page array) holds.
+        let page = chunk_pages() + 1000;
+        let ours = store_of(GIB_64, initial);
+        let p = PfnRange::page(Pfn(page)).unwrap();
+        let there = initial.flipped();
+        group.bench_function("pfnstore", |b| {
             b.iter(|| {
-                t.convert(page, page + 1, true);
-                t.convert(page, page + 1, false);
+                black_box(ours.set_shareability(p, there).unwrap());
+                black_box(ours.set_shareability(p, initial).unwrap());
             })
         });
+        drop(ours);
+        let private = initial == Shareability::Private;
+        let all = |pages: u64| (0, pages);
+        let bitmap = BitmapTracker::new(G, GIB_64 * chunk_pages());
+        bench_baseline(
+            &mut group,
+            "bitmap",
+            &bitmap,
+            all(GIB_64 * chunk_pages()),
+            private,
+            page,
+        );
+        drop(bitmap);
+        let rmap = RangeMapTracker::new(G);
+        bench_baseline(
+            &mut group,
+            "rangemap",
+            &rmap,
+            all(GIB_64 * chunk_pages()),
+            private,
+            page,
+        );
+        let array = StructPageArray::new(G, STRUCT_PAGE_GIB * chunk_pages());
+        let space = all(STRUCT_PAGE_GIB * chunk_pages());
+        bench_baseline(&mut group, "struct_page", &array, space, private, page);
+        group.finish();
     }
-    group.finish();
 }
 
+/// A baseline's 4K convert-and-back after setting its whole `space` to `private`, reporting
+/// its splits and merges into a reused vector (called directly, not through `dyn`, as
+/// pfnstore is).
+fn bench_baseline<T: ShareTracker>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    tracker: &T,
+    space: (u64, u64),
+    private: bool,
+    page: u64,
+) {
+    let mut changes: Vec<BlockChange> = Vec::with_capacity(8);
+    if private {
+        tracker.convert(space.0, space.1, true, &mut changes);
+        changes.clear();
+    }
+    group.bench_function(name, |b| {
+        b.iter(|| {
+            tracker.convert(page, page + 1, !private, &mut changes);
+            tracker.convert(page, page + 1, private, &mut changes);
+            black_box(&changes);
+            changes.clear();
+        })
+    });
+}
 fn max_order(c: &mut Criterion) {
     let mut group = c.benchmark_group("metadata/max_mapping_order");
     let gib = 8u64;
@@ -200,10 +252,12 @@ fn max_order(c: &mut Criterion) {
         let converted = random_pages(pages, per_million, 0xfa57 + per_million);
         let ours = store(gib);
         let bitmap = BitmapTracker::new(G, pages);
+        let mut changes = Vec::new();
         for &p in &converted {
             ours.set_shareability(PfnRange::page(Pfn(p)).unwrap(), Shareability::Private)
                 .unwrap();
-            bitmap.convert(p, p + 1, true);
+            bitmap.convert(p, p + 1, true, &mut changes);
+            changes.clear();
         }
         // Probe a fixed pseudo-random walk over the space.
         let probes: Vec<u64> = {
@@ -226,7 +280,8 @@ fn max_order(c: &mut Criterion) {
         if per_million == 10_000 {
             let rmap = RangeMapTracker::new(G);
             for &p in &converted {
-                rmap.convert(p, p + 1, true);
+                rmap.convert(p, p + 1, true, &mut changes);
+                changes.clear();
             }
             group.bench_function(BenchmarkId::new("rangemap", label), |b| {
                 b.iter(|| {
@@ -251,18 +306,21 @@ fn convert_1g(c: &mut Criterion) {
     });
     let bitmap = BitmapTracker::new(G, GIB_64 * chunk_pages());
     let (a, z) = (3 * chunk_pages(), 4 * chunk_pages());
+    let mut changes = Vec::with_capacity(8);
     group.bench_function("bitmap", |b| {
         b.iter(|| {
-            bitmap.convert(a, z, true);
-            bitmap.convert(a, z, false);
+            bitmap.convert(a, z, true, &mut changes);
+            bitmap.convert(a, z, false, &mut changes);
+            changes.clear();
         })
     });
     let array = StructPageArray::new(G, STRUCT_PAGE_GIB * chunk_pages());
     group.sample_size(10);
     group.bench_function("struct_page", |b| {
         b.iter(|| {
-            array.convert(a, z, true);
-            array.convert(a, z, false);
+            array.convert(a, z, true, &mut changes);
+            array.convert(a, z, false, &mut changes);
+            changes.clear();
         })
     });
     group.finish();

@@ -5,7 +5,9 @@ use std::fmt;
 
 use pfnstore_core::{BlockRun, Geometry, PageSize, Pfn};
 
+use crate::fast_convert::SmallChange;
 use crate::inline_vec::InlineVec;
+use crate::packed::Packed4;
 
 /// Consecutive blocks of one kind, as `(first block's PFN, count)`.
 #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
@@ -25,9 +27,20 @@ enum Kind {
     MergedMid,
 }
 
-/// All records in one small vector (kept small so that the result moves cheaply): the common
-/// 4K conversion records two.
+/// All records in one small vector (kept small so that the result moves cheaply).
 type Runs = InlineVec<RunRecord, 3>;
+
+/// The two forms of a change.
+#[derive(Clone)]
+enum Records {
+    /// A fast-path conversion inside the chunk at `base` ([`crate::fast_convert`]): kept as
+    /// computed, in a few words that are written straight from registers, and decoded into
+    /// runs only when read. (Building run records in an array and moving them into the
+    /// caller's result stalled on store forwarding, and cost more than the conversion.)
+    Chunk { base: u64, change: SmallChange },
+    /// Any other mutation: run records.
+    Runs(Runs),
+}
 
 /// The blocks whose mapping uniformity a mutation changed.
 ///
@@ -44,7 +57,7 @@ type Runs = InlineVec<RunRecord, 3>;
 #[derive(Clone)]
 pub struct MappingChange {
     geometry: Geometry,
-    records: Runs,
+    records: Records,
 }
 
 /// Which way a block's uniformity went.
@@ -58,12 +71,39 @@ impl MappingChange {
     pub(crate) fn new(geometry: Geometry) -> MappingChange {
         MappingChange {
             geometry,
-            records: Runs::default(),
+            records: Records::Runs(Runs::default()),
         }
     }
 
-    pub(crate) fn geometry(&self) -> Geometry {
-        self.geometry
+    /// The change a fast-path conversion of the chunk at `base` made.
+    #[inline]
+    pub(crate) fn from_small(geometry: Geometry, base: Pfn, change: SmallChange) -> MappingChange {
+        MappingChange {
+            geometry,
+            records: Records::Chunk {
+                base: base.0,
+                change,
+            },
+        }
+    }
+
+    /// The run records, converting a fast-path change into them first.
+    fn runs_mut(&mut self) -> &mut Runs {
+        if let Records::Chunk { .. } = self.records {
+            let mut runs = Runs::default();
+            for (kind, run) in self.all_runs() {
+                runs.push(RunRecord {
+                    start: run.start().0,
+                    count: run.count() as u32,
+                    kind,
+                });
+            }
+            self.records = Records::Runs(runs);
+        }
+        match &mut self.records {
+            Records::Runs(runs) => runs,
+            Records::Chunk { .. } => unreachable!("converted above"),
+        }
     }
 
     /// Records one block; blocks of a level must be recorded in ascending order.
@@ -75,14 +115,14 @@ impl MappingChange {
             (Transition::Merge, _) => Kind::MergedMid,
         };
         let pages = self.geometry.pages(size);
-        if let Some(last) = self.records.last_of(|r| r.kind == kind)
+        if let Some(last) = self.runs_mut().last_of(|r| r.kind == kind)
             && last.start + u64::from(last.count) * pages == start.0
             && last.count < u32::MAX
         {
             last.count += 1;
             return;
         }
-        self.records.push(RunRecord {
+        self.runs_mut().push(RunRecord {
             start: start.0,
             count: 1,
             kind,
@@ -124,35 +164,95 @@ impl MappingChange {
     /// Blocks that lost their uniformity: chunk runs first, then middle-block runs, each
     /// ascending.
     pub fn splits(&self) -> impl Iterator<Item = BlockRun> + '_ {
-        self.runs(Kind::SplitChunk, Kind::SplitMid)
+        self.runs_of(Kind::SplitChunk, Kind::SplitMid)
     }
 
     /// Blocks that became uniform again: chunk runs first, then middle-block runs, each
     /// ascending.
     pub fn merges(&self) -> impl Iterator<Item = BlockRun> + '_ {
-        self.runs(Kind::MergedChunk, Kind::MergedMid)
+        self.runs_of(Kind::MergedChunk, Kind::MergedMid)
     }
 
     /// Whether no block changed its uniformity.
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        match &self.records {
+            Records::Chunk { change, .. } => *change == SmallChange::default(),
+            Records::Runs(runs) => runs.is_empty(),
+        }
     }
 
-    fn runs(&self, chunks: Kind, mids: Kind) -> impl Iterator<Item = BlockRun> + '_ {
-        let geometry = self.geometry;
-        let records = self.records.as_slice();
-        let of = move |kind: Kind, size: PageSize| {
-            records
-                .iter()
-                .filter(move |r| r.kind == kind)
-                .map(move |r| (size, r))
+    /// The runs of kinds `chunks` then `mids`, in that order.
+    fn runs_of(&self, chunks: Kind, mids: Kind) -> impl Iterator<Item = BlockRun> + '_ {
+        let all = move |kind: Kind| {
+            self.all_runs()
+                .filter(move |(k, _)| *k == kind)
+                .map(|(_, run)| run)
         };
-        of(chunks, PageSize::Size1G)
-            .chain(of(mids, PageSize::Size2M))
-            .map(move |(size, r)| {
-                BlockRun::new(&geometry, Pfn(r.start), size, u64::from(r.count))
-                    .expect("recorded blocks are aligned blocks of managed chunks below PFN_LIMIT")
-            })
+        all(chunks).chain(all(mids))
+    }
+
+    /// Every run with its kind, in the order of the records (kinds interleaved, each kind
+    /// ascending).
+    fn all_runs(&self) -> impl Iterator<Item = (Kind, BlockRun)> + '_ {
+        let geometry = self.geometry;
+        let block = move |start: u64, size: PageSize, count: u64| {
+            BlockRun::new(&geometry, Pfn(start), size, count)
+                .expect("recorded blocks are aligned blocks of managed chunks below PFN_LIMIT")
+        };
+        let (records, small) = match &self.records {
+            Records::Runs(runs) => (runs.as_slice(), None),
+            Records::Chunk { base, change } => (&[][..], Some((*base, *change))),
+        };
+        let from_records = records.iter().map(move |r| {
+            let size = match r.kind {
+                Kind::SplitChunk | Kind::MergedChunk => PageSize::Size1G,
+                Kind::SplitMid | Kind::MergedMid => PageSize::Size2M,
+            };
+            (r.kind, block(r.start, size, u64::from(r.count)))
+        });
+        let from_small = small.into_iter().flat_map(move |(base, change)| {
+            let chunk = change.chunk_split.map(|split| {
+                let kind = if split {
+                    Kind::SplitChunk
+                } else {
+                    Kind::MergedChunk
+                };
+                (kind, block(base, PageSize::Size1G, 1))
+            });
+            let mid_order = geometry.order(PageSize::Size2M);
+            let mids = move |mids: Packed4, kind: Kind| {
+                MidRuns { mids, next: 0 }.map(move |(first, count)| {
+                    let start = base + (u64::from(first) << mid_order);
+                    (kind, block(start, PageSize::Size2M, u64::from(count)))
+                })
+            };
+            chunk
+                .into_iter()
+                .chain(mids(change.split_mids, Kind::SplitMid))
+                .chain(mids(change.merged_mids, Kind::MergedMid))
+        });
+        from_records.chain(from_small)
+    }
+}
+
+/// Runs of consecutive middle blocks in an ascending list: `(first, count)`.
+struct MidRuns {
+    mids: Packed4,
+    next: usize,
+}
+
+impl Iterator for MidRuns {
+    type Item = (u32, u32);
+
+    fn next(&mut self) -> Option<(u32, u32)> {
+        let mut rest = self.mids.iter().skip(self.next);
+        let first = rest.next()?;
+        let count = 1 + rest
+            .zip(first + 1..)
+            .take_while(|(mid, want)| mid == want)
+            .count() as u32;
+        self.next += count as usize;
+        Some((first, count))
     }
 }
 
@@ -206,5 +306,48 @@ mod tests {
         let merges: Vec<_> = c.merges().map(|r| (r.start().0, r.count())).collect();
         assert_eq!(merges, vec![(64, 2)]);
         assert!(!c.is_empty());
+    }
+
+    fn packed(values: &[u32]) -> Packed4 {
+        let mut p = Packed4::default();
+        for &v in values {
+            p.push(v).unwrap();
+        }
+        p
+    }
+
+    /// A fast-path change reads like the same blocks recorded one by one, and can be
+    /// extended by `record` afterwards.
+    #[test]
+    fn fast_path_changes_read_like_recorded_ones() {
+        let g = Geometry::new(3, 6).unwrap();
+        let base = Pfn(128);
+        let small = SmallChange {
+            chunk_split: Some(true),
+            split_mids: packed(&[1, 2, 5]),
+            merged_mids: packed(&[3, 7]),
+        };
+        let mut fast = MappingChange::from_small(g, base, small);
+        let mut recorded = MappingChange::new(g);
+        recorded.record(Transition::Split, PageSize::Size1G, base);
+        for (transition, mid) in [
+            (Transition::Split, 1),
+            (Transition::Split, 2),
+            (Transition::Merge, 3),
+            (Transition::Split, 5),
+            (Transition::Merge, 7),
+        ] {
+            recorded.record(transition, PageSize::Size2M, Pfn(base.0 + mid * 8));
+        }
+        assert_eq!(fast, recorded);
+        let splits: Vec<_> = fast.splits().map(|r| (r.start().0, r.count())).collect();
+        assert_eq!(splits, vec![(128, 1), (136, 2), (168, 1)]);
+        assert!(!fast.is_empty());
+        assert!(MappingChange::from_small(g, base, SmallChange::default()).is_empty());
+        // Recording onto a fast-path change keeps what it had.
+        fast.record(Transition::Merge, PageSize::Size1G, Pfn(256));
+        recorded.record(Transition::Merge, PageSize::Size1G, Pfn(256));
+        assert_eq!(fast, recorded);
+        assert_eq!(fast.merges().count(), 3);
     }
 }

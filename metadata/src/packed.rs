@@ -49,6 +49,11 @@ impl Packed4 {
     }
 
     #[inline]
+    pub(crate) fn first(self) -> Option<u32> {
+        (self.len > 0).then_some(self.bits as u32)
+    }
+
+    #[inline]
     pub(crate) fn last(self) -> Option<u32> {
         self.len
             .checked_sub(1)
@@ -64,6 +69,23 @@ impl Packed4 {
         self.bits |= u128::from(value) << (32 * self.len);
         self.len += 1;
         Some(())
+    }
+
+    /// Whether `value` is in the list.
+    #[inline]
+    pub(crate) fn contains(self, value: u32) -> bool {
+        self.iter().any(|v| v == value)
+    }
+
+    /// The values of `self` that are not in `other`, in order.
+    #[inline]
+    pub(crate) fn without(self, other: Packed4) -> Packed4 {
+        let mut out = Packed4::default();
+        for v in self.iter().filter(|&v| !other.contains(v)) {
+            // A sub-list of a list of at most four.
+            let _ = out.push(v);
+        }
+        out
     }
 
     /// The values in order.
@@ -98,5 +120,9 @@ mod tests {
             r.push(v).unwrap();
         }
         assert_eq!(Packed4::from_array([1, 2, 3, 4], 4), r);
+        assert_eq!((r.first(), Packed4::default().first()), (Some(1), None));
+        assert!(r.contains(3) && !r.contains(5));
+        assert_eq!(r.without(q).iter().collect::<Vec<_>>(), vec![1, 2]);
+        assert!(q.without(r).is_empty());
     }
 }

@@ -145,6 +145,28 @@ pub(crate) struct SmallPlane {
 }
 
 impl SmallPlane {
+    /// A uniform plane of value `value`.
+    #[inline]
+    pub(crate) fn uniform(value: Shareability) -> SmallPlane {
+        SmallPlane {
+            first: value,
+            flips: Packed4::default(),
+        }
+    }
+
+    /// The plane of value `first` at offset 0 that flips at `flips` (sorted, distinct,
+    /// none at 0).
+    #[inline]
+    pub(crate) fn with_flips(first: Shareability, flips: Packed4) -> SmallPlane {
+        SmallPlane { first, flips }
+    }
+
+    /// The value at offset 0.
+    #[inline]
+    pub(crate) fn first(&self) -> Shareability {
+        self.first
+    }
+
     /// The sorted flip offsets.
     #[inline]
     pub(crate) fn flips(&self) -> Packed4 {

@@ -9,7 +9,7 @@ use pfnstore_core::{Geometry, PageSize, Pfn, PfnRange, RangeError};
 
 use crate::chunk::{ChunkState, MidList};
 use crate::coarse_plane::{Coarse, CoarsePlane};
-use crate::fast_convert::small_conversion;
+use crate::fast_convert::convert_small;
 use crate::plan::{BlockPlan, RunCollector};
 use crate::share_plane::{PlaneShape, SharePlane};
 use crate::summary::{MANAGED, SummaryLayout};
@@ -349,15 +349,18 @@ impl MetadataStore {
         {
             validate(range.start(), coarse)?;
             let (lo, hi) = self.clip(range, index);
-            if let Some(after) = before.with_set(lo, hi, to, pages) {
-                chunk.share = SharePlane::from_small(after);
-                let base = self.chunk_base(index);
-                let mut result = Ok(MappingChange::new(self.geometry));
-                if let Ok(change) = &mut result {
-                    let summary = small_conversion(&before, &after, base, &self.summary, change);
+            let outcome = convert_small(before, lo, hi, to, pages, self.mid_order(), &self.summary);
+            if let Some(outcome) = outcome {
+                chunk.share = SharePlane::from_small(outcome.after);
+                if let Some(summary) = outcome.summary {
                     slot.summary.store(summary, Ordering::Release);
                 }
-                return result;
+                let base = self.chunk_base(index);
+                return Ok(MappingChange::from_small(
+                    self.geometry,
+                    base,
+                    outcome.change,
+                ));
             }
         }
         self.mutate_locked(

@@ -3,7 +3,33 @@
 use parking_lot::Mutex;
 use pfnstore_core::{Geometry, PageSize};
 
-use super::{ShareTracker, uniform};
+use super::{BlockChange, ShareTracker, note, uniform};
+
+fn note_mid(changes: &mut Vec<BlockChange>, g: Geometry, mid: usize, before: u16, after: u16) {
+    let start = (mid as u64) << g.order(PageSize::Size2M);
+    let (before, after) = (u64::from(before), u64::from(after));
+    note(
+        changes,
+        start,
+        PageSize::Size2M,
+        g.mid_pages(),
+        before,
+        after,
+    );
+}
+
+fn note_chunk(changes: &mut Vec<BlockChange>, g: Geometry, chunk: usize, before: u32, after: u32) {
+    let start = (chunk as u64) << g.order(PageSize::Size1G);
+    let (before, after) = (u64::from(before), u64::from(after));
+    note(
+        changes,
+        start,
+        PageSize::Size1G,
+        g.chunk_pages(),
+        before,
+        after,
+    );
+}
 
 #[derive(Debug)]
 struct Inner {
@@ -40,9 +66,15 @@ impl BitmapTracker {
 }
 
 impl ShareTracker for BitmapTracker {
-    fn convert(&self, start: u64, end: u64, private: bool) {
+    fn convert(&self, start: u64, end: u64, private: bool, changes: &mut Vec<BlockChange>) {
         let g = self.geometry;
-        let mut inner = self.inner.lock();
+        let (mid_order, chunk_order) = (g.order(PageSize::Size2M), g.order(PageSize::Size1G));
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        // The middle block and chunk whose counters are being changed, with their counts from
+        // before this call: their uniformity is compared when the loop leaves them.
+        let mut mid: Option<(usize, u16)> = None;
+        let mut chunk: Option<(usize, u32)> = None;
         let mut pos = start;
         // Word by word; each word lies in one middle block (which is at least 64 pages on
         // x86-64), so its count delta goes to one counter.
@@ -60,12 +92,30 @@ impl ShareTracker for BitmapTracker {
             let delta = i64::from(new.count_ones()) - i64::from(old.count_ones());
             if delta != 0 {
                 inner.bits[w] = new;
-                let mid = (pos >> g.order(PageSize::Size2M)) as usize;
-                let chunk = (pos >> g.order(PageSize::Size1G)) as usize;
-                inner.mid_private[mid] = (i64::from(inner.mid_private[mid]) + delta) as u16;
-                inner.chunk_private[chunk] = (i64::from(inner.chunk_private[chunk]) + delta) as u32;
+                let m = (pos >> mid_order) as usize;
+                let c = (pos >> chunk_order) as usize;
+                if mid.is_none_or(|(i, _)| i != m) {
+                    if let Some((i, before)) = mid {
+                        note_mid(changes, g, i, before, inner.mid_private[i]);
+                    }
+                    mid = Some((m, inner.mid_private[m]));
+                }
+                if chunk.is_none_or(|(i, _)| i != c) {
+                    if let Some((i, before)) = chunk {
+                        note_chunk(changes, g, i, before, inner.chunk_private[i]);
+                    }
+                    chunk = Some((c, inner.chunk_private[c]));
+                }
+                inner.mid_private[m] = (i64::from(inner.mid_private[m]) + delta) as u16;
+                inner.chunk_private[c] = (i64::from(inner.chunk_private[c]) + delta) as u32;
             }
             pos = pos - from + to;
+        }
+        if let Some((i, before)) = mid {
+            note_mid(changes, g, i, before, inner.mid_private[i]);
+        }
+        if let Some((i, before)) = chunk {
+            note_chunk(changes, g, i, before, inner.chunk_private[i]);
         }
     }
 

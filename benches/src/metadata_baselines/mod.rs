@@ -8,9 +8,13 @@
 //! * [`struct_page::StructPageArray`]: a 64-byte record per 4K page plus per-2M/1G "mixed"
 //!   counters (the kernel's `struct page`).
 //!
-//! All three answer the same two questions the benches ask of pfnstore: convert a range, and
-//! the largest uniform aligned block around a PFN. They track shareability only (the attribute
-//! the targets are about); the bytes they hold are what a tracker of that design needs for it.
+//! All three do the same two jobs the benches ask of pfnstore: convert a range and report which
+//! 1G and 2M blocks it split and merged (what `MetadataStore::set_shareability` returns, and
+//! what a VMM needs to tell KVM and the IOMMU which mappings to break up or rebuild), and
+//! answer the largest uniform aligned block around a PFN. They track shareability only (the
+//! attribute the targets are about); the bytes they hold are what a tracker of that design
+//! needs for it. Each reports its changes into a caller-provided vector, so the steady state
+//! allocates nothing.
 
 pub mod bitmap;
 pub mod range_map;
@@ -23,10 +27,42 @@ fn uniform(count: u64, pages: u64) -> bool {
     count == 0 || count == pages
 }
 
+/// A 1G or 2M block whose uniformity a conversion changed.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub struct BlockChange {
+    /// The block's first page.
+    pub start: u64,
+    /// Its size.
+    pub size: PageSize,
+    /// `true`: it was uniform and is not any more; `false`: the reverse.
+    pub split: bool,
+}
+
+/// Appends the change of the block at `start`, if its uniformity changed with its private-page
+/// count going from `before` to `after`.
+fn note(
+    changes: &mut Vec<BlockChange>,
+    start: u64,
+    size: PageSize,
+    pages: u64,
+    before: u64,
+    after: u64,
+) {
+    let (was, is) = (uniform(before, pages), uniform(after, pages));
+    if was != is {
+        changes.push(BlockChange {
+            start,
+            size,
+            split: was,
+        });
+    }
+}
+
 /// The common interface of the baselines.
 pub trait ShareTracker {
-    /// Sets `start..end` private (`true`) or shared.
-    fn convert(&self, start: u64, end: u64, private: bool);
+    /// Sets `start..end` private (`true`) or shared, and appends to `changes` the 1G and 2M
+    /// blocks whose uniformity that changed (in no particular order).
+    fn convert(&self, start: u64, end: u64, private: bool, changes: &mut Vec<BlockChange>);
     /// The largest uniform naturally aligned block (1G/2M/4K) around `pfn`.
     fn max_order(&self, pfn: u64) -> PageSize;
 }
@@ -35,10 +71,32 @@ pub trait ShareTracker {
 mod tests {
     use super::*;
     use pfnstore_core::{Geometry, Pfn, PfnRange};
-    use pfnstore_metadata::Shareability;
     use pfnstore_metadata::reference::ReferenceStore;
+    use pfnstore_metadata::{MappingChange, Shareability};
 
-    /// Every baseline answers max-order like the reference model after the same conversions.
+    /// The blocks of `change`, one by one, sorted.
+    fn blocks(g: &Geometry, change: &MappingChange) -> Vec<BlockChange> {
+        let mut out = Vec::new();
+        for (runs, split) in [
+            (change.splits().collect::<Vec<_>>(), true),
+            (change.merges().collect(), false),
+        ] {
+            for run in runs {
+                for block in run.blocks(g) {
+                    out.push(BlockChange {
+                        start: block.start().0,
+                        size: block.size(),
+                        split,
+                    });
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Every baseline reports the splits and merges of every conversion and answers
+    /// max-order like the reference model after the same conversions.
     #[test]
     fn baselines_agree_with_the_reference_model() {
         // Middle blocks of 64 pages: the bitmap assumes a bitmap word lies in one of them.
@@ -68,11 +126,15 @@ mod tests {
             } else {
                 Shareability::Shared
             };
-            model
+            let change = model
                 .set_shareability(PfnRange::from_len(Pfn(start), len).unwrap(), to)
                 .unwrap();
-            for t in &trackers {
-                t.convert(start, start + len, private);
+            let want = blocks(&g, &change);
+            for (i, t) in trackers.iter().enumerate() {
+                let mut changes = Vec::new();
+                t.convert(start, start + len, private, &mut changes);
+                changes.sort();
+                assert_eq!(changes, want, "tracker {i}, step {step}");
             }
             for probe in (0..pages).step_by(7) {
                 let want = model.max_mapping_order(Pfn(probe)).unwrap();

@@ -3,7 +3,7 @@
 use parking_lot::Mutex;
 use pfnstore_core::{Geometry, PageSize};
 
-use super::{ShareTracker, uniform};
+use super::{BlockChange, ShareTracker, note, uniform};
 
 /// The per-page record: flags, the shareability, and the rest of a `struct page`'s 64 bytes
 /// (refcount, mapcount, mapping, index, private, LRU links) that such a design carries.
@@ -45,25 +45,65 @@ impl StructPageArray {
 }
 
 impl ShareTracker for StructPageArray {
-    fn convert(&self, start: u64, end: u64, private: bool) {
+    fn convert(&self, start: u64, end: u64, private: bool, changes: &mut Vec<BlockChange>) {
         let g = self.geometry;
+        let (mid_order, chunk_order) = (g.order(PageSize::Size2M), g.order(PageSize::Size1G));
         let mut guard = self.inner.lock();
         let inner = &mut *guard;
+        // The blocks whose counters are being changed, with their counts before this call.
+        let mut mid: Option<(usize, u32)> = None;
+        let mut chunk: Option<(usize, u32)> = None;
+        let flush = |changes: &mut Vec<BlockChange>, inner: &Inner, mid, chunk| {
+            if let Some((i, before)) = mid {
+                let start = (i as u64) << mid_order;
+                let after = u64::from(inner.mid_private[i]);
+                note(
+                    changes,
+                    start,
+                    PageSize::Size2M,
+                    g.mid_pages(),
+                    u64::from(before),
+                    after,
+                );
+            }
+            if let Some((i, before)) = chunk {
+                let start = (i as u64) << chunk_order;
+                let after = u64::from(inner.chunk_private[i]);
+                let pages = g.chunk_pages();
+                note(
+                    changes,
+                    start,
+                    PageSize::Size1G,
+                    pages,
+                    u64::from(before),
+                    after,
+                );
+            }
+        };
         for pfn in start..end {
             let page = &mut inner.pages[pfn as usize];
             if (page.flags & 1 == 1) != private {
                 page.flags ^= 1;
-                let mid = (pfn >> g.order(PageSize::Size2M)) as usize;
-                let chunk = (pfn >> g.order(PageSize::Size1G)) as usize;
+                let m = (pfn >> mid_order) as usize;
+                let c = (pfn >> chunk_order) as usize;
+                if mid.is_none_or(|(i, _)| i != m) {
+                    flush(changes, inner, mid, None);
+                    mid = Some((m, inner.mid_private[m]));
+                }
+                if chunk.is_none_or(|(i, _)| i != c) {
+                    flush(changes, inner, None, chunk);
+                    chunk = Some((c, inner.chunk_private[c]));
+                }
                 if private {
-                    inner.mid_private[mid] += 1;
-                    inner.chunk_private[chunk] += 1;
+                    inner.mid_private[m] += 1;
+                    inner.chunk_private[c] += 1;
                 } else {
-                    inner.mid_private[mid] -= 1;
-                    inner.chunk_private[chunk] -= 1;
+                    inner.mid_private[m] -= 1;
+                    inner.chunk_private[c] -= 1;
                 }
             }
         }
+        flush(changes, inner, mid, chunk);
     }
 
     fn max_order(&self, pfn: u64) -> PageSize {
