@@ -6,47 +6,24 @@
 //!
 //! Run: `cargo bench -p pfnstore-benches --bench metadata -- --warm-up-time 1 --measurement-time 2`
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicI64, Ordering};
 
 use criterion::{BenchmarkId, Criterion, criterion_group};
 use pfnstore_benches::metadata_baselines::bitmap::BitmapTracker;
 use pfnstore_benches::metadata_baselines::range_map::RangeMapTracker;
 use pfnstore_benches::metadata_baselines::struct_page::StructPageArray;
 use pfnstore_benches::metadata_baselines::{BlockChange, ShareTracker};
+use pfnstore_core::testing::CountingAllocator;
 use pfnstore_core::{Geometry, Pfn, PfnRange};
 use pfnstore_metadata::{MetadataStore, Shareability};
 
-struct Counting;
-static LIVE: AtomicI64 = AtomicI64::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; the counter is a plain atomic.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
-        // SAFETY: the caller upholds `alloc`'s contract.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
-        // SAFETY: as for `alloc`.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
-        // SAFETY: `ptr` came from `System` with `layout`.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
-        // SAFETY: as for `dealloc` and `alloc`.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+/// Bytes live on this (the bench's main) thread.
+fn live() -> i64 {
+    CountingAllocator::live_bytes()
+}
 
 const G: Geometry = Geometry::X86_64;
 /// The PFN space of the timing benches: 64 GiB, as in the hand measurements.
@@ -115,15 +92,17 @@ fn print_bytes_table() {
         "frag", "pfnstore", "bitmap", "rangemap", "struct page", "bitmap/us", "rmap/us"
     );
     let struct_page_bytes = {
-        let before = LIVE.load(Ordering::Relaxed);
+        let before = live();
         let array = StructPageArray::new(G, chunk_pages());
-        let bytes = LIVE.load(Ordering::Relaxed) - before;
+        let bytes = live() - before;
         drop(array);
         bytes
     };
+    // The baselines' change reports go here; allocated before any measurement starts.
+    let mut changes = Vec::with_capacity(8);
     for (per_million, label) in FRAGMENTATIONS {
         let converted = random_pages(pages, per_million, 0x5eed + per_million);
-        let before = LIVE.load(Ordering::Relaxed);
+        let before = live();
         let ours = store(gib);
         for &p in &converted {
             drop(
@@ -131,28 +110,26 @@ fn print_bytes_table() {
                     .unwrap(),
             );
         }
-        let ours_bytes = (LIVE.load(Ordering::Relaxed) - before) as f64 / gib as f64;
+        let ours_bytes = (live() - before) as f64 / gib as f64;
         assert_eq!(ours.stats().bytes as f64 / gib as f64, ours_bytes);
         drop(ours);
 
-        let before = LIVE.load(Ordering::Relaxed);
+        let before = live();
         let bitmap = BitmapTracker::new(G, pages);
-        let mut changes = Vec::new();
         for &p in &converted {
             bitmap.convert(p, p + 1, true, &mut changes);
             changes.clear();
         }
-        let bitmap_bytes = (LIVE.load(Ordering::Relaxed) - before) as f64 / gib as f64;
+        let bitmap_bytes = (live() - before) as f64 / gib as f64;
         drop(bitmap);
 
-        let before = LIVE.load(Ordering::Relaxed);
+        let before = live();
         let rmap = RangeMapTracker::new(G);
         for &p in &converted {
             rmap.convert(p, p + 1, true, &mut changes);
             changes.clear();
         }
-        drop(changes);
-        let rmap_bytes = (LIVE.load(Ordering::Relaxed) - before) as f64 / gib as f64;
+        let rmap_bytes = (live() - before) as f64 / gib as f64;
         drop(rmap);
 
         println!(

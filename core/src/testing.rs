@@ -1,10 +1,13 @@
-//! Support for the project's own tests: reporting a test that cannot run here as *skipped*.
+//! Support for the project's own tests: reporting a test that cannot run here as *skipped*, and
+//! [`CountingAllocator`], which measures the heap bytes a structure holds.
 //!
 //! Rust's test harness has no runtime skip, so a test that needs something the machine lacks
 //! (root, a hugetlb pool, `/dev/kvm`) calls [`skip`] and returns. `skip` prints the reason and,
 //! when the test script sets `PFNSTORE_SKIP_LOG`, appends a line to that file so that the
 //! script can count the test as skipped rather than passed.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::io::Write;
 
 /// The environment variable naming the file that skipped tests are recorded in.
@@ -26,6 +29,67 @@ pub fn skip(test: &str, reason: &str) {
                 path.to_string_lossy()
             );
         }
+    }
+}
+
+/// A global allocator that forwards every call to the system allocator and counts, per
+/// thread, the bytes live and the allocation calls: tests and benches that check the bytes a
+/// structure holds (or that a path allocates nothing) install it in their own binary with
+/// `#[global_allocator] static A: CountingAllocator = CountingAllocator;`. The counts are per
+/// thread so that tests running in parallel do not disturb each other; memory allocated on one
+/// thread and freed on another moves bytes between their counts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CountingAllocator;
+
+thread_local! {
+    static LIVE_BYTES: Cell<i64> = const { Cell::new(0) };
+    static ALLOCATION_CALLS: Cell<u64> = const { Cell::new(0) };
+}
+
+impl CountingAllocator {
+    /// Bytes allocated minus bytes freed on this thread so far (through this allocator, when
+    /// it is the global one).
+    pub fn live_bytes() -> i64 {
+        LIVE_BYTES.with(Cell::get)
+    }
+
+    /// Calls of `alloc`, `alloc_zeroed` and `realloc` on this thread so far.
+    pub fn allocation_calls() -> u64 {
+        ALLOCATION_CALLS.with(Cell::get)
+    }
+
+    fn count(bytes: i64, calls: u64) {
+        LIVE_BYTES.with(|l| l.set(l.get() + bytes));
+        ALLOCATION_CALLS.with(|c| c.set(c.get() + calls));
+    }
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged, so `System`'s guarantees
+// are this allocator's. The counters are thread-local `Cell`s with const initialisers, which
+// need no allocation (no re-entry) and no destructor.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        Self::count(layout.size() as i64, 1);
+        // SAFETY: the caller upholds `alloc`'s contract, which we pass on.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        Self::count(layout.size() as i64, 1);
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        Self::count(-(layout.size() as i64), 0);
+        // SAFETY: `ptr` was allocated by `System` with `layout` (every allocation is).
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        Self::count(new_size as i64 - layout.size() as i64, 1);
+        // SAFETY: as for `dealloc` and `alloc`.
+        unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
 

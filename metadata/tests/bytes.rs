@@ -3,52 +3,19 @@
 //! fragmentation, and returns exactly to the baseline when every change is undone.
 #![cfg(not(pfnstore_loom))]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-
+use pfnstore_core::testing::CountingAllocator;
 use pfnstore_core::{Geometry, Pfn, PfnRange};
 use pfnstore_metadata::{FileId, MetadataStore, PinOwner, QuarantineReason, Shareability};
 
-/// Counts the bytes live per thread, so that tests running in parallel do not disturb it.
-struct Counting;
-
-thread_local! {
-    static LIVE: Cell<i64> = const { Cell::new(0) };
-    /// Allocation calls (alloc and realloc) on this thread.
-    static CALLS: Cell<u64> = const { Cell::new(0) };
-}
-
-// SAFETY: every call is forwarded to the system allocator unchanged; the counter is a
-// thread-local Cell with a const initialiser, which needs no allocation and no destructor.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.with(|l| l.set(l.get() + layout.size() as i64));
-        CALLS.with(|c| c.set(c.get() + 1));
-        // SAFETY: the caller upholds `alloc`'s contract, which we pass on.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.with(|l| l.set(l.get() - layout.size() as i64));
-        // SAFETY: `ptr` was allocated by `System` with `layout` (see `alloc`).
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.with(|l| l.set(l.get() - layout.size() as i64 + new_size as i64));
-        CALLS.with(|c| c.set(c.get() + 1));
-        // SAFETY: as for `dealloc` and `alloc`.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 fn live() -> i64 {
-    LIVE.with(|l| l.get())
+    CountingAllocator::live_bytes()
 }
 
 fn allocation_calls() -> u64 {
-    CALLS.with(|c| c.get())
+    CountingAllocator::allocation_calls()
 }
 
 /// A deterministic pseudo-random sequence (xorshift), so the test needs no RNG crate.

@@ -3,33 +3,7 @@
 use parking_lot::Mutex;
 use pfnstore_core::{Geometry, PageSize};
 
-use super::{BlockChange, ShareTracker, note, uniform};
-
-fn note_mid(changes: &mut Vec<BlockChange>, g: Geometry, mid: usize, before: u16, after: u16) {
-    let start = (mid as u64) << g.order(PageSize::Size2M);
-    let (before, after) = (u64::from(before), u64::from(after));
-    note(
-        changes,
-        start,
-        PageSize::Size2M,
-        g.mid_pages(),
-        before,
-        after,
-    );
-}
-
-fn note_chunk(changes: &mut Vec<BlockChange>, g: Geometry, chunk: usize, before: u32, after: u32) {
-    let start = (chunk as u64) << g.order(PageSize::Size1G);
-    let (before, after) = (u64::from(before), u64::from(after));
-    note(
-        changes,
-        start,
-        PageSize::Size1G,
-        g.chunk_pages(),
-        before,
-        after,
-    );
-}
+use super::{BlockChange, ShareTracker, note, order_from_counts};
 
 #[derive(Debug)]
 struct Inner {
@@ -96,13 +70,27 @@ impl ShareTracker for BitmapTracker {
                 let c = (pos >> chunk_order) as usize;
                 if mid.is_none_or(|(i, _)| i != m) {
                     if let Some((i, before)) = mid {
-                        note_mid(changes, g, i, before, inner.mid_private[i]);
+                        note(
+                            changes,
+                            g,
+                            PageSize::Size2M,
+                            i,
+                            before.into(),
+                            inner.mid_private[i].into(),
+                        );
                     }
                     mid = Some((m, inner.mid_private[m]));
                 }
                 if chunk.is_none_or(|(i, _)| i != c) {
                     if let Some((i, before)) = chunk {
-                        note_chunk(changes, g, i, before, inner.chunk_private[i]);
+                        note(
+                            changes,
+                            g,
+                            PageSize::Size1G,
+                            i,
+                            before.into(),
+                            inner.chunk_private[i].into(),
+                        );
                     }
                     chunk = Some((c, inner.chunk_private[c]));
                 }
@@ -112,25 +100,32 @@ impl ShareTracker for BitmapTracker {
             pos = pos - from + to;
         }
         if let Some((i, before)) = mid {
-            note_mid(changes, g, i, before, inner.mid_private[i]);
+            note(
+                changes,
+                g,
+                PageSize::Size2M,
+                i,
+                before.into(),
+                inner.mid_private[i].into(),
+            );
         }
         if let Some((i, before)) = chunk {
-            note_chunk(changes, g, i, before, inner.chunk_private[i]);
+            note(
+                changes,
+                g,
+                PageSize::Size1G,
+                i,
+                before.into(),
+                inner.chunk_private[i].into(),
+            );
         }
     }
 
     fn max_order(&self, pfn: u64) -> PageSize {
         let g = self.geometry;
         let inner = self.inner.lock();
-        let chunk = (pfn >> g.order(PageSize::Size1G)) as usize;
-        if uniform(u64::from(inner.chunk_private[chunk]), g.chunk_pages()) {
-            return PageSize::Size1G;
-        }
-        let mid = (pfn >> g.order(PageSize::Size2M)) as usize;
-        if uniform(u64::from(inner.mid_private[mid]), g.mid_pages()) {
-            PageSize::Size2M
-        } else {
-            PageSize::Size4K
-        }
+        let chunk = inner.chunk_private[(pfn >> g.order(PageSize::Size1G)) as usize];
+        let mid = inner.mid_private[(pfn >> g.order(PageSize::Size2M)) as usize];
+        order_from_counts(g, chunk.into(), mid.into())
     }
 }

@@ -20,7 +20,7 @@ pub mod bitmap;
 pub mod range_map;
 pub mod struct_page;
 
-use pfnstore_core::PageSize;
+use pfnstore_core::{Geometry, PageSize};
 
 /// The order answer from a block's private-page count: uniform when none or all are private.
 fn uniform(count: u64, pages: u64) -> bool {
@@ -38,23 +38,36 @@ pub struct BlockChange {
     pub split: bool,
 }
 
-/// Appends the change of the block at `start`, if its uniformity changed with its private-page
-/// count going from `before` to `after`.
+/// Appends the change of block `index` of `size` (counting from PFN 0), if its uniformity
+/// changed with its private-page count going from `before` to `after`.
 fn note(
     changes: &mut Vec<BlockChange>,
-    start: u64,
+    geometry: Geometry,
     size: PageSize,
-    pages: u64,
+    index: usize,
     before: u64,
     after: u64,
 ) {
+    let pages = geometry.pages(size);
     let (was, is) = (uniform(before, pages), uniform(after, pages));
     if was != is {
         changes.push(BlockChange {
-            start,
+            start: index as u64 * pages,
             size,
             split: was,
         });
+    }
+}
+
+/// The largest uniform block around a page from the private-page counts of its chunk and its
+/// middle block (the bitmap and the struct-page array keep the same counters).
+fn order_from_counts(geometry: Geometry, chunk_private: u64, mid_private: u64) -> PageSize {
+    if uniform(chunk_private, geometry.chunk_pages()) {
+        PageSize::Size1G
+    } else if uniform(mid_private, geometry.mid_pages()) {
+        PageSize::Size2M
+    } else {
+        PageSize::Size4K
     }
 }
 

@@ -3,7 +3,7 @@
 use parking_lot::Mutex;
 use pfnstore_core::{Geometry, PageSize};
 
-use super::{BlockChange, ShareTracker, note, uniform};
+use super::{BlockChange, ShareTracker, note, order_from_counts};
 
 /// The per-page record: flags, the shareability, and the rest of a `struct page`'s 64 bytes
 /// (refcount, mapcount, mapping, index, private, LRU links) that such a design carries.
@@ -55,28 +55,25 @@ impl ShareTracker for StructPageArray {
         let mut chunk: Option<(usize, u32)> = None;
         let flush = |changes: &mut Vec<BlockChange>, inner: &Inner, mid, chunk| {
             if let Some((i, before)) = mid {
-                let start = (i as u64) << mid_order;
-                let after = u64::from(inner.mid_private[i]);
+                let after = inner.mid_private[i];
                 note(
                     changes,
-                    start,
+                    g,
                     PageSize::Size2M,
-                    g.mid_pages(),
+                    i,
                     u64::from(before),
-                    after,
+                    u64::from(after),
                 );
             }
             if let Some((i, before)) = chunk {
-                let start = (i as u64) << chunk_order;
-                let after = u64::from(inner.chunk_private[i]);
-                let pages = g.chunk_pages();
+                let after = inner.chunk_private[i];
                 note(
                     changes,
-                    start,
+                    g,
                     PageSize::Size1G,
-                    pages,
+                    i,
                     u64::from(before),
-                    after,
+                    u64::from(after),
                 );
             }
         };
@@ -109,15 +106,8 @@ impl ShareTracker for StructPageArray {
     fn max_order(&self, pfn: u64) -> PageSize {
         let g = self.geometry;
         let inner = self.inner.lock();
-        let chunk = (pfn >> g.order(PageSize::Size1G)) as usize;
-        if uniform(u64::from(inner.chunk_private[chunk]), g.chunk_pages()) {
-            return PageSize::Size1G;
-        }
-        let mid = (pfn >> g.order(PageSize::Size2M)) as usize;
-        if uniform(u64::from(inner.mid_private[mid]), g.mid_pages()) {
-            PageSize::Size2M
-        } else {
-            PageSize::Size4K
-        }
+        let chunk = inner.chunk_private[(pfn >> g.order(PageSize::Size1G)) as usize];
+        let mid = inner.mid_private[(pfn >> g.order(PageSize::Size2M)) as usize];
+        order_from_counts(g, chunk.into(), mid.into())
     }
 }
