@@ -146,19 +146,37 @@ fn print_bytes_table() {
     println!();
 }
 
-/// 4K converted inside a uniform 1G and back (a split and a merge), with the memory shared
-/// (as a plain VM's) or private (as a confidential VM's starts, converting pages to shared for
-/// I/O buffers). Every design starts with all of its space at that value.
+/// 4K converted inside a uniform 1G and back (a split and a merge), in three spaces of 64 GiB:
+/// all shared (a plain VM's), all private (a confidential VM's at boot; it converts pages to
+/// shared for I/O buffers), and shared with 1 % of the pages of every *other* chunk converted
+/// private at random (a VM that has been running: the 1G in question is uniform, the space
+/// around it is not).
 fn convert_4k_in_uniform_1g(c: &mut Criterion) {
-    for initial in [Shareability::Shared, Shareability::Private] {
-        let label = match initial {
-            Shareability::Shared => "shared",
-            Shareability::Private => "private",
-        };
-        let mut group = c.benchmark_group(format!("metadata/convert_4k_and_back_in_{label}_1g"));
+    for (label, initial, others_per_million) in [
+        ("shared_1g", Shareability::Shared, 0),
+        ("private_1g", Shareability::Private, 0),
+        (
+            "shared_1g_of_1pct_fragmented_space",
+            Shareability::Shared,
+            10_000,
+        ),
+    ] {
+        let mut group = c.benchmark_group(format!("metadata/convert_4k_and_back_in_{label}"));
         // Inside chunk 1, which every design (including the 4 GiB struct-page array) holds.
         let page = chunk_pages() + 1000;
+        let all_pages = GIB_64 * chunk_pages();
+        let others: Vec<u64> = random_pages(all_pages, others_per_million, 0x0_7e55)
+            .into_iter()
+            .filter(|&p| p / chunk_pages() != 1)
+            .collect();
+        let space = Space {
+            initial,
+            others: &others,
+        };
         let ours = store_of(GIB_64, initial);
+        for &p in &others {
+            drop(ours.set_shareability(PfnRange::page(Pfn(p)).unwrap(), initial.flipped()));
+        }
         let p = PfnRange::page(Pfn(page)).unwrap();
         let there = initial.flipped();
         group.bench_function("pfnstore", |b| {
@@ -168,50 +186,46 @@ fn convert_4k_in_uniform_1g(c: &mut Criterion) {
             })
         });
         drop(ours);
-        let private = initial == Shareability::Private;
-        let all = |pages: u64| (0, pages);
-        let bitmap = BitmapTracker::new(G, GIB_64 * chunk_pages());
-        bench_baseline(
-            &mut group,
-            "bitmap",
-            &bitmap,
-            all(GIB_64 * chunk_pages()),
-            private,
-            page,
-        );
+        let bitmap = BitmapTracker::new(G, all_pages);
+        bench_baseline(&mut group, "bitmap", &bitmap, all_pages, &space, page);
         drop(bitmap);
         let rmap = RangeMapTracker::new(G);
-        bench_baseline(
-            &mut group,
-            "rangemap",
-            &rmap,
-            all(GIB_64 * chunk_pages()),
-            private,
-            page,
-        );
+        bench_baseline(&mut group, "rangemap", &rmap, all_pages, &space, page);
+        drop(rmap);
         let array = StructPageArray::new(G, STRUCT_PAGE_GIB * chunk_pages());
-        let space = all(STRUCT_PAGE_GIB * chunk_pages());
-        bench_baseline(&mut group, "struct_page", &array, space, private, page);
+        let array_pages = STRUCT_PAGE_GIB * chunk_pages();
+        bench_baseline(&mut group, "struct_page", &array, array_pages, &space, page);
         group.finish();
     }
 }
 
-/// A baseline's 4K convert-and-back after setting its whole `space` to `private`, reporting
-/// its splits and merges into a reused vector (called directly, not through `dyn`, as
-/// pfnstore is).
+/// The state a convert bench starts from: every page `initial`, except `others`.
+struct Space<'a> {
+    initial: Shareability,
+    others: &'a [u64],
+}
+
+/// A baseline's 4K convert-and-back, after bringing its first `pages` pages to `space`,
+/// reporting its splits and merges into a reused vector (called directly, not through `dyn`,
+/// as pfnstore is).
 fn bench_baseline<T: ShareTracker>(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
     tracker: &T,
-    space: (u64, u64),
-    private: bool,
+    pages: u64,
+    space: &Space<'_>,
     page: u64,
 ) {
+    let private = space.initial == Shareability::Private;
     let mut changes: Vec<BlockChange> = Vec::with_capacity(8);
     if private {
-        tracker.convert(space.0, space.1, true, &mut changes);
+        tracker.convert(0, pages, true, &mut changes);
+    }
+    for &p in space.others.iter().filter(|&&p| p < pages) {
+        tracker.convert(p, p + 1, !private, &mut changes);
         changes.clear();
     }
+    changes.clear();
     group.bench_function(name, |b| {
         b.iter(|| {
             tracker.convert(page, page + 1, !private, &mut changes);
@@ -221,6 +235,7 @@ fn bench_baseline<T: ShareTracker>(
         })
     });
 }
+
 fn max_order(c: &mut Criterion) {
     let mut group = c.benchmark_group("metadata/max_mapping_order");
     let gib = 8u64;
