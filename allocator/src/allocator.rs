@@ -9,7 +9,7 @@ use pfnstore_core::{Geometry, Pfn, PfnRange, RangeError};
 use crate::shape::Shape;
 use crate::shard::{Fault, ShardState};
 use crate::stats::{AllocatorStats, Usage};
-use crate::{AllocError, AllocRequest, Allocation, ShardHint, ShardId};
+use crate::{AllocError, AllocRequest, Allocation, DirtyRanges, ShardHint, ShardId};
 
 /// How an [`Allocator`] is set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,7 +216,7 @@ impl Allocator {
         pages: u64,
         align: u64,
         clean_only: bool,
-    ) -> Option<(PfnRange, Vec<PfnRange>)> {
+    ) -> Option<(PfnRange, DirtyRanges)> {
         self.shards[index]
             .state
             .lock()
@@ -232,7 +232,7 @@ impl Allocator {
         pages: u64,
         align: u64,
         clean_only: bool,
-    ) -> Option<(PfnRange, Vec<PfnRange>)> {
+    ) -> Option<(PfnRange, DirtyRanges)> {
         let start = self.shards[index]
             .state
             .lock()

@@ -19,9 +19,10 @@
 //!   and *quarantined* runs. Together they tile the shard's chunks exactly, which
 //!   [`Allocator::check_invariants`] verifies and [`Allocator::stats`] reports.
 //! * **Dirty tracking.** Freed pages are dirty: they held a VM's data. An [`Allocation`]
-//!   lists its dirty sub-ranges so that the caller scrubs exactly those; scrubbed free pages
-//!   are reported back with [`Allocator::mark_clean`]; a request can ask for clean pages only
-//!   ([`AllocRequest::clean_only`]). Chunks are added clean or dirty.
+//!   lists its dirty sub-ranges ([`DirtyRanges`]: a slice, with no heap allocation in the
+//!   usual all-dirty or all-clean case) so that the caller scrubs exactly those; scrubbed
+//!   free pages are reported back with [`Allocator::mark_clean`]; a request can ask for
+//!   clean pages only ([`AllocRequest::clean_only`]). Chunks are added clean or dirty.
 //! * **Quarantine.** Allocated pages that must never be reused (their unmap failed) are
 //!   handed back with [`Allocator::quarantine`]: they stay out of use and accounted.
 //!
@@ -67,6 +68,7 @@ mod allocator;
 mod error;
 mod extent_tree;
 mod placement;
+mod records;
 mod request;
 mod shape;
 mod shard;
@@ -74,5 +76,5 @@ mod stats;
 
 pub use allocator::{Allocator, AllocatorConfig};
 pub use error::AllocError;
-pub use request::{AllocRequest, Allocation, ShardHint, ShardId};
+pub use request::{AllocRequest, Allocation, DirtyRanges, ShardHint, ShardId};
 pub use stats::{AllocatorStats, Usage};

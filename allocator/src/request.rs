@@ -79,7 +79,7 @@ pub struct Allocation {
     pub shard: ShardId,
     /// The parts of `range` that held someone else's data and must be scrubbed before the
     /// memory is given to anyone: ascending, disjoint, not adjacent. Empty if all is clean.
-    pub dirty: Vec<PfnRange>,
+    pub dirty: DirtyRanges,
 }
 
 impl Allocation {
@@ -91,5 +91,123 @@ impl Allocation {
     /// Pages that need scrubbing.
     pub fn dirty_pages(&self) -> u64 {
         self.dirty.iter().map(PfnRange::len).sum()
+    }
+}
+
+/// The dirty parts of an [`Allocation`]: a slice of ranges (it derefs to `[PfnRange]`).
+///
+/// Almost every allocation is wholly dirty or wholly clean, so up to one range is kept
+/// inline and only an allocation that straddles clean and dirty memory needs the heap: an
+/// allocation costs no heap allocation of its own.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct DirtyRanges(Ranges);
+
+#[derive(Clone, Default, PartialEq, Eq)]
+enum Ranges {
+    #[default]
+    None,
+    One(PfnRange),
+    /// Two or more.
+    Many(Vec<PfnRange>),
+}
+
+impl DirtyRanges {
+    /// No dirty range.
+    pub const fn new() -> DirtyRanges {
+        DirtyRanges(Ranges::None)
+    }
+
+    /// Appends `range`, which must come after (and not touch) every range already held.
+    pub fn push(&mut self, range: PfnRange) {
+        debug_assert!(self.last().is_none_or(|l| l.end() < range.start()));
+        self.0 = match std::mem::take(&mut self.0) {
+            Ranges::None => Ranges::One(range),
+            Ranges::One(first) => Ranges::Many(vec![first, range]),
+            Ranges::Many(mut all) => {
+                all.push(range);
+                Ranges::Many(all)
+            }
+        };
+    }
+}
+
+impl From<PfnRange> for DirtyRanges {
+    fn from(range: PfnRange) -> DirtyRanges {
+        DirtyRanges(Ranges::One(range))
+    }
+}
+
+impl std::ops::Deref for DirtyRanges {
+    type Target = [PfnRange];
+    fn deref(&self) -> &[PfnRange] {
+        match &self.0 {
+            Ranges::None => &[],
+            Ranges::One(range) => std::slice::from_ref(range),
+            Ranges::Many(all) => all,
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a DirtyRanges {
+    type Item = &'a PfnRange;
+    type IntoIter = std::slice::Iter<'a, PfnRange>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl fmt::Debug for DirtyRanges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl PartialEq<[PfnRange]> for DirtyRanges {
+    fn eq(&self, other: &[PfnRange]) -> bool {
+        **self == *other
+    }
+}
+
+impl PartialEq<Vec<PfnRange>> for DirtyRanges {
+    fn eq(&self, other: &Vec<PfnRange>) -> bool {
+        **self == **other
+    }
+}
+
+impl From<DirtyRanges> for Vec<PfnRange> {
+    fn from(ranges: DirtyRanges) -> Vec<PfnRange> {
+        match ranges.0 {
+            Ranges::None => Vec::new(),
+            Ranges::One(range) => vec![range],
+            Ranges::Many(all) => all,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pfnstore_core::Pfn;
+
+    fn range(start: u64, end: u64) -> PfnRange {
+        PfnRange::new(Pfn(start), Pfn(end)).unwrap()
+    }
+
+    #[test]
+    fn dirty_ranges_hold_one_inline_and_more_on_the_heap() {
+        let mut dirty = DirtyRanges::new();
+        assert!(dirty.is_empty());
+        assert_eq!(dirty, Vec::new());
+        dirty.push(range(1, 3));
+        assert!(matches!(dirty.0, Ranges::One(_)));
+        assert_eq!(dirty, vec![range(1, 3)]);
+        dirty.push(range(5, 6));
+        dirty.push(range(9, 12));
+        let all = vec![range(1, 3), range(5, 6), range(9, 12)];
+        assert_eq!(dirty, all);
+        assert_eq!(IntoIterator::into_iter(&dirty).count(), 3);
+        assert_eq!(format!("{dirty:?}"), format!("{all:?}"));
+        assert_eq!(Vec::from(dirty), all);
+        assert_eq!(DirtyRanges::from(range(4, 8)), vec![range(4, 8)]);
     }
 }

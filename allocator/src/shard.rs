@@ -5,11 +5,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use pfnstore_core::{Pfn, PfnRange};
 
-use crate::AllocError;
 use crate::extent_tree::ExtentTree;
 use crate::placement::place;
+use crate::records::Records;
 use crate::shape::{Field, Shape, align_down};
 use crate::stats::Usage;
+use crate::{AllocError, DirtyRanges};
 
 /// Why an operation on a shard failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +48,7 @@ pub(crate) struct ShardState {
     /// The free runs (or parts of them) that need no scrubbing. Always inside `free`.
     clean: ExtentTree,
     /// One record per allocation, split when a hole is punched: start -> end.
-    allocated: BTreeMap<u64, u64>,
+    allocated: Records,
     allocated_pages: u64,
     /// Quarantined runs, coalesced: start -> end.
     quarantined: BTreeMap<u64, u64>,
@@ -61,7 +62,7 @@ impl ShardState {
             chunks: BTreeSet::new(),
             free: ExtentTree::new(shape),
             clean: ExtentTree::new(shape),
-            allocated: BTreeMap::new(),
+            allocated: Records::new(),
             allocated_pages: 0,
             quarantined: BTreeMap::new(),
             quarantined_pages: 0,
@@ -73,15 +74,8 @@ impl ShardState {
     }
 
     fn record_containing(&self, pfn: u64) -> Option<(u64, u64)> {
-        // A free usually names a whole allocation: an exact lookup is much cheaper than the
-        // range search below.
-        if let Some(&end) = self.allocated.get(&pfn) {
-            return Some((pfn, end));
-        }
         self.allocated
-            .range(..pfn)
-            .next_back()
-            .map(|(&s, &e)| (s, e))
+            .last_at_or_below(pfn)
             .filter(|&(_, e)| e > pfn)
     }
 
@@ -133,26 +127,26 @@ impl ShardState {
         pages: u64,
         align: u64,
         clean_only: bool,
-    ) -> Option<(PfnRange, Vec<PfnRange>)> {
+    ) -> Option<(PfnRange, DirtyRanges)> {
         let start = self.place(pages, align, clean_only)?;
         let dirty = self.carve(start, start + pages);
         Some((pfn_range(start, start + pages), dirty))
     }
 
     /// Takes `[start, end)`, which lies in one free run, and records it as one allocation.
-    fn carve(&mut self, start: u64, end: u64) -> Vec<PfnRange> {
+    fn carve(&mut self, start: u64, end: u64) -> DirtyRanges {
         self.free.remove(start, end);
         self.record_allocation(start, end)
     }
 
-    fn record_allocation(&mut self, start: u64, end: u64) -> Vec<PfnRange> {
+    fn record_allocation(&mut self, start: u64, end: u64) -> DirtyRanges {
         self.allocated.insert(start, end);
         self.allocated_pages += end - start;
         if self.clean.totals().runs == 0 {
             // Nothing is clean (the usual state between scrubs): all of it is dirty.
-            return vec![pfn_range(start, end)];
+            return pfn_range(start, end).into();
         }
-        let mut dirty = Vec::new();
+        let mut dirty = DirtyRanges::new();
         let mut next = start;
         self.clean.subtract(start, end, |cs, ce| {
             if cs > next {
@@ -169,7 +163,7 @@ impl ShardState {
     /// The test-only mutation of the loom models: takes `[start, end)` without checking that
     /// it is still free, as a racy "place under one lock, take under another" would.
     #[cfg(pfnstore_loom_mutation = "allocator_split_alloc")]
-    pub(crate) fn carve_unchecked(&mut self, start: u64, end: u64) -> (PfnRange, Vec<PfnRange>) {
+    pub(crate) fn carve_unchecked(&mut self, start: u64, end: u64) -> (PfnRange, DirtyRanges) {
         self.free.subtract(start, end, |_, _| {});
         let dirty = self.record_allocation(start, end);
         (pfn_range(start, end), dirty)
@@ -197,7 +191,7 @@ impl ShardState {
         }
     }
 
-    pub(crate) fn alloc_at(&mut self, range: PfnRange) -> Result<Vec<PfnRange>, Fault> {
+    pub(crate) fn alloc_at(&mut self, range: PfnRange) -> Result<DirtyRanges, Fault> {
         let (start, end) = (range.start().0, range.end().0);
         self.check_free(start, end)?;
         Ok(self.carve(start, end))
@@ -242,7 +236,7 @@ impl ShardState {
 
     /// Removes `[start, end)` from the record `[rs, re)`, keeping what is left of it.
     fn cut_record(&mut self, (rs, re): (u64, u64), start: u64, end: u64) {
-        self.allocated.remove(&rs);
+        self.allocated.remove(rs);
         if rs < start {
             self.allocated.insert(rs, start);
         }
@@ -257,7 +251,7 @@ impl ShardState {
         // The common free starts where an allocation starts: take its record out with one
         // search instead of a lookup and a removal, and put it back untouched if the range
         // reaches past it (then the checks below name the fault).
-        if let Some(record_end) = self.allocated.remove(&start) {
+        if let Some(record_end) = self.allocated.remove(start) {
             if record_end >= end {
                 if end < record_end {
                     self.allocated.insert(end, record_end);
@@ -336,7 +330,8 @@ impl ShardState {
             .map(|(s, e)| (s, e, "free"))
             .collect();
         let mut allocated_pages = 0;
-        for (&s, &e) in &self.allocated {
+        self.allocated.check()?;
+        for (s, e) in self.allocated.entries() {
             allocated_pages += e - s;
             all.push((s, e, "allocated"));
         }

@@ -588,7 +588,7 @@ proptest! {
                     if clean_only {
                         req = req.clean_only();
                     }
-                    let ours = alloc.alloc(req).map(|a| (a.range, a.shard.0, a.dirty));
+                    let ours = alloc.alloc(req).map(|a| (a.range, a.shard.0, Vec::from(a.dirty)));
                     let expected = model.alloc(req, home);
                     prop_assert_eq!(&ours, &expected, "{:?}", req);
                     if let Ok((r, _, _)) = ours {
@@ -597,7 +597,7 @@ proptest! {
                 }
                 Op::AllocAt { start, len } => {
                     let r = range(start, start + len);
-                    let ours = alloc.alloc_at(r).map(|a| (a.shard.0, a.dirty));
+                    let ours = alloc.alloc_at(r).map(|a| (a.shard.0, Vec::from(a.dirty)));
                     prop_assert_eq!(&ours, &model.alloc_at(r));
                     if ours.is_ok() {
                         owned.push(r);
