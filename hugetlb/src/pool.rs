@@ -194,6 +194,13 @@ impl Sysfs {
         read_u64(&path)
     }
 
+    /// Asks the kernel to compact all memory (`/proc/sys/vm/compact_memory`), so that freed
+    /// pages coalesce into the contiguous ranges huge pages need. Best effort: `false` when the
+    /// trigger could not be written (no root, no `CONFIG_COMPACTION`).
+    pub fn compact_memory(&self) -> bool {
+        std::fs::write(self.proc.join("sys/vm/compact_memory"), "1\n").is_ok()
+    }
+
     /// Whether this process may write `nr_hugepages` of `id` (root, writable sysfs).
     pub fn pool_writable(&self, id: PoolId) -> bool {
         let Ok(dir) = self.pool_dir(id) else {
@@ -288,12 +295,18 @@ pub struct PoolReservation {
 }
 
 impl PoolReservation {
-    /// Grows the pool by `pages`. If the kernel gives fewer, what it gave is taken back and
-    /// the answer is [`HugetlbError::PoolGrowShort`]: nothing is left behind.
+    /// Grows the pool by `pages`. If the kernel gives fewer, memory is compacted once and the
+    /// rest asked for again (a 1 GiB page needs 1 GiB of contiguous free memory, and page cache
+    /// or a build's memory can leave free memory too scattered for it); if it still gives
+    /// fewer, what it gave is taken back and the answer is [`HugetlbError::PoolGrowShort`]:
+    /// nothing is left behind.
     pub fn grow(sysfs: &Sysfs, id: PoolId, pages: u64) -> Result<PoolReservation, HugetlbError> {
         let before = sysfs.read_pool(id)?.total;
         let wanted = before.saturating_add(pages);
-        let got = sysfs.write_total(id, wanted)?;
+        let mut got = sysfs.write_total(id, wanted)?;
+        if got < wanted && sysfs.compact_memory() {
+            got = sysfs.write_total(id, wanted)?;
+        }
         if got < wanted {
             let added = got.saturating_sub(before);
             if added > 0 {
@@ -456,6 +469,32 @@ mod tests {
             assert_eq!(got, 0);
         }
         assert_eq!(sysfs.read_pool(id).unwrap().total, 5);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn compaction_is_triggered_through_proc_and_only_for_a_short_grow() {
+        let (root, sysfs) = fake_tree("short");
+        let id = PoolId {
+            page_size: HugePageSize::Huge1G,
+            node: None,
+        };
+        // Without the trigger (no /proc/sys/vm) compaction reports that it did not happen.
+        // (A fake tree's nr_hugepages takes any value, so the short grow itself is exercised
+        // only by the real-hugetlb tests, when the kernel is short of contiguous memory.)
+        assert!(!sysfs.compact_memory());
+        std::fs::create_dir_all(root.join("proc/sys/vm")).unwrap();
+        assert!(sysfs.compact_memory());
+        assert_eq!(
+            std::fs::read_to_string(root.join("proc/sys/vm/compact_memory")).unwrap(),
+            "1\n"
+        );
+        // A grow the fake kernel grants in full needs no compaction and keeps its pages.
+        std::fs::remove_file(root.join("proc/sys/vm/compact_memory")).unwrap();
+        let r = PoolReservation::grow(&sysfs, id, 1).unwrap();
+        assert_eq!(r.added(), 1);
+        assert!(!root.join("proc/sys/vm/compact_memory").exists());
+        drop(r);
         std::fs::remove_dir_all(root).unwrap();
     }
 
