@@ -3,7 +3,7 @@
 use parking_lot::Mutex;
 use pfnstore_core::{Geometry, PageSize};
 
-use super::{BlockChange, ShareTracker, note, order_from_counts};
+use super::{BlockChange, ShareTracker, Watched, order_from_counts};
 
 #[derive(Debug)]
 struct Inner {
@@ -45,10 +45,8 @@ impl ShareTracker for BitmapTracker {
         let (mid_order, chunk_order) = (g.order(PageSize::Size2M), g.order(PageSize::Size1G));
         let mut guard = self.inner.lock();
         let inner = &mut *guard;
-        // The middle block and chunk whose counters are being changed, with their counts from
-        // before this call: their uniformity is compared when the loop leaves them.
-        let mut mid: Option<(usize, u16)> = None;
-        let mut chunk: Option<(usize, u32)> = None;
+        let mut mid = Watched::new(PageSize::Size2M);
+        let mut chunk = Watched::new(PageSize::Size1G);
         let mut pos = start;
         // Word by word; each word lies in one middle block (which is at least 64 pages on
         // x86-64), so its count delta goes to one counter.
@@ -68,57 +66,15 @@ impl ShareTracker for BitmapTracker {
                 inner.bits[w] = new;
                 let m = (pos >> mid_order) as usize;
                 let c = (pos >> chunk_order) as usize;
-                if mid.is_none_or(|(i, _)| i != m) {
-                    if let Some((i, before)) = mid {
-                        note(
-                            changes,
-                            g,
-                            PageSize::Size2M,
-                            i,
-                            before.into(),
-                            inner.mid_private[i].into(),
-                        );
-                    }
-                    mid = Some((m, inner.mid_private[m]));
-                }
-                if chunk.is_none_or(|(i, _)| i != c) {
-                    if let Some((i, before)) = chunk {
-                        note(
-                            changes,
-                            g,
-                            PageSize::Size1G,
-                            i,
-                            before.into(),
-                            inner.chunk_private[i].into(),
-                        );
-                    }
-                    chunk = Some((c, inner.chunk_private[c]));
-                }
+                mid.visit(changes, g, m, |i| inner.mid_private[i].into());
+                chunk.visit(changes, g, c, |i| inner.chunk_private[i].into());
                 inner.mid_private[m] = (i64::from(inner.mid_private[m]) + delta) as u16;
                 inner.chunk_private[c] = (i64::from(inner.chunk_private[c]) + delta) as u32;
             }
             pos = pos - from + to;
         }
-        if let Some((i, before)) = mid {
-            note(
-                changes,
-                g,
-                PageSize::Size2M,
-                i,
-                before.into(),
-                inner.mid_private[i].into(),
-            );
-        }
-        if let Some((i, before)) = chunk {
-            note(
-                changes,
-                g,
-                PageSize::Size1G,
-                i,
-                before.into(),
-                inner.chunk_private[i].into(),
-            );
-        }
+        mid.finish(changes, g, |i| inner.mid_private[i].into());
+        chunk.finish(changes, g, |i| inner.chunk_private[i].into());
     }
 
     fn max_order(&self, pfn: u64) -> PageSize {

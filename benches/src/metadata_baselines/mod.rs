@@ -59,6 +59,49 @@ fn note(
     }
 }
 
+/// The block of one level whose private-page counter a conversion is changing, with its count
+/// from before the call: its uniformity change is noted when the conversion moves on.
+struct Watched {
+    size: PageSize,
+    current: Option<(usize, u64)>,
+}
+
+impl Watched {
+    fn new(size: PageSize) -> Watched {
+        Watched {
+            size,
+            current: None,
+        }
+    }
+
+    /// Makes block `index` the current one (its count read through `count`), noting the
+    /// change of the block left behind.
+    fn visit(
+        &mut self,
+        changes: &mut Vec<BlockChange>,
+        geometry: Geometry,
+        index: usize,
+        count: impl Fn(usize) -> u64,
+    ) {
+        if self.current.is_none_or(|(i, _)| i != index) {
+            self.finish(changes, geometry, &count);
+            self.current = Some((index, count(index)));
+        }
+    }
+
+    /// Notes the change of the current block, if any.
+    fn finish(
+        &mut self,
+        changes: &mut Vec<BlockChange>,
+        geometry: Geometry,
+        count: impl Fn(usize) -> u64,
+    ) {
+        if let Some((i, before)) = self.current.take() {
+            note(changes, geometry, self.size, i, before, count(i));
+        }
+    }
+}
+
 /// The largest uniform block around a page from the private-page counts of its chunk and its
 /// middle block (the bitmap and the struct-page array keep the same counters).
 fn order_from_counts(geometry: Geometry, chunk_private: u64, mid_private: u64) -> PageSize {

@@ -3,7 +3,7 @@
 use parking_lot::Mutex;
 use pfnstore_core::{Geometry, PageSize};
 
-use super::{BlockChange, ShareTracker, note, order_from_counts};
+use super::{BlockChange, ShareTracker, Watched, order_from_counts};
 
 /// The per-page record: flags, the shareability, and the rest of a `struct page`'s 64 bytes
 /// (refcount, mapcount, mapping, index, private, LRU links) that such a design carries.
@@ -50,47 +50,16 @@ impl ShareTracker for StructPageArray {
         let (mid_order, chunk_order) = (g.order(PageSize::Size2M), g.order(PageSize::Size1G));
         let mut guard = self.inner.lock();
         let inner = &mut *guard;
-        // The blocks whose counters are being changed, with their counts before this call.
-        let mut mid: Option<(usize, u32)> = None;
-        let mut chunk: Option<(usize, u32)> = None;
-        let flush = |changes: &mut Vec<BlockChange>, inner: &Inner, mid, chunk| {
-            if let Some((i, before)) = mid {
-                let after = inner.mid_private[i];
-                note(
-                    changes,
-                    g,
-                    PageSize::Size2M,
-                    i,
-                    u64::from(before),
-                    u64::from(after),
-                );
-            }
-            if let Some((i, before)) = chunk {
-                let after = inner.chunk_private[i];
-                note(
-                    changes,
-                    g,
-                    PageSize::Size1G,
-                    i,
-                    u64::from(before),
-                    u64::from(after),
-                );
-            }
-        };
+        let mut mid = Watched::new(PageSize::Size2M);
+        let mut chunk = Watched::new(PageSize::Size1G);
         for pfn in start..end {
             let page = &mut inner.pages[pfn as usize];
             if (page.flags & 1 == 1) != private {
                 page.flags ^= 1;
                 let m = (pfn >> mid_order) as usize;
                 let c = (pfn >> chunk_order) as usize;
-                if mid.is_none_or(|(i, _)| i != m) {
-                    flush(changes, inner, mid, None);
-                    mid = Some((m, inner.mid_private[m]));
-                }
-                if chunk.is_none_or(|(i, _)| i != c) {
-                    flush(changes, inner, None, chunk);
-                    chunk = Some((c, inner.chunk_private[c]));
-                }
+                mid.visit(changes, g, m, |i| inner.mid_private[i].into());
+                chunk.visit(changes, g, c, |i| inner.chunk_private[i].into());
                 if private {
                     inner.mid_private[m] += 1;
                     inner.chunk_private[c] += 1;
@@ -100,7 +69,8 @@ impl ShareTracker for StructPageArray {
                 }
             }
         }
-        flush(changes, inner, mid, chunk);
+        mid.finish(changes, g, |i| inner.mid_private[i].into());
+        chunk.finish(changes, g, |i| inner.chunk_private[i].into());
     }
 
     fn max_order(&self, pfn: u64) -> PageSize {
