@@ -38,6 +38,16 @@ pub(crate) struct SmallOutcome {
     pub(crate) change: SmallChange,
 }
 
+/// What the fast path needs to know of the store's chunks.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ChunkShape<'a> {
+    /// Pages per chunk.
+    pub(crate) pages: u32,
+    /// log2 of the pages per middle block.
+    pub(crate) mid_order: u32,
+    pub(crate) layout: &'a SummaryLayout,
+}
+
 /// Sets pages `lo..hi` (`lo < hi <= pages`) of a chunk whose coarse plane is uniform and whose
 /// shareability plane is `before` to `to`. `None` when the result needs more flips than a
 /// [`SmallPlane`] holds (the caller then takes the general path; nothing was changed).
@@ -47,14 +57,17 @@ pub(crate) fn convert_small(
     lo: u32,
     hi: u32,
     to: Shareability,
-    pages: u32,
-    mid_order: u32,
-    layout: &SummaryLayout,
+    shape: ChunkShape<'_>,
 ) -> Option<SmallOutcome> {
+    let ChunkShape {
+        pages,
+        mid_order,
+        layout,
+    } = shape;
     let flips = before.flips();
     let first = before.first();
     if flips.is_empty() {
-        return Some(island(first, lo, hi, to, pages, mid_order, layout));
+        return Some(island(first, lo, hi, to, shape));
     }
     // Every flip inside lo..=hi and the pages outside the range already `to`: the chunk is
     // uniform again (the way back of an island).
@@ -102,10 +115,13 @@ fn island(
     lo: u32,
     hi: u32,
     to: Shareability,
-    pages: u32,
-    mid_order: u32,
-    layout: &SummaryLayout,
+    shape: ChunkShape<'_>,
 ) -> SmallOutcome {
+    let ChunkShape {
+        pages,
+        mid_order,
+        layout,
+    } = shape;
     let mut flips = Packed4::default();
     if first == to || (lo == 0 && hi == pages) {
         // Still uniform: nothing to report, the summary stands.
@@ -166,7 +182,13 @@ mod tests {
     const PAGES: u32 = 1 << 18;
 
     fn run(before: SmallPlane, lo: u32, hi: u32, to: Shareability) -> Option<SmallOutcome> {
-        convert_small(before, lo, hi, to, PAGES, 9, &SummaryLayout::new(G))
+        let layout = SummaryLayout::new(G);
+        let shape = ChunkShape {
+            pages: PAGES,
+            mid_order: 9,
+            layout: &layout,
+        };
+        convert_small(before, lo, hi, to, shape)
     }
 
     fn mids(values: &[u32]) -> Packed4 {

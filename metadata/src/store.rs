@@ -9,7 +9,7 @@ use pfnstore_core::{Geometry, PageSize, Pfn, PfnRange, RangeError};
 
 use crate::chunk::{ChunkState, MidList};
 use crate::coarse_plane::{Coarse, CoarsePlane};
-use crate::fast_convert::convert_small;
+use crate::fast_convert::{ChunkShape, convert_small};
 use crate::plan::{BlockPlan, RunCollector};
 use crate::share_plane::{PlaneShape, SharePlane};
 use crate::summary::{MANAGED, SummaryLayout};
@@ -349,7 +349,12 @@ impl MetadataStore {
         {
             validate(range.start(), coarse)?;
             let (lo, hi) = self.clip(range, index);
-            let outcome = convert_small(before, lo, hi, to, pages, self.mid_order(), &self.summary);
+            let shape = ChunkShape {
+                pages,
+                mid_order: self.mid_order(),
+                layout: &self.summary,
+            };
+            let outcome = convert_small(before, lo, hi, to, shape);
             if let Some(outcome) = outcome {
                 chunk.share = SharePlane::from_small(outcome.after);
                 if let Some(summary) = outcome.summary {
