@@ -17,15 +17,11 @@
 //! allocates nothing.
 
 pub mod bitmap;
+mod counters;
 pub mod range_map;
 pub mod struct_page;
 
-use pfnstore_core::{Geometry, PageSize};
-
-/// The order answer from a block's private-page count: uniform when none or all are private.
-fn uniform(count: u64, pages: u64) -> bool {
-    count == 0 || count == pages
-}
+use pfnstore_core::PageSize;
 
 /// A 1G or 2M block whose uniformity a conversion changed.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -36,82 +32,6 @@ pub struct BlockChange {
     pub size: PageSize,
     /// `true`: it was uniform and is not any more; `false`: the reverse.
     pub split: bool,
-}
-
-/// Appends the change of block `index` of `size` (counting from PFN 0), if its uniformity
-/// changed with its private-page count going from `before` to `after`.
-fn note(
-    changes: &mut Vec<BlockChange>,
-    geometry: Geometry,
-    size: PageSize,
-    index: usize,
-    before: u64,
-    after: u64,
-) {
-    let pages = geometry.pages(size);
-    let (was, is) = (uniform(before, pages), uniform(after, pages));
-    if was != is {
-        changes.push(BlockChange {
-            start: index as u64 * pages,
-            size,
-            split: was,
-        });
-    }
-}
-
-/// The block of one level whose private-page counter a conversion is changing, with its count
-/// from before the call: its uniformity change is noted when the conversion moves on.
-struct Watched {
-    size: PageSize,
-    current: Option<(usize, u64)>,
-}
-
-impl Watched {
-    fn new(size: PageSize) -> Watched {
-        Watched {
-            size,
-            current: None,
-        }
-    }
-
-    /// Makes block `index` the current one (its count read through `count`), noting the
-    /// change of the block left behind.
-    fn visit(
-        &mut self,
-        changes: &mut Vec<BlockChange>,
-        geometry: Geometry,
-        index: usize,
-        count: impl Fn(usize) -> u64,
-    ) {
-        if self.current.is_none_or(|(i, _)| i != index) {
-            self.finish(changes, geometry, &count);
-            self.current = Some((index, count(index)));
-        }
-    }
-
-    /// Notes the change of the current block, if any.
-    fn finish(
-        &mut self,
-        changes: &mut Vec<BlockChange>,
-        geometry: Geometry,
-        count: impl Fn(usize) -> u64,
-    ) {
-        if let Some((i, before)) = self.current.take() {
-            note(changes, geometry, self.size, i, before, count(i));
-        }
-    }
-}
-
-/// The largest uniform block around a page from the private-page counts of its chunk and its
-/// middle block (the bitmap and the struct-page array keep the same counters).
-fn order_from_counts(geometry: Geometry, chunk_private: u64, mid_private: u64) -> PageSize {
-    if uniform(chunk_private, geometry.chunk_pages()) {
-        PageSize::Size1G
-    } else if uniform(mid_private, geometry.mid_pages()) {
-        PageSize::Size2M
-    } else {
-        PageSize::Size4K
-    }
 }
 
 /// The common interface of the baselines.
