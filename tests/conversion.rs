@@ -6,6 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
+use pfnstore::core::testing::XorShift;
 use pfnstore::core::{Geometry, PageSize, Pfn, PfnRange};
 use pfnstore::subscribers::{Callback, FaultPlan, IommuMapper, KvmMmu};
 use pfnstore::{
@@ -678,13 +679,10 @@ fn sixteen_gib_with_one_percent_shared_costs_the_iommu_one_mapping_per_block() {
     let iommu = Arc::new(IommuMapper::new("iommu", store.geometry()));
     let _reg = store.subscribe(&dyn_sub(&iommu), Interest::All);
     let pages = 16 * GIB / PAGE;
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rng = XorShift::new(0x9E37_79B9_7F4A_7C15);
     let mut shared = std::collections::BTreeSet::new();
     while shared.len() < (pages / 100) as usize {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        shared.insert(state % pages);
+        shared.insert(rng.below(pages));
     }
     for &page in &shared {
         file.convert(

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use pfnstore::core::PfnRange;
+use pfnstore::core::testing::XorShift;
 use pfnstore::subscribers::{IommuMapper, KvmMmu};
 use pfnstore::{
     ConvertMode, FileOptions, GuestMemory, Interest, PinOwner, Shareability, StoreError,
@@ -18,13 +19,8 @@ const OPS: usize = 20_000;
 const FILE_PAGES: u64 = 192;
 
 fn rng(seed: u64) -> impl FnMut(u64) -> u64 {
-    let mut state = seed | 1;
-    move |bound| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state % bound
-    }
+    let mut state = XorShift::new(seed | 1);
+    move |bound| state.below(bound)
 }
 
 /// Errors a racing workload legitimately gets; anything else fails the test.

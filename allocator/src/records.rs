@@ -531,6 +531,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pfnstore_core::testing::XorShift;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
@@ -591,13 +592,8 @@ mod tests {
         /// percent: splits, refills and merges of inner nodes at every level.
         #[test]
         fn matches_a_btree_map_deep(seed in any::<u64>(), n in 500u64..6000, keep in 0u64..20) {
-            let mut rng = seed | 1;
-            let mut next = move |bound: u64| {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                rng % bound
-            };
+            let mut rng = XorShift::new(seed | 1);
+            let mut next = move |bound: u64| rng.below(bound);
             let mut tree = Records::new();
             let mut model = BTreeMap::new();
             let mut step = 0u64;

@@ -9,6 +9,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 
 use pfnstore_allocator::{AllocRequest, Allocator, AllocatorConfig, ShardHint, ShardId};
+use pfnstore_core::testing::XorShift;
 use pfnstore_core::{Geometry, Pfn, PfnRange};
 
 const THREADS: u32 = 6;
@@ -42,13 +43,6 @@ impl Owners {
     }
 }
 
-fn xorshift(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
-
 #[test]
 fn threads_never_share_a_page_and_accounting_is_exact() {
     let geometry = Geometry::new(3, 7).unwrap(); // 8-page mid blocks, 128-page chunks
@@ -80,7 +74,7 @@ fn threads_never_share_a_page_and_accounting_is_exact() {
             let start = start.clone();
             thread::spawn(move || {
                 start.wait();
-                let mut rng = 0x1234_5678_9abc_def0 ^ u64::from(me) << 32;
+                let mut rng = XorShift::new(0x1234_5678_9abc_def0 ^ u64::from(me) << 32);
                 let mut held: Vec<PfnRange> = Vec::new();
                 let mut stats = [0u64; 5];
                 for op in 0..OPS {
@@ -90,15 +84,15 @@ fn threads_never_share_a_page_and_accounting_is_exact() {
                         // (no range posted by one is freed by another).
                         thread::yield_now();
                     }
-                    let roll = xorshift(&mut rng) % 100;
+                    let roll = rng.next_u64() % 100;
                     if roll < 45 || held.is_empty() {
-                        let (pages, align) = match xorshift(&mut rng) % 4 {
+                        let (pages, align) = match rng.next_u64() % 4 {
                             0 => (mid, mid),
-                            1 => (1 + xorshift(&mut rng) % 20, 1),
+                            1 => (1 + rng.next_u64() % 20, 1),
                             2 => (chunk, chunk),
                             _ => (1, 1),
                         };
-                        let hint = match xorshift(&mut rng) % 4 {
+                        let hint = match rng.next_u64() % 4 {
                             0 => ShardHint::Shard(ShardId(2)),
                             _ => ShardHint::Home,
                         };
@@ -130,18 +124,18 @@ fn threads_never_share_a_page_and_accounting_is_exact() {
                             }
                         }
                     } else if roll < 75 {
-                        let r = held.swap_remove((xorshift(&mut rng) as usize) % held.len());
+                        let r = held.swap_remove((rng.next_u64() as usize) % held.len());
                         owners.release(r, me);
                         alloc.free(r).unwrap();
                         stats[1] += 1;
                     } else if roll < 90 {
                         // Punch a hole in the middle of a held range.
-                        let i = (xorshift(&mut rng) as usize) % held.len();
+                        let i = (rng.next_u64() as usize) % held.len();
                         let r = held[i];
                         if r.len() >= 3 {
                             let hole = PfnRange::from_len(
                                 Pfn(r.start().0 + 1),
-                                1 + xorshift(&mut rng) % (r.len() - 2),
+                                1 + rng.next_u64() % (r.len() - 2),
                             )
                             .unwrap();
                             owners.release(hole, me);
@@ -154,7 +148,7 @@ fn threads_never_share_a_page_and_accounting_is_exact() {
                         }
                     } else {
                         // Hand a range to whoever frees next; free one handed to us.
-                        let i = (xorshift(&mut rng) as usize) % held.len();
+                        let i = (rng.next_u64() as usize) % held.len();
                         let r = held.swap_remove(i);
                         owners.release(r, me);
                         let taken = {

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use parking_lot::Mutex;
 use pfnstore_allocator::{AllocRequest, Allocator, AllocatorConfig};
+use pfnstore_core::testing::XorShift;
 use pfnstore_core::{Geometry, Pfn, PfnRange};
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
@@ -143,20 +144,18 @@ const OPS_PER_THREAD: u64 = 20_000;
 
 /// One thread's share of a round: `OPS_PER_THREAD` alloc+free pairs of mixed sizes.
 fn work<A: PfnAlloc>(a: &A, seed: u64) {
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (seed + 1);
+    let mut rng = XorShift::new(0x9E37_79B9_7F4A_7C15u64 ^ (seed + 1));
     let mut live: Vec<A::Handle> = Vec::with_capacity(17);
     for _ in 0..OPS_PER_THREAD {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let (pages, align) = match rng % 100 {
+        let roll = rng.next_u64();
+        let (pages, align) = match roll % 100 {
             0..70 => (1, 1),
             70..95 => (512, 512),
             _ => (512 * 512, 512 * 512),
         };
         live.push(a.alloc(pages, align));
         if live.len() > 16 {
-            let victim = live.swap_remove((rng >> 32) as usize % live.len());
+            let victim = live.swap_remove((roll >> 32) as usize % live.len());
             a.free(victim);
         }
     }

@@ -13,7 +13,7 @@ use pfnstore_benches::metadata_baselines::bitmap::BitmapTracker;
 use pfnstore_benches::metadata_baselines::range_map::RangeMapTracker;
 use pfnstore_benches::metadata_baselines::struct_page::StructPageArray;
 use pfnstore_benches::metadata_baselines::{BlockChange, ShareTracker};
-use pfnstore_core::testing::CountingAllocator;
+use pfnstore_core::testing::{CountingAllocator, XorShift};
 use pfnstore_core::{Geometry, Pfn, PfnRange};
 use pfnstore_metadata::{MetadataStore, Shareability};
 
@@ -53,23 +53,13 @@ fn range(a: u64, b: u64) -> PfnRange {
     PfnRange::new(Pfn(a), Pfn(b)).unwrap()
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// `per_million` of the pages of `0..pages`, distinct, at random.
 fn random_pages(pages: u64, per_million: u64, seed: u64) -> Vec<u64> {
     let want = (pages * per_million).div_ceil(1_000_000) as usize;
-    let mut rng = Rng(seed | 1);
+    let mut rng = XorShift::new(seed | 1);
     let mut set = std::collections::BTreeSet::new();
     while set.len() < want {
-        set.insert(rng.next() % pages);
+        set.insert(rng.next_u64() % pages);
     }
     set.into_iter().collect()
 }
@@ -253,8 +243,8 @@ fn max_order(c: &mut Criterion) {
         }
         // Probe a fixed pseudo-random walk over the space.
         let probes: Vec<u64> = {
-            let mut rng = Rng(0x1234);
-            (0..4096).map(|_| rng.next() % pages).collect()
+            let mut rng = XorShift::new(0x1234);
+            (0..4096).map(|_| rng.next_u64() % pages).collect()
         };
         let mut i = 0usize;
         group.bench_function(BenchmarkId::new("pfnstore", label), |b| {

@@ -32,6 +32,32 @@ pub fn skip(test: &str, reason: &str) {
     }
 }
 
+/// Marsaglia's xorshift64 (shifts 13, 7, 17): a deterministic pseudo-random sequence for tests
+/// and benches, so they need no RNG crate and every run sees the same numbers. The state must
+/// not be 0 (0 stays 0).
+#[derive(Debug, Clone)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// A sequence from `state` (non-zero).
+    pub const fn new(state: u64) -> XorShift {
+        XorShift(state)
+    }
+
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// The next number modulo `bound` (non-zero).
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.next_u64() % bound
+    }
+}
+
 /// A global allocator that forwards every call to the system allocator and counts, per
 /// thread, the bytes live and the allocation calls: tests and benches that check the bytes a
 /// structure holds (or that a path allocates nothing) install it in their own binary with
@@ -95,6 +121,15 @@ unsafe impl GlobalAlloc for CountingAllocator {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn xorshift_is_marsaglias_sequence() {
+        let mut x = super::XorShift::new(1);
+        // The first values of xorshift64 (13, 7, 17) from state 1.
+        assert_eq!(x.next_u64(), 1_082_269_761);
+        assert_eq!(x.next_u64(), 1_152_992_998_833_853_505);
+        assert!(x.below(10) < 10);
+    }
+
     #[test]
     fn skip_appends_a_line_per_call() {
         let dir = std::env::temp_dir().join(format!("pfnstore-skip-test-{}", std::process::id()));

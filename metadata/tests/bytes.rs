@@ -3,7 +3,7 @@
 //! fragmentation, and returns exactly to the baseline when every change is undone.
 #![cfg(not(pfnstore_loom))]
 
-use pfnstore_core::testing::CountingAllocator;
+use pfnstore_core::testing::{CountingAllocator, XorShift};
 use pfnstore_core::{Geometry, Pfn, PfnRange};
 use pfnstore_metadata::{FileId, MetadataStore, PinOwner, QuarantineReason, Shareability};
 
@@ -18,17 +18,6 @@ fn allocation_calls() -> u64 {
     CountingAllocator::allocation_calls()
 }
 
-/// A deterministic pseudo-random sequence (xorshift), so the test needs no RNG crate.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 const G: Geometry = Geometry::X86_64;
 
 fn page(p: u64) -> PfnRange {
@@ -39,10 +28,10 @@ fn page(p: u64) -> PfnRange {
 fn random_pages(chunk: u64, per_million: u64, seed: u64) -> Vec<u64> {
     let pages = G.chunk_pages();
     let want = (pages * per_million).div_ceil(1_000_000) as usize;
-    let mut rng = Rng(seed);
+    let mut rng = XorShift::new(seed);
     let mut set = std::collections::BTreeSet::new();
     while set.len() < want {
-        set.insert(chunk * pages + rng.next() % pages);
+        set.insert(chunk * pages + rng.next_u64() % pages);
     }
     set.into_iter().collect()
 }

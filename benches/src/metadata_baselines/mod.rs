@@ -46,6 +46,7 @@ pub trait ShareTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pfnstore_core::testing::XorShift;
     use pfnstore_core::{Geometry, Pfn, PfnRange};
     use pfnstore_metadata::reference::ReferenceStore;
     use pfnstore_metadata::{MappingChange, Shareability};
@@ -89,11 +90,9 @@ mod tests {
             Box::new(range_map::RangeMapTracker::new(g)),
             Box::new(struct_page::StructPageArray::new(g, pages)),
         ];
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut rng = XorShift::new(0x2545_f491_4f6c_dd1d);
         for step in 0..300 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
+            let seed = rng.next_u64();
             let start = seed % pages;
             let len = [1, 3, 64, 200, 512][step % 5].min(pages - start);
             let private = seed & (1 << 40) != 0;
