@@ -13,12 +13,12 @@
 //! `cargo bench -p pfnstore-benches --bench allocator -- --warm-up-time 1 --measurement-time 2`
 
 use std::hint::black_box;
-use std::sync::{Arc, mpsc};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use parking_lot::Mutex;
 use pfnstore_allocator::{AllocRequest, Allocator, AllocatorConfig};
+use pfnstore_benches::workers::Workers;
 use pfnstore_core::testing::XorShift;
 use pfnstore_core::{Geometry, Pfn, PfnRange};
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
@@ -142,6 +142,17 @@ fn holes(c: &mut Criterion) {
 
 const OPS_PER_THREAD: u64 = 20_000;
 
+/// `n` workers each doing one thread's share of a round on `a`.
+fn workers<A: PfnAlloc + Send + 'static>(a: Arc<A>, n: u64) -> Workers {
+    let jobs = (0..n)
+        .map(|t| {
+            let a = Arc::clone(&a);
+            Box::new(move |_| work(&*a, t)) as Box<dyn Fn(u64) + Send>
+        })
+        .collect();
+    Workers::new(jobs)
+}
+
 /// One thread's share of a round: `OPS_PER_THREAD` alloc+free pairs of mixed sizes.
 fn work<A: PfnAlloc>(a: &A, seed: u64) {
     let mut rng = XorShift::new(0x9E37_79B9_7F4A_7C15u64 ^ (seed + 1));
@@ -164,64 +175,21 @@ fn work<A: PfnAlloc>(a: &A, seed: u64) {
     }
 }
 
-/// `n` long-lived worker threads (as a VMM's vCPU threads are; spawning threads for every
-/// round would measure thread start-up and the C allocator's arena assignment). A round
-/// releases all of them at once and ends when the last one is done.
-struct Workers {
-    orders: Vec<mpsc::Sender<()>>,
-    spans: mpsc::Receiver<(Instant, Instant)>,
-}
-
-impl Workers {
-    fn new<A: PfnAlloc + Send + 'static>(a: Arc<A>, n: u64) -> Workers {
-        let (span_tx, spans) = mpsc::channel();
-        let orders = (0..n)
-            .map(|t| {
-                let (tx, rx) = mpsc::channel::<()>();
-                let (a, span_tx) = (Arc::clone(&a), span_tx.clone());
-                std::thread::spawn(move || {
-                    for () in rx {
-                        let start = Instant::now();
-                        work(&*a, t);
-                        if span_tx.send((start, Instant::now())).is_err() {
-                            return;
-                        }
-                    }
-                });
-                tx
-            })
-            .collect();
-        Workers { orders, spans }
-    }
-
-    fn round(&self) -> Duration {
-        for order in &self.orders {
-            order.send(()).expect("worker alive");
-        }
-        let spans: Vec<_> = (0..self.orders.len())
-            .map(|_| self.spans.recv().expect("worker alive"))
-            .collect();
-        let first = spans.iter().map(|s| s.0).min().expect("a worker");
-        let last = spans.iter().map(|s| s.1).max().expect("a worker");
-        last - first
-    }
-}
-
 fn threads(c: &mut Criterion) {
     let mut group = c.benchmark_group("threads");
     for n in [1u64, 2, 8] {
         group.throughput(Throughput::Elements(n * OPS_PER_THREAD));
-        let vm = Workers::new(Arc::new(VmAllocator::new()), n);
-        let one = Workers::new(Arc::new(Ours::new(1)), n);
-        let sharded = Workers::new(Arc::new(Ours::new(8)), n);
+        let vm = workers(Arc::new(VmAllocator::new()), n);
+        let one = workers(Arc::new(Ours::new(1)), n);
+        let sharded = workers(Arc::new(Ours::new(8)), n);
         group.bench_function(BenchmarkId::new(n.to_string(), "vm-allocator"), |b| {
-            b.iter_custom(|iters| (0..iters).map(|_| vm.round()).sum())
+            b.iter_custom(|iters| (0..iters).map(|_| vm.round(0)).sum())
         });
         group.bench_function(BenchmarkId::new(n.to_string(), "ours-1-shard"), |b| {
-            b.iter_custom(|iters| (0..iters).map(|_| one.round()).sum())
+            b.iter_custom(|iters| (0..iters).map(|_| one.round(0)).sum())
         });
         group.bench_function(BenchmarkId::new(n.to_string(), "ours-sharded"), |b| {
-            b.iter_custom(|iters| (0..iters).map(|_| sharded.round()).sum())
+            b.iter_custom(|iters| (0..iters).map(|_| sharded.round(0)).sum())
         });
     }
     group.finish();

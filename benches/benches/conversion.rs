@@ -5,8 +5,7 @@
 //! Run: `cargo bench -p pfnstore-benches --bench conversion -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
-use std::sync::{Arc, mpsc};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group};
 use pfnstore::core::{Geometry, Pfn};
@@ -15,6 +14,7 @@ use pfnstore::{
     ConversionPlan, ConversionRequest, ConvertMode, FileOptions, GuestMemory, Interest,
     Invalidation, Registration, Shareability, Store, StoreOptions, Subscriber, UnmapError,
 };
+use pfnstore_benches::workers::Workers;
 
 const GIB: u64 = 1 << 30;
 const PAGE: u64 = 4096;
@@ -95,61 +95,27 @@ fn benches(c: &mut Criterion) {
         })
         .collect();
     for threads in [1usize, 2] {
-        let workers = Workers::new(&files[..threads]);
+        // One worker per file, each converting its share of the sample's pairs; the span
+        // from the first start to the last end gives criterion the time per pair at that
+        // parallelism.
+        let jobs = files[..threads]
+            .iter()
+            .map(|file| {
+                let file = file.clone();
+                Box::new(move |pairs: u64| {
+                    for i in 0..pairs {
+                        convert_and_back(&file, (i % 4096) * PAGE * 7, PAGE);
+                    }
+                }) as Box<dyn Fn(u64) + Send>
+            })
+            .collect();
+        let workers = Workers::new(jobs);
         group.bench_function(
             format!("disjoint files, {threads} thread(s), per op"),
-            |b| b.iter_custom(|iters| workers.run(iters)),
+            |b| b.iter_custom(|iters| workers.round(iters.div_ceil(workers.len() as u64))),
         );
     }
     group.finish();
-}
-
-/// Long-lived worker threads, one per file, as a VMM's vCPU threads are: spawning threads for
-/// every sample would measure thread start-up and the C allocator's arena assignment instead.
-struct Workers {
-    orders: Vec<mpsc::Sender<u64>>,
-    spans: mpsc::Receiver<(Instant, Instant)>,
-}
-
-impl Workers {
-    fn new(files: &[GuestMemory]) -> Workers {
-        let (span_tx, spans) = mpsc::channel();
-        let orders = files
-            .iter()
-            .map(|file| {
-                let (tx, rx) = mpsc::channel::<u64>();
-                let (file, span_tx) = (file.clone(), span_tx.clone());
-                std::thread::spawn(move || {
-                    for pairs in rx {
-                        let start = Instant::now();
-                        for i in 0..pairs {
-                            convert_and_back(&file, (i % 4096) * PAGE * 7, PAGE);
-                        }
-                        if span_tx.send((start, Instant::now())).is_err() {
-                            return;
-                        }
-                    }
-                });
-                tx
-            })
-            .collect();
-        Workers { orders, spans }
-    }
-
-    /// Runs `iters` pairs split across the workers; returns the span from the first start to
-    /// the last end, so criterion reports the time per pair at that parallelism.
-    fn run(&self, iters: u64) -> Duration {
-        let per_worker = iters.div_ceil(self.orders.len() as u64);
-        for order in &self.orders {
-            order.send(per_worker).expect("worker alive");
-        }
-        let spans: Vec<_> = (0..self.orders.len())
-            .map(|_| self.spans.recv().expect("worker alive"))
-            .collect();
-        let first = spans.iter().map(|s| s.0).min().expect("a worker");
-        let last = spans.iter().map(|s| s.1).max().expect("a worker");
-        last - first
-    }
 }
 
 criterion_group!(conversion, benches);

@@ -5,3 +5,4 @@
 //! that they are built once, tested, and shared by the benches.
 
 pub mod metadata_baselines;
+pub mod workers;
