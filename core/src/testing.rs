@@ -1,5 +1,6 @@
-//! Support for the project's own tests: reporting a test that cannot run here as *skipped*, and
-//! [`CountingAllocator`], which measures the heap bytes a structure holds.
+//! Support for the project's own tests: reporting a test that cannot run here as *skipped*,
+//! [`CountingAllocator`], which measures the heap bytes a structure holds, and [`XorShift`],
+//! the deterministic pseudo-random sequence tests and benches draw from.
 //!
 //! Rust's test harness has no runtime skip, so a test that needs something the machine lacks
 //! (root, a hugetlb pool, `/dev/kvm`) calls [`skip`] and returns. `skip` prints the reason and,
