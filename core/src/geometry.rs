@@ -7,7 +7,7 @@
 //! small PFN space; there [`PageSize::Size2M`] and [`PageSize::Size1G`] stand for the middle
 //! and the chunk level, whatever their byte sizes.
 
-use crate::{GeometryError, PFN_LIMIT, Pfn, PfnRange};
+use crate::{GeometryError, PFN_LIMIT, PageIndex, PageRange, Pfn};
 
 /// One of the three mapping levels, from the smallest up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -107,51 +107,44 @@ impl Geometry {
     }
 
     /// The index of the chunk that contains `pfn` (`pfn / chunk_pages`).
-    pub const fn chunk_index(&self, pfn: Pfn) -> u64 {
-        pfn.0 >> self.chunk_order
+    pub fn chunk_index<K: PageIndex>(&self, index: K) -> u64 {
+        index.raw() >> self.chunk_order
     }
 
     /// The block of `size` that contains `pfn`, or `None` if `pfn` is at or beyond
     /// [`PFN_LIMIT`].
-    pub const fn block_containing(&self, pfn: Pfn, size: PageSize) -> Option<Block> {
-        if pfn.0 >= PFN_LIMIT.0 {
+    pub fn block_containing<K: PageIndex>(&self, index: K, size: PageSize) -> Option<Block<K>> {
+        if index.raw() >= PFN_LIMIT.0 {
             return None;
         }
         Some(Block {
-            start: pfn.align_down(self.pages(size)),
+            start: K::from_raw(index.raw() & !(self.pages(size) - 1)),
             size,
         })
     }
 
     /// Whether `pfn` is a multiple of the block size.
-    pub const fn is_aligned(&self, pfn: Pfn, size: PageSize) -> bool {
-        pfn.is_aligned_to(self.pages(size))
+    pub fn is_aligned<K: PageIndex>(&self, index: K, size: PageSize) -> bool {
+        index.raw() & (self.pages(size) - 1) == 0
     }
 
     /// The largest block size that starts at `pfn` and ends at or before `end`.
     ///
     /// Returns `None` only if `pfn >= end`.
-    pub const fn largest_block_at(&self, pfn: Pfn, end: Pfn) -> Option<PageSize> {
-        if pfn.0 >= end.0 {
+    pub fn largest_block_at<K: PageIndex>(&self, index: K, end: K) -> Option<PageSize> {
+        if index >= end {
             return None;
         }
-        let room = end.0 - pfn.0;
-        let mut i = 0;
-        while i < PageSize::LARGEST_FIRST.len() {
-            let size = PageSize::LARGEST_FIRST[i];
-            if self.is_aligned(pfn, size) && self.pages(size) <= room {
-                return Some(size);
-            }
-            i += 1;
-        }
-        // Unreachable: a 4K block always fits when `pfn < end`.
-        Some(PageSize::Size4K)
+        let room = end.raw() - index.raw();
+        PageSize::LARGEST_FIRST
+            .into_iter()
+            .find(|&size| self.is_aligned(index, size) && self.pages(size) <= room)
     }
 
     /// The decomposition of `range` into maximal naturally aligned blocks, smallest address first.
     ///
     /// Yields one [`Block`] at a time; for a compact description use [`Geometry::block_runs`].
-    pub fn blocks(&self, range: PfnRange) -> Blocks {
+    pub fn blocks<K: PageIndex>(&self, range: PageRange<K>) -> Blocks<K> {
         Blocks {
             runs: self.block_runs(range),
             current: None,
@@ -163,7 +156,7 @@ impl Geometry {
     /// Any range yields at most five runs (4K head, 2M head, 1G body, 2M tail, 4K tail): a 4 KiB
     /// hole in a 1 GiB chunk, seen as the rest of the chunk, is described in a handful of runs
     /// rather than 262,143 entries.
-    pub fn block_runs(&self, range: PfnRange) -> BlockRuns {
+    pub fn block_runs<K: PageIndex>(&self, range: PageRange<K>) -> BlockRuns<K> {
         BlockRuns {
             geometry: *self,
             next: range.start(),
@@ -177,14 +170,14 @@ impl Geometry {
 /// Blocks are only made by a [`Geometry`] from a valid range or PFN, so they always lie below
 /// [`PFN_LIMIT`] (which is aligned to every block size).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Block {
-    start: Pfn,
+pub struct Block<K: PageIndex = Pfn> {
+    start: K,
     size: PageSize,
 }
 
-impl Block {
+impl<K: PageIndex> Block<K> {
     /// First page (aligned to the block size).
-    pub const fn start(&self) -> Pfn {
+    pub fn start(&self) -> K {
         self.start
     }
 
@@ -194,40 +187,43 @@ impl Block {
     }
 
     /// The pages of the block.
-    pub const fn range(&self, geometry: &Geometry) -> PfnRange {
-        PfnRange::new_unchecked(self.start, Pfn(self.start.0 + geometry.pages(self.size)))
+    pub fn range(&self, geometry: &Geometry) -> PageRange<K> {
+        PageRange::new_unchecked(
+            self.start,
+            K::from_raw(self.start.raw() + geometry.pages(self.size)),
+        )
     }
 }
 
 /// `count` consecutive blocks of the same size starting at `start`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct BlockRun {
-    start: Pfn,
+pub struct BlockRun<K: PageIndex = Pfn> {
+    start: K,
     size: PageSize,
     count: u64,
 }
 
-impl BlockRun {
+impl<K: PageIndex> BlockRun<K> {
     /// A run of `count` blocks of `size` from `start`: checked for alignment, emptiness and
     /// the PFN limit.
     pub fn new(
         geometry: &Geometry,
-        start: Pfn,
+        start: K,
         size: PageSize,
         count: u64,
-    ) -> Result<BlockRun, crate::RangeError> {
+    ) -> Result<BlockRun<K>, crate::RangeError> {
         let pages = count
             .checked_mul(geometry.pages(size))
             .ok_or(crate::RangeError::Overflow {
-                start,
+                start: Pfn(start.raw()),
                 pages: u64::MAX,
             })?;
-        PfnRange::from_len(start, pages)?.check_aligned_to(geometry.pages(size))?;
+        PageRange::from_len(start, pages)?.check_aligned_to(geometry.pages(size))?;
         Ok(BlockRun { start, size, count })
     }
 
     /// First page of the first block.
-    pub const fn start(&self) -> Pfn {
+    pub fn start(&self) -> K {
         self.start
     }
 
@@ -247,74 +243,101 @@ impl BlockRun {
     }
 
     /// The pages covered by the run.
-    pub fn range(&self, geometry: &Geometry) -> PfnRange {
-        PfnRange::new_unchecked(self.start, Pfn(self.start.0 + self.pages(geometry)))
+    pub fn range(&self, geometry: &Geometry) -> PageRange<K> {
+        PageRange::new_unchecked(
+            self.start,
+            K::from_raw(self.start.raw() + self.pages(geometry)),
+        )
     }
 
     /// The blocks of the run, one by one.
-    pub fn blocks(&self, geometry: &Geometry) -> impl Iterator<Item = Block> + use<> {
-        let (start, size, step) = (self.start.0, self.size, geometry.pages(self.size));
+    pub fn blocks(&self, geometry: &Geometry) -> impl Iterator<Item = Block<K>> + use<K> {
+        let (start, size, step) = (self.start.raw(), self.size, geometry.pages(self.size));
         (0..self.count).map(move |i| Block {
-            start: Pfn(start + i * step),
+            start: K::from_raw(start + i * step),
             size,
         })
+    }
+
+    /// The same run expressed in blocks no larger than `max` (a 1 GiB block as 512 blocks of
+    /// 2 MiB, say), for memory that is physically contiguous only up to `max`.
+    pub fn capped(&self, geometry: &Geometry, max: PageSize) -> BlockRun<K> {
+        if self.size <= max {
+            return *self;
+        }
+        BlockRun {
+            start: self.start,
+            size: max,
+            count: self.count << (geometry.order(self.size) - geometry.order(max)),
+        }
+    }
+
+    /// The same run in another index space.
+    pub fn cast<L: PageIndex>(self) -> BlockRun<L> {
+        BlockRun {
+            start: L::from_raw(self.start.raw()),
+            size: self.size,
+            count: self.count,
+        }
     }
 }
 
 /// Iterator returned by [`Geometry::block_runs`].
 #[derive(Debug, Clone)]
-pub struct BlockRuns {
+pub struct BlockRuns<K: PageIndex = Pfn> {
     geometry: Geometry,
-    next: Pfn,
-    end: Pfn,
+    next: K,
+    end: K,
 }
 
-impl Iterator for BlockRuns {
-    type Item = BlockRun;
+impl<K: PageIndex> Iterator for BlockRuns<K> {
+    type Item = BlockRun<K>;
 
-    fn next(&mut self) -> Option<BlockRun> {
+    fn next(&mut self) -> Option<BlockRun<K>> {
         let size = self.geometry.largest_block_at(self.next, self.end)?;
         let block_pages = self.geometry.pages(size);
         // The run of `size` blocks stops where the next larger block could start, or at the end.
         let limit = match size.larger() {
             Some(larger) if !self.geometry.is_aligned(self.next, larger) => {
-                let boundary = self.next.0 | (self.geometry.pages(larger) - 1);
+                let boundary = self.next.raw() | (self.geometry.pages(larger) - 1);
                 // `boundary + 1` is the next larger-aligned PFN; it cannot overflow unless the
                 // PFN space's last larger block is involved, in which case `end` is the limit.
                 boundary
                     .checked_add(1)
-                    .map_or(self.end.0, |b| b.min(self.end.0))
+                    .map_or(self.end.raw(), |b| b.min(self.end.raw()))
             }
-            _ => self.end.0,
+            _ => self.end.raw(),
         };
-        let count = (limit - self.next.0) / block_pages;
+        let count = (limit - self.next.raw()) / block_pages;
         let run = BlockRun {
             start: self.next,
             size,
             count,
         };
-        self.next = Pfn(self.next.0 + count * block_pages);
+        self.next = K::from_raw(self.next.raw() + count * block_pages);
         Some(run)
     }
 }
 
 /// Iterator returned by [`Geometry::blocks`].
 #[derive(Debug, Clone)]
-pub struct Blocks {
-    runs: BlockRuns,
-    current: Option<(BlockRun, u64)>,
+pub struct Blocks<K: PageIndex = Pfn> {
+    runs: BlockRuns<K>,
+    current: Option<(BlockRun<K>, u64)>,
 }
 
-impl Iterator for Blocks {
-    type Item = Block;
+impl<K: PageIndex> Iterator for Blocks<K> {
+    type Item = Block<K>;
 
-    fn next(&mut self) -> Option<Block> {
+    fn next(&mut self) -> Option<Block<K>> {
         loop {
             if let Some((run, done)) = &mut self.current
                 && *done < run.count
             {
                 let block = Block {
-                    start: Pfn(run.start.0 + (*done << self.runs.geometry.order(run.size))),
+                    start: K::from_raw(
+                        run.start.raw() + (*done << self.runs.geometry.order(run.size)),
+                    ),
                     size: run.size,
                 };
                 *done += 1;
@@ -328,6 +351,7 @@ impl Iterator for Blocks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::PfnRange;
     use proptest::prelude::*;
 
     const G: Geometry = Geometry::X86_64;

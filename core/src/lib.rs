@@ -27,5 +27,5 @@ pub mod testing;
 
 pub use error::{GeometryError, RangeError};
 pub use geometry::{Block, BlockRun, BlockRuns, Blocks, Geometry, PageSize};
-pub use pfn::{PAGE_SHIFT, PAGE_SIZE, PFN_LIMIT, Pfn};
-pub use range::PfnRange;
+pub use pfn::{PAGE_SHIFT, PAGE_SIZE, PFN_LIMIT, PageIndex, PageOffset, Pfn};
+pub use range::{OffsetRange, PageRange, PfnRange};

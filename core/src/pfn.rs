@@ -21,6 +21,91 @@ pub const PFN_LIMIT: Pfn = Pfn(1 << (64 - PAGE_SHIFT));
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Pfn(pub u64);
 
+/// The index types of page spaces: [`Pfn`] (frames) and [`PageOffset`] (pages of a file).
+///
+/// Ranges ([`crate::PageRange`]), blocks and block runs are generic over it, so that the same
+/// geometry code serves both spaces while the type system keeps a file offset from being
+/// passed where a frame is meant.
+pub trait PageIndex:
+    Copy + Ord + std::hash::Hash + Default + fmt::Debug + fmt::Display + Send + Sync + 'static
+{
+    /// The index with raw value `v`.
+    fn from_raw(v: u64) -> Self;
+    /// The raw value.
+    fn raw(self) -> u64;
+}
+
+/// The arithmetic both index types share; `$t` is a `struct $t(pub u64)`.
+macro_rules! page_index_impl {
+    ($t:ident) => {
+        impl $t {
+            /// The raw number.
+            pub const fn get(self) -> u64 {
+                self.0
+            }
+
+            /// `self + pages`, or `None` on overflow.
+            pub const fn checked_add(self, pages: u64) -> Option<$t> {
+                match self.0.checked_add(pages) {
+                    Some(v) => Some($t(v)),
+                    None => None,
+                }
+            }
+
+            /// The number of pages from `earlier` to `self`, or `None` if `earlier` is after
+            /// `self`.
+            pub const fn checked_distance_from(self, earlier: $t) -> Option<u64> {
+                self.0.checked_sub(earlier.0)
+            }
+
+            /// Whether this index is a multiple of `pages` (which must be a power of two).
+            pub const fn is_aligned_to(self, pages: u64) -> bool {
+                debug_assert!(pages.is_power_of_two());
+                self.0 & (pages - 1) == 0
+            }
+
+            /// Rounds down to a multiple of `pages` (a power of two).
+            pub const fn align_down(self, pages: u64) -> $t {
+                debug_assert!(pages.is_power_of_two());
+                $t(self.0 & !(pages - 1))
+            }
+
+            /// Rounds up to a multiple of `pages` (a power of two), or `None` on overflow.
+            pub const fn checked_align_up(self, pages: u64) -> Option<$t> {
+                debug_assert!(pages.is_power_of_two());
+                match self.0.checked_add(pages - 1) {
+                    Some(v) => Some($t(v & !(pages - 1))),
+                    None => None,
+                }
+            }
+        }
+
+        impl PageIndex for $t {
+            fn from_raw(v: u64) -> $t {
+                $t(v)
+            }
+            fn raw(self) -> u64 {
+                self.0
+            }
+        }
+
+        impl From<u64> for $t {
+            fn from(v: u64) -> $t {
+                $t(v)
+            }
+        }
+
+        impl From<$t> for u64 {
+            fn from(p: $t) -> u64 {
+                p.0
+            }
+        }
+    };
+}
+
+page_index_impl!(Pfn);
+page_index_impl!(PageOffset);
+
 impl Pfn {
     /// The PFN of the page that contains byte address `addr`.
     pub const fn from_addr(addr: u64) -> Pfn {
@@ -31,44 +116,26 @@ impl Pfn {
     pub const fn to_addr(self) -> Option<u64> {
         self.0.checked_mul(PAGE_SIZE)
     }
+}
 
-    /// The raw number.
-    pub const fn get(self) -> u64 {
-        self.0
+/// The index of a 4 KiB page inside a guest-memory file: byte offset / 4 KiB.
+///
+/// Shareability, pins and block plans of a file are keyed by page offset (what KVM calls a
+/// gfn relative to the memory slot, what an IOMMU maps at an IOVA); the frames behind them
+/// are [`Pfn`]s. Keeping the two apart in the types means a plan entry cannot be handed to
+/// code that expects a frame.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct PageOffset(pub u64);
+
+impl PageOffset {
+    /// The page that contains byte offset `offset`.
+    pub const fn from_byte(offset: u64) -> PageOffset {
+        PageOffset(offset >> PAGE_SHIFT)
     }
 
-    /// `self + pages`, or `None` on overflow.
-    pub const fn checked_add(self, pages: u64) -> Option<Pfn> {
-        match self.0.checked_add(pages) {
-            Some(v) => Some(Pfn(v)),
-            None => None,
-        }
-    }
-
-    /// The number of pages from `earlier` to `self`, or `None` if `earlier` is after `self`.
-    pub const fn checked_distance_from(self, earlier: Pfn) -> Option<u64> {
-        self.0.checked_sub(earlier.0)
-    }
-
-    /// Whether this PFN is a multiple of `pages` (which must be a power of two).
-    pub const fn is_aligned_to(self, pages: u64) -> bool {
-        debug_assert!(pages.is_power_of_two());
-        self.0 & (pages - 1) == 0
-    }
-
-    /// Rounds down to a multiple of `pages` (a power of two).
-    pub const fn align_down(self, pages: u64) -> Pfn {
-        debug_assert!(pages.is_power_of_two());
-        Pfn(self.0 & !(pages - 1))
-    }
-
-    /// Rounds up to a multiple of `pages` (a power of two), or `None` on overflow.
-    pub const fn checked_align_up(self, pages: u64) -> Option<Pfn> {
-        debug_assert!(pages.is_power_of_two());
-        match self.0.checked_add(pages - 1) {
-            Some(v) => Some(Pfn(v & !(pages - 1))),
-            None => None,
-        }
+    /// The byte offset of the page's first byte (saturating at `u64::MAX`, beyond any file).
+    pub const fn byte(self) -> u64 {
+        self.0.saturating_mul(PAGE_SIZE)
     }
 }
 
@@ -84,15 +151,15 @@ impl fmt::Display for Pfn {
     }
 }
 
-impl From<u64> for Pfn {
-    fn from(v: u64) -> Pfn {
-        Pfn(v)
+impl fmt::Debug for PageOffset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PageOffset({:#x})", self.0)
     }
 }
 
-impl From<Pfn> for u64 {
-    fn from(p: Pfn) -> u64 {
-        p.0
+impl fmt::Display for PageOffset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "offset {:#x}", self.byte())
     }
 }
 

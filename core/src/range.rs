@@ -1,114 +1,138 @@
-//! Half-open, non-empty PFN ranges.
+//! Half-open, non-empty page ranges: of frames ([`PfnRange`]) or of file pages ([`OffsetRange`]).
 
 use std::fmt;
 
-use crate::{PFN_LIMIT, Pfn, RangeError};
+use crate::{PFN_LIMIT, PageIndex, PageOffset, Pfn, RangeError};
 
-/// `[start, end)` in 4 KiB PFNs, never empty, and ending at or below [`PFN_LIMIT`].
+/// `[start, end)` in 4 KiB pages of one index space, never empty, and ending at or below
+/// [`PFN_LIMIT`].
 ///
-/// Because a `PfnRange` can only be built through validating constructors, code that receives
-/// one never has to re-check emptiness or overflow.
+/// Because a range can only be built through validating constructors, code that receives one
+/// never has to re-check emptiness or overflow.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PfnRange {
-    start: Pfn,
-    end: Pfn,
+pub struct PageRange<K: PageIndex = Pfn> {
+    start: K,
+    end: K,
 }
 
-impl PfnRange {
+/// A range of page frames.
+pub type PfnRange = PageRange<Pfn>;
+
+/// A range of pages of a guest-memory file (page offsets).
+pub type OffsetRange = PageRange<PageOffset>;
+
+impl<K: PageIndex> PageRange<K> {
     /// `[start, end)`; fails with [`RangeError::Empty`] if `end <= start` and with
     /// [`RangeError::Overflow`] if `end` lies beyond [`PFN_LIMIT`].
-    pub const fn new(start: Pfn, end: Pfn) -> Result<PfnRange, RangeError> {
-        if end.0 <= start.0 {
-            return Err(RangeError::Empty { start, end });
-        }
-        if end.0 > PFN_LIMIT.0 {
-            return Err(RangeError::Overflow {
-                start,
-                pages: end.0 - start.0,
+    pub fn new(start: K, end: K) -> Result<PageRange<K>, RangeError> {
+        if end.raw() <= start.raw() {
+            return Err(RangeError::Empty {
+                start: Pfn(start.raw()),
+                end: Pfn(end.raw()),
             });
         }
-        Ok(PfnRange { start, end })
+        if end.raw() > PFN_LIMIT.0 {
+            return Err(RangeError::Overflow {
+                start: Pfn(start.raw()),
+                pages: end.raw() - start.raw(),
+            });
+        }
+        Ok(PageRange { start, end })
     }
 
     /// For callers in this crate that derived `start < end <= PFN_LIMIT` from a valid range.
-    pub(crate) const fn new_unchecked(start: Pfn, end: Pfn) -> PfnRange {
-        debug_assert!(start.0 < end.0 && end.0 <= PFN_LIMIT.0);
-        PfnRange { start, end }
+    pub(crate) fn new_unchecked(start: K, end: K) -> PageRange<K> {
+        debug_assert!(start.raw() < end.raw() && end.raw() <= PFN_LIMIT.0);
+        PageRange { start, end }
     }
 
     /// `pages` pages from `start`.
-    pub const fn from_len(start: Pfn, pages: u64) -> Result<PfnRange, RangeError> {
+    pub fn from_len(start: K, pages: u64) -> Result<PageRange<K>, RangeError> {
         if pages == 0 {
-            return Err(RangeError::Empty { start, end: start });
+            return Err(RangeError::Empty {
+                start: Pfn(start.raw()),
+                end: Pfn(start.raw()),
+            });
         }
-        match start.0.checked_add(pages) {
-            Some(end) if end <= PFN_LIMIT.0 => Ok(PfnRange {
+        match start.raw().checked_add(pages) {
+            Some(end) if end <= PFN_LIMIT.0 => Ok(PageRange {
                 start,
-                end: Pfn(end),
+                end: K::from_raw(end),
             }),
-            _ => Err(RangeError::Overflow { start, pages }),
+            _ => Err(RangeError::Overflow {
+                start: Pfn(start.raw()),
+                pages,
+            }),
         }
     }
 
-    /// The single page `pfn`; fails for PFNs at or beyond [`PFN_LIMIT`].
-    pub const fn page(pfn: Pfn) -> Result<PfnRange, RangeError> {
-        PfnRange::from_len(pfn, 1)
+    /// The single page `index`; fails at or beyond [`PFN_LIMIT`].
+    pub fn page(index: K) -> Result<PageRange<K>, RangeError> {
+        PageRange::from_len(index, 1)
     }
 
     /// First page.
-    pub const fn start(&self) -> Pfn {
+    pub fn start(&self) -> K {
         self.start
     }
 
     /// One past the last page.
-    pub const fn end(&self) -> Pfn {
+    pub fn end(&self) -> K {
         self.end
     }
 
     /// The last page (inclusive).
-    pub const fn last(&self) -> Pfn {
-        Pfn(self.end.0 - 1)
+    pub fn last(&self) -> K {
+        K::from_raw(self.end.raw() - 1)
     }
 
     /// Number of pages; never zero.
-    #[allow(clippy::len_without_is_empty)] // a PfnRange is never empty
-    pub const fn len(&self) -> u64 {
-        self.end.0 - self.start.0
+    #[allow(clippy::len_without_is_empty)] // a range is never empty
+    pub fn len(&self) -> u64 {
+        self.end.raw() - self.start.raw()
     }
 
-    /// Whether `pfn` lies in the range.
-    pub const fn contains(&self, pfn: Pfn) -> bool {
-        self.start.0 <= pfn.0 && pfn.0 < self.end.0
+    /// Whether `index` lies in the range.
+    pub fn contains(&self, index: K) -> bool {
+        self.start <= index && index < self.end
     }
 
     /// Whether all of `other` lies in the range.
-    pub const fn contains_range(&self, other: &PfnRange) -> bool {
-        self.start.0 <= other.start.0 && other.end.0 <= self.end.0
+    pub fn contains_range(&self, other: &PageRange<K>) -> bool {
+        self.start <= other.start && other.end <= self.end
     }
 
     /// Whether the two ranges share at least one page.
-    pub const fn overlaps(&self, other: &PfnRange) -> bool {
-        self.start.0 < other.end.0 && other.start.0 < self.end.0
+    pub fn overlaps(&self, other: &PageRange<K>) -> bool {
+        self.start < other.end && other.start < self.end
     }
 
     /// The pages both ranges share, if any.
-    pub fn intersection(&self, other: &PfnRange) -> Option<PfnRange> {
+    pub fn intersection(&self, other: &PageRange<K>) -> Option<PageRange<K>> {
         let start = self.start.max(other.start);
         let end = self.end.min(other.end);
-        PfnRange::new(start, end).ok()
+        PageRange::new(start, end).ok()
+    }
+
+    /// The smallest range containing both.
+    pub fn hull(&self, other: &PageRange<K>) -> PageRange<K> {
+        PageRange {
+            start: self.start.min(other.start),
+            end: self.end.max(other.end),
+        }
     }
 
     /// Splits into `[start, at)` and `[at, end)`; `at` must lie strictly inside.
-    pub fn split_at(&self, at: Pfn) -> Result<(PfnRange, PfnRange), RangeError> {
+    pub fn split_at(&self, at: K) -> Result<(PageRange<K>, PageRange<K>), RangeError> {
         if at <= self.start || at >= self.end {
-            return Err(RangeError::OutOfBounds { pfn: at });
+            return Err(RangeError::OutOfBounds { pfn: Pfn(at.raw()) });
         }
         Ok((
-            PfnRange {
+            PageRange {
                 start: self.start,
                 end: at,
             },
-            PfnRange {
+            PageRange {
                 start: at,
                 end: self.end,
             },
@@ -116,16 +140,29 @@ impl PfnRange {
     }
 
     /// Whether both ends are multiples of `pages` (a power of two).
-    pub const fn is_aligned_to(&self, pages: u64) -> bool {
-        self.start.is_aligned_to(pages) && self.end.is_aligned_to(pages)
+    pub fn is_aligned_to(&self, pages: u64) -> bool {
+        debug_assert!(pages.is_power_of_two());
+        (self.start.raw() | self.end.raw()) & (pages - 1) == 0
+    }
+
+    /// The smallest range with both ends multiples of `pages` (a power of two) that contains
+    /// this one. The end cannot overflow: [`PFN_LIMIT`] is aligned to every block size.
+    pub fn align_out(&self, pages: u64) -> PageRange<K> {
+        debug_assert!(pages.is_power_of_two() && pages <= PFN_LIMIT.0);
+        let start = self.start.raw() & !(pages - 1);
+        let end = (self.end.raw() + (pages - 1)) & !(pages - 1);
+        PageRange {
+            start: K::from_raw(start),
+            end: K::from_raw(end.min(PFN_LIMIT.0)),
+        }
     }
 
     /// Fails with [`RangeError::Unaligned`] naming the first misaligned end.
     pub fn check_aligned_to(&self, pages: u64) -> Result<(), RangeError> {
-        for pfn in [self.start, self.end] {
-            if !pfn.is_aligned_to(pages) {
+        for index in [self.start, self.end] {
+            if index.raw() & (pages - 1) != 0 {
                 return Err(RangeError::Unaligned {
-                    pfn,
+                    pfn: Pfn(index.raw()),
                     align_pages: pages,
                 });
             }
@@ -134,20 +171,47 @@ impl PfnRange {
     }
 
     /// Fails with [`RangeError::OutOfBounds`] naming the first page of `self` outside `bounds`.
-    pub fn check_within(&self, bounds: &PfnRange) -> Result<(), RangeError> {
+    pub fn check_within(&self, bounds: &PageRange<K>) -> Result<(), RangeError> {
         if self.start < bounds.start || self.start >= bounds.end {
-            return Err(RangeError::OutOfBounds { pfn: self.start });
+            return Err(RangeError::OutOfBounds {
+                pfn: Pfn(self.start.raw()),
+            });
         }
         if self.end > bounds.end {
-            return Err(RangeError::OutOfBounds { pfn: bounds.end });
+            return Err(RangeError::OutOfBounds {
+                pfn: Pfn(bounds.end.raw()),
+            });
         }
         Ok(())
     }
 
+    /// The same numbers in another index space (a file's offsets as the keys of its metadata
+    /// store, say).
+    pub fn cast<L: PageIndex>(self) -> PageRange<L> {
+        PageRange {
+            start: L::from_raw(self.start.raw()),
+            end: L::from_raw(self.end.raw()),
+        }
+    }
+
     /// The pages of the range, one by one. Meant for tests and reference models; production
     /// code works on blocks (see [`crate::Geometry::blocks`]).
+    pub fn pages(&self) -> impl DoubleEndedIterator<Item = K> + use<K> {
+        (self.start.raw()..self.end.raw()).map(K::from_raw)
+    }
+}
+
+impl PfnRange {
+    /// The PFNs of the range, one by one (see [`PageRange::pages`]).
     pub fn pfns(&self) -> impl DoubleEndedIterator<Item = Pfn> + use<> {
-        (self.start.0..self.end.0).map(Pfn)
+        self.pages()
+    }
+}
+
+impl OffsetRange {
+    /// The byte offsets `start..end` of the range.
+    pub fn bytes(&self) -> std::ops::Range<u64> {
+        self.start.byte()..self.end.byte()
     }
 }
 
@@ -160,6 +224,18 @@ impl fmt::Debug for PfnRange {
 impl fmt::Display for PfnRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "pfns {:#x}..{:#x}", self.start.0, self.end.0)
+    }
+}
+
+impl fmt::Debug for OffsetRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OffsetRange({:#x}..{:#x})", self.start.byte(), self.end.byte())
+    }
+}
+
+impl fmt::Display for OffsetRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "offsets {:#x}..{:#x}", self.start.byte(), self.end.byte())
     }
 }
 
