@@ -1,89 +1,108 @@
-//! The configuration a VMM gives a store.
+//! How a store and its files are configured, and what configurations are refused.
 
-use std::fmt;
+use pfnstore_metadata::Shareability;
 
-use pfnstore_core::{Geometry, PAGE_SIZE, PageSize};
+/// The most lock shards a store takes: more shards than this only spread the same memory
+/// thinner (a shard is worth having per CPU that allocates at once).
+pub const MAX_SHARDS: usize = 1024;
 
-/// How a store is shaped: how much memory, in which geometry, over how many lock shards.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreConfig {
-    /// Bytes of guest memory the store manages.
-    pub size_bytes: u64,
-    /// Block sizes (4K/2M/1G on x86-64).
-    pub geometry: Geometry,
-    /// Number of lock shards of the allocator and metadata store.
+/// How a store is set up beyond its memory source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreOptions {
+    /// Lock shards of the allocator (default: one per CPU), 1 to [`MAX_SHARDS`].
     pub shards: usize,
 }
 
-/// A [`StoreConfig`] that cannot work.
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+impl StoreOptions {
+    /// The default options with `shards` lock shards.
+    pub fn with_shards(mut self, shards: usize) -> StoreOptions {
+        self.shards = shards;
+        self
+    }
+
+    /// Checks that the options can work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self.shards {
+            0 => Err(ConfigError::NoShards),
+            n if n > MAX_SHARDS => Err(ConfigError::TooManyShards {
+                shards: n,
+                max: MAX_SHARDS,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Options a store cannot work with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
-    /// The size is zero or not a whole number of chunks.
-    #[error(
-        "store size {size_bytes:#x} is not a non-zero multiple of the chunk size {chunk_bytes:#x}"
-    )]
-    BadSize { size_bytes: u64, chunk_bytes: u64 },
     /// No shards.
     #[error("a store needs at least one shard")]
     NoShards,
+    /// More shards than [`MAX_SHARDS`].
+    #[error("{shards} shards asked for; a store takes at most {max}")]
+    TooManyShards {
+        /// Shards asked for.
+        shards: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The memory source has no chunks.
+    #[error("the memory source has no memory")]
+    EmptySource,
 }
 
-impl StoreConfig {
-    /// A store of `size_bytes` on x86-64 geometry with one shard per available CPU.
-    pub fn new(size_bytes: u64) -> Result<StoreConfig, ConfigError> {
-        let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let config = StoreConfig {
-            size_bytes,
-            geometry: Geometry::X86_64,
-            shards,
-        };
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Bytes in one chunk.
-    pub fn chunk_bytes(&self) -> u64 {
-        self.geometry.pages(PageSize::Size1G) * PAGE_SIZE
-    }
-
-    /// Number of chunks the store needs.
-    pub fn chunks(&self) -> u64 {
-        self.size_bytes / self.chunk_bytes()
-    }
-
-    /// Checks that the configuration can work.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let chunk_bytes = self.chunk_bytes();
-        if self.size_bytes == 0 || !self.size_bytes.is_multiple_of(chunk_bytes) {
-            return Err(ConfigError::BadSize {
-                size_bytes: self.size_bytes,
-                chunk_bytes,
-            });
-        }
-        if self.shards == 0 {
-            return Err(ConfigError::NoShards);
-        }
-        Ok(())
-    }
+/// How a file is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FileOptions {
+    /// Size in bytes: a non-zero multiple of 4 KiB.
+    pub size: u64,
+    /// Shareability of every offset at creation (guest_memfd's INIT_SHARED flag).
+    pub initial: Shareability,
+    /// Back every offset with memory at creation, rather than on first use.
+    pub populate: bool,
+    /// Allow a file larger than the store's memory (it cannot all be backed at once).
+    pub overcommit: bool,
 }
 
-impl fmt::Display for StoreConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let g = &self.geometry;
-        writeln!(
-            f,
-            "store size:      {} GiB ({} chunks)",
-            self.size_bytes >> 30,
-            self.chunks()
-        )?;
-        writeln!(
-            f,
-            "block sizes:     {} / {} / {} KiB",
-            g.pages(PageSize::Size4K) * PAGE_SIZE / 1024,
-            g.pages(PageSize::Size2M) * PAGE_SIZE / 1024,
-            g.pages(PageSize::Size1G) * PAGE_SIZE / 1024
-        )?;
-        write!(f, "lock shards:     {}", self.shards)
+impl FileOptions {
+    /// `size` bytes, all private, backed lazily, no larger than the store.
+    pub const fn new(size: u64) -> FileOptions {
+        FileOptions {
+            size,
+            initial: Shareability::Private,
+            populate: false,
+            overcommit: false,
+        }
+    }
+
+    /// Starts all-shared.
+    pub const fn shared(mut self) -> FileOptions {
+        self.initial = Shareability::Shared;
+        self
+    }
+
+    /// Backs every offset at creation.
+    pub const fn populated(mut self) -> FileOptions {
+        self.populate = true;
+        self
+    }
+
+    /// Allows the file to be larger than the store's memory.
+    pub const fn overcommit(mut self) -> FileOptions {
+        self.overcommit = true;
+        self
     }
 }
 
@@ -92,29 +111,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_must_be_whole_chunks() {
-        assert!(StoreConfig::new(2 << 30).is_ok());
+    fn shard_counts_are_checked() {
         assert_eq!(
-            StoreConfig::new(3 << 29),
-            Err(ConfigError::BadSize {
-                size_bytes: 3 << 29,
-                chunk_bytes: 1 << 30
+            StoreOptions::default().with_shards(0).validate(),
+            Err(ConfigError::NoShards)
+        );
+        assert_eq!(
+            StoreOptions::default().with_shards(usize::MAX / 2).validate(),
+            Err(ConfigError::TooManyShards {
+                shards: usize::MAX / 2,
+                max: MAX_SHARDS
             })
         );
-        assert!(matches!(
-            StoreConfig::new(0),
-            Err(ConfigError::BadSize { .. })
-        ));
-        let mut c = StoreConfig::new(1 << 30).unwrap();
-        c.shards = 0;
-        assert_eq!(c.validate(), Err(ConfigError::NoShards));
-    }
-
-    #[test]
-    fn display_names_the_chunks() {
-        let c = StoreConfig::new(4 << 30).unwrap();
-        let text = c.to_string();
-        assert!(text.contains("4 GiB (4 chunks)"), "{text}");
-        assert!(text.contains("4 / 2048 / 1048576 KiB"), "{text}");
+        assert!(StoreOptions::default().with_shards(3).validate().is_ok());
     }
 }

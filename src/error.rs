@@ -1,17 +1,35 @@
-//! The errors a VMM sees from the store: each names the file offset, and the PFN behind it
-//! where memory backs it.
+//! The errors a VMM sees from the store, and their translation from the layers underneath.
+//!
+//! Every variant about a file names the file and the first offending byte offset, and the
+//! frame behind it where memory backs it. Unless a variant says otherwise, the operation that
+//! failed changed nothing. `Internal` means a bug in pfnstore: every input the API accepts
+//! maps to another variant.
 
-use pfnstore_core::{Pfn, RangeError};
-use pfnstore_metadata::{FileId, PinOwner};
+use pfnstore_core::{OffsetRange, PageOffset, Pfn, RangeError};
+use pfnstore_hugetlb::HugetlbError;
+use pfnstore_metadata::conversion::ConversionError;
+use pfnstore_metadata::{FileId, MetadataError, PinOwner};
 
 /// " (pfn 0x...)" when a frame backs the offset, else nothing.
 fn at(pfn: &Option<Pfn>) -> String {
     pfn.map(|p| format!(" ({p})")).unwrap_or_default()
 }
 
-/// An operation on a store or a guest-memory file failed. Unless the variant says otherwise,
-/// nothing changed.
+fn quarantined_note(ranges: &[(u64, u64)]) -> String {
+    if ranges.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = ranges
+            .iter()
+            .map(|(a, b)| format!("{a:#x}..{b:#x}"))
+            .collect();
+        format!("; could not be restored and are quarantined: {}", list.join(", "))
+    }
+}
+
+/// An operation on a store or a guest-memory file failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// An offset or length is not a multiple of the 4 KiB page size.
     #[error("offset {offset:#x} (length {len:#x}) is not 4 KiB aligned")]
@@ -37,6 +55,17 @@ pub enum StoreError {
         /// The file's size.
         size: u64,
     },
+    /// A file of this size cannot be created.
+    #[error("a file of {size:#x} bytes is larger than {limit:#x} bytes ({why})")]
+    FileTooLarge {
+        /// The size asked for.
+        size: u64,
+        /// The largest size allowed.
+        limit: u64,
+        /// Which limit: the store's capacity (without overcommit) or what the metadata can
+        /// describe.
+        why: &'static str,
+    },
     /// A page of the range is pinned.
     #[error("offset {offset:#x}{} of {file} is pinned by {owner}", at(.pfn))]
     Pinned {
@@ -49,7 +78,8 @@ pub enum StoreError {
         /// Who pins it.
         owner: PinOwner,
     },
-    /// A page of the range is quarantined.
+    /// A page of the range is quarantined: its memory is never handed out again, and the
+    /// offset is never backed again.
     #[error("offset {offset:#x}{} of {file} is quarantined", at(.pfn))]
     Quarantined {
         /// The file.
@@ -97,24 +127,27 @@ pub enum StoreError {
         /// Its reason.
         reason: String,
     },
-    /// A subscriber failed to unmap; the operation otherwise happened and the range named is
-    /// quarantined.
-    #[error("{subscriber} failed to unmap offsets {offset:#x}..{end:#x}{} of {file}: {reason} (quarantined)", at(.pfn))]
+    /// A subscriber failed to unmap: the operation was rolled back (the subscribers that had
+    /// unmapped were told to map the old blocks again). `quarantined` lists the byte ranges
+    /// that could not be restored; they are quarantined, everything else is as it was.
+    #[error("{subscriber} failed to unmap offsets {offset:#x}..{end:#x}{} of {file}: {reason}; rolled back{}", at(.pfn), quarantined_note(.quarantined))]
     UnmapFailed {
         /// The file.
         file: FileId,
-        /// First quarantined offset.
+        /// The first offset the subscriber failed on (the error offset).
         offset: u64,
-        /// End of the quarantined offsets.
+        /// The end of the offsets it failed on.
         end: u64,
-        /// The frame behind the first quarantined offset.
+        /// The frame behind `offset`.
         pfn: Option<Pfn>,
         /// The subscriber's name.
         subscriber: String,
         /// Its reason.
         reason: String,
+        /// Byte ranges quarantined because they could not be restored.
+        quarantined: Vec<(u64, u64)>,
     },
-    /// The host view was asked for private memory (R4).
+    /// The host was asked to access private memory.
     #[error("offset {offset:#x}{} of {file} is private: the host may not access it", at(.pfn))]
     PrivateAccess {
         /// The file.
@@ -158,11 +191,36 @@ pub enum StoreError {
         /// Pages wanted.
         pages: u64,
     },
-    /// A subscriber callback tried to operate on the range of the operation that called it.
+    /// The file's host mapping would need more kernel memory regions (VMAs) than the process
+    /// may hold (`vm.max_map_count`): the operation was refused before anything changed.
+    #[error("offset {offset:#x} of {file}: the host mapping would need {regions} memory regions, more than the limit of {limit}")]
+    MappingLimit {
+        /// The file.
+        file: FileId,
+        /// The offset whose change was refused.
+        offset: u64,
+        /// Regions that would be needed.
+        regions: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A subscriber callback operated on the pages of the operation that called it (or
+    /// changed another range of its chunk).
     #[error(
         "re-entrant operation on offsets {offset:#x}..{end:#x} of {file} from a subscriber callback"
     )]
     Reentrant {
+        /// The file.
+        file: FileId,
+        /// First offset asked for.
+        offset: u64,
+        /// End of the offsets asked for.
+        end: u64,
+    },
+    /// The operation would have to wait for another thread's change of these pages, and the
+    /// calling thread may not wait (it is inside a subscriber callback). Retry later.
+    #[error("offsets {offset:#x}..{end:#x} of {file} are being changed by another operation; a callback may not wait for it")]
+    WouldBlock {
         /// The file.
         file: FileId,
         /// First offset asked for.
@@ -180,6 +238,18 @@ pub enum StoreError {
         /// The frame behind it.
         pfn: Option<Pfn>,
     },
+    /// The file was destroyed (through this handle or another).
+    #[error("{file} was destroyed")]
+    Destroyed {
+        /// The file.
+        file: FileId,
+    },
+    /// No open file has this id.
+    #[error("{file} is not an open file of this store")]
+    NoSuchFile {
+        /// The id asked for.
+        file: FileId,
+    },
     /// A PFN that the store does not manage.
     #[error("{pfn} is not managed by this store")]
     UnknownPfn {
@@ -192,8 +262,103 @@ pub enum StoreError {
     /// The store's configuration cannot work.
     #[error(transparent)]
     Config(#[from] crate::ConfigError),
-    /// An internal layer failed in a way the store does not translate (a bug if it happens
-    /// on validated input; reported rather than panicking).
+    /// The memory source or the host mapping failed (mmap, mprotect, sysfs...): the error says
+    /// which call and errno.
+    #[error(transparent)]
+    Memory(#[from] HugetlbError),
+    /// A bug in pfnstore: a layer failed in a way the store does not expect on validated
+    /// input. Reported rather than panicking.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// What the error translation needs to know about a file.
+pub(crate) struct FileContext<'a> {
+    pub(crate) file: FileId,
+    /// The frame behind a page offset, if backed.
+    pub(crate) pfn: &'a dyn Fn(PageOffset) -> Option<Pfn>,
+}
+
+impl FileContext<'_> {
+    fn pfn_at(&self, page: u64) -> Option<Pfn> {
+        (self.pfn)(PageOffset(page))
+    }
+
+    /// A metadata error of the file's metadata (keyed by page offset).
+    pub(crate) fn metadata(&self, e: MetadataError) -> StoreError {
+        let file = self.file;
+        let offset = |p: Pfn| PageOffset(p.0).byte();
+        match e {
+            MetadataError::Pinned { first_pfn, owner } => StoreError::Pinned {
+                file,
+                offset: offset(first_pfn),
+                pfn: self.pfn_at(first_pfn.0),
+                owner,
+            },
+            MetadataError::Quarantined { first_pfn } => StoreError::Quarantined {
+                file,
+                offset: offset(first_pfn),
+                pfn: self.pfn_at(first_pfn.0),
+            },
+            MetadataError::NotPinned { first_pfn, owner } => StoreError::NotPinned {
+                file,
+                offset: offset(first_pfn),
+                pfn: self.pfn_at(first_pfn.0),
+                owner,
+            },
+            MetadataError::PinOverflow { first_pfn, owner } => StoreError::PinOverflow {
+                file,
+                offset: offset(first_pfn),
+                pfn: self.pfn_at(first_pfn.0),
+                owner,
+            },
+            other => StoreError::Internal(format!("{file}: {other}")),
+        }
+    }
+
+    /// A transaction error of the file's domain.
+    pub(crate) fn conversion(&self, e: ConversionError) -> StoreError {
+        let file = self.file;
+        let bytes = |r: OffsetRange| (r.start().byte(), r.end().byte());
+        match e {
+            ConversionError::Metadata(m) => self.metadata(m),
+            ConversionError::Vetoed {
+                first_page,
+                subscriber,
+                reason,
+            } => StoreError::Vetoed {
+                file,
+                offset: first_page.byte(),
+                pfn: self.pfn_at(first_page.0),
+                subscriber,
+                reason,
+            },
+            ConversionError::UnmapFailed {
+                subscriber,
+                range,
+                reason,
+                quarantined,
+            } => StoreError::UnmapFailed {
+                file,
+                offset: range.start().byte(),
+                end: range.end().byte(),
+                pfn: self.pfn_at(range.start().0),
+                subscriber,
+                reason,
+                quarantined: quarantined.into_iter().map(bytes).collect(),
+            },
+            ConversionError::Reentrant { requested, .. } => StoreError::Reentrant {
+                file,
+                offset: requested.start().byte(),
+                end: requested.end().byte(),
+            },
+            ConversionError::WouldBlock { requested, .. } => StoreError::WouldBlock {
+                file,
+                offset: requested.start().byte(),
+                end: requested.end().byte(),
+            },
+            ConversionError::NoSuchFile { file } => StoreError::NoSuchFile { file },
+            other => StoreError::Internal(format!("{file}: {other}")),
+        }
+    }
 }

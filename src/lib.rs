@@ -71,13 +71,13 @@ pub use pfnstore_core as core;
 pub use pfnstore_hugetlb as hugetlb;
 pub use pfnstore_metadata as metadata;
 
+pub use pfnstore_core::{OffsetRange, PageOffset};
 pub use pfnstore_metadata::conversion::{
-    ConversionOutcome, ConversionPlan, ConversionRequest, Interest, Invalidation, PlanEntry,
-    Registration, Subscriber, UnmapError, Veto,
+    Change, ChangeKind, ChangeOutcome, Interest, MappingPlan, PlanEntry, Registration, Subscriber,
+    UnmapError, Veto,
 };
-pub use pfnstore_metadata::{FileId, PinOwner, Shareability};
+pub use pfnstore_metadata::{FileId, PinOwner, QuarantineReason, Shareability};
 
-mod backing;
 mod config;
 mod error;
 mod file;
@@ -85,8 +85,11 @@ mod memory;
 mod store;
 pub mod subscribers;
 
-pub use config::{ConfigError, StoreConfig};
+pub use config::{ConfigError, FileOptions, MAX_SHARDS, StoreOptions};
 pub use error::StoreError;
-pub use file::{ConvertMode, Fault, FileOptions, FileStats, GuestMemory};
-pub use memory::Views;
-pub use store::{Store, StoreOptions, StoreStats};
+#[allow(deprecated)]
+pub use file::GuestMemory;
+pub use file::{
+    AttributeRun, ConvertMode, FaultMapping, FileExtent, FileStats, GuestFile, HostRegion,
+};
+pub use store::{InvariantError, Store, StoreStats};

@@ -1,190 +1,120 @@
-//! Byte access to the store's memory by PFN.
+//! The store's memory: its source, and the store's own unrestricted view of it.
 //!
-//! Two mappings of the source's memfd: the *scrub view*, which the store alone uses to zero
-//! memory (scrubbing before reuse, ZERO conversions) and which is never restricted, and the
-//! *host view*, through which the VMM reads and writes shared memory, and which is revoked
-//! (PROT_NONE) for every huge page that is entirely private.
+//! The *scrub view* is a mapping of the source's whole memfd that only the store uses, to
+//! zero memory (scrubbing before reuse, ZERO conversions, a punched range populated again).
+//! The VMM never sees it: it reaches guest memory through each file's own mapping
+//! ([`crate::GuestFile::host_mapping`]), which holds only that file's memory.
 
 use std::fmt;
 
-use pfnstore_core::{PAGE_SIZE, Pfn, PfnRange};
-use pfnstore_hugetlb::{HostView, MemorySource, Protection};
+use pfnstore_core::{Geometry, PAGE_SIZE, PageSize, Pfn, PfnRange};
+use pfnstore_hugetlb::{HostView, HugePageSize, Memfd, MemorySource};
 
 use crate::StoreError;
-use crate::store::internal;
 
-/// The source and, when it has bytes, the view through which the store touches them.
 pub(crate) struct Memory {
-    // Field order is drop order: the views map the source's memfd and must be gone before the
+    // Field order is drop order: the view maps the source's memfd and must be gone before the
     // source gives its hugetlb pages back to the pool.
-    views: Option<Views>,
+    scrub: Option<HostView>,
     source: Box<dyn MemorySource>,
-}
-
-/// The two mappings of a source with bytes.
-#[derive(Debug)]
-pub struct Views {
-    /// The store's own, unrestricted mapping.
-    pub scrub: HostView,
-    /// The VMM's mapping, restricted to shared memory.
-    pub host: HostView,
+    /// Pages of the memfd's page size: the least a file holds of it (a hugetlb page cannot be
+    /// mapped in part), 1 without a memfd.
+    granule: u64,
+    /// The largest block the memory is physically contiguous for.
+    max_block: PageSize,
 }
 
 impl Memory {
-    pub(crate) fn new(source: Box<dyn MemorySource>, views: Option<Views>) -> Memory {
-        Memory { views, source }
+    pub(crate) fn new(source: Box<dyn MemorySource>) -> Result<Memory, StoreError> {
+        let geometry = source.geometry();
+        // Memory is physically contiguous within a page of the memfd; PFNs without memory
+        // (a synthetic source) are as contiguous as their chunks.
+        let (scrub, granule, max_block) = match source.memfd() {
+            Some(memfd) => (
+                Some(HostView::from_memfd(memfd)?),
+                memfd.page_size().base_pages(),
+                largest_block_within(&geometry, memfd.page_size()),
+            ),
+            None => (None, 1, PageSize::Size1G),
+        };
+        Ok(Memory {
+            scrub,
+            max_block,
+            granule,
+            source,
+        })
     }
 
     pub(crate) fn has_bytes(&self) -> bool {
-        self.views.is_some()
+        self.scrub.is_some()
     }
 
     pub(crate) fn source(&self) -> &dyn MemorySource {
         self.source.as_ref()
     }
 
-    fn host(&self, what: &'static str) -> Result<&HostView, StoreError> {
-        self.views
-            .as_ref()
-            .map(|v| &v.host)
-            .ok_or(StoreError::NoHostMemory { what })
+    pub(crate) fn memfd(&self) -> Option<Memfd<'_>> {
+        self.source.memfd()
     }
 
-    /// The host view's granularity of protection, in bytes (None without bytes).
-    pub(crate) fn protect_granule(&self) -> Option<u64> {
-        self.views.as_ref().map(|v| v.host.page_size().bytes())
+    pub(crate) fn granule(&self) -> u64 {
+        self.granule
     }
 
-    /// The view offset of `pfn`'s first byte.
-    fn offset_of(&self, pfn: Pfn) -> Result<u64, StoreError> {
+    pub(crate) fn max_block(&self) -> PageSize {
+        self.max_block
+    }
+
+    /// The memfd byte offset of `pfn`'s first byte.
+    pub(crate) fn memfd_offset(&self, pfn: Pfn) -> Result<u64, StoreError> {
         self.source
             .locate(pfn)
             .map(|l| l.memfd_offset)
             .ok_or(StoreError::UnknownPfn { pfn })
     }
 
-    /// The pieces of `pfns` that lie in one chunk each, as (view offset, bytes).
-    fn pieces(&self, pfns: PfnRange) -> Result<Vec<(u64, u64)>, StoreError> {
-        let mut out = Vec::new();
+    /// One past the last PFN of the chunk that holds `pfn`: a chunk is contiguous in the
+    /// memfd, two PFN-adjacent chunks are not (hugetlb pages sit in the memfd in no PFN order).
+    pub(crate) fn chunk_end(&self, pfn: Pfn) -> Result<Pfn, StoreError> {
+        let location = self
+            .source
+            .locate(pfn)
+            .ok_or(StoreError::UnknownPfn { pfn })?;
+        let chunk = &self.source.chunks()[location.chunk];
+        Ok(Pfn(chunk.base.0 + chunk.pages))
+    }
+
+    /// Zeroes `pfns` (scrubbing, a ZERO conversion). A synthetic source has nothing to zero.
+    pub(crate) fn zero(&self, pfns: PfnRange) -> Result<(), StoreError> {
+        let Some(scrub) = &self.scrub else {
+            return Ok(());
+        };
         let mut next = pfns.start();
         while next < pfns.end() {
-            let location = self
-                .source
-                .locate(next)
-                .ok_or(StoreError::UnknownPfn { pfn: next })?;
-            let chunk = &self.source.chunks()[location.chunk];
-            let in_chunk = (chunk.pages - location.page_offset).min(pfns.end().0 - next.0);
-            out.push((location.memfd_offset, in_chunk * PAGE_SIZE));
-            next = Pfn(next.0 + in_chunk);
-        }
-        Ok(out)
-    }
-
-    /// Zeroes `pfns` (scrubbing, or a ZERO conversion). A synthetic source has nothing to
-    /// zero.
-    pub(crate) fn zero(&self, pfns: PfnRange) -> Result<(), StoreError> {
-        let Some(views) = &self.views else {
-            return Ok(());
-        };
-        for (offset, len) in self.pieces(pfns)? {
-            views.scrub.zero(offset, len).map_err(internal)?;
+            let end = self.chunk_end(next)?.min(pfns.end());
+            let offset = self.memfd_offset(next)?;
+            scrub.zero(offset, (end.0 - next.0) * PAGE_SIZE)?;
+            next = end;
         }
         Ok(())
     }
+}
 
-    /// Reads `buf.len()` bytes at byte `offset` of page `pfn` (within that page's chunk).
-    pub(crate) fn read(&self, pfn: Pfn, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        let view = self.host("reading guest memory")?;
-        view.read(self.offset_of(pfn)? + offset, buf)
-            .map_err(internal)
-    }
-
-    /// Writes `data` at byte `offset` of page `pfn` (within that page's chunk).
-    pub(crate) fn write(&self, pfn: Pfn, offset: u64, data: &[u8]) -> Result<(), StoreError> {
-        let view = self.host("writing guest memory")?;
-        view.write(self.offset_of(pfn)? + offset, data)
-            .map_err(internal)
-    }
-
-    /// Revokes (or restores) the host view's access to `pfns`, which must be whole huge pages
-    /// of the source. Without a view there is nothing to protect.
-    pub(crate) fn protect(&self, pfns: PfnRange, protection: Protection) -> Result<(), StoreError> {
-        let Some(views) = &self.views else {
-            return Ok(());
-        };
-        for (offset, len) in self.pieces(pfns)? {
-            views
-                .host
-                .protect(offset, len, protection)
-                .map_err(internal)?;
-        }
-        Ok(())
-    }
-
-    /// Sets `pfns` (whole huge pages) to `protection`, skipping the system call when the view
-    /// already has it.
-    pub(crate) fn protect_to(
-        &self,
-        pfns: PfnRange,
-        protection: Protection,
-    ) -> Result<(), StoreError> {
-        let revoked = self.is_revoked(pfns.start());
-        if revoked != (protection == Protection::None) {
-            self.protect(pfns, protection)?;
-        }
-        Ok(())
-    }
-
-    /// Restores access to every revoked huge page that `pfns` touches (memory about to leave
-    /// its file must not stay revoked for its next owner).
-    pub(crate) fn protect_if_revoked(
-        &self,
-        pfns: PfnRange,
-        protection: Protection,
-    ) -> Result<(), StoreError> {
-        let Some(granule) = self.protect_granule() else {
-            return Ok(());
-        };
-        let granule_pages = granule / PAGE_SIZE;
-        let mut pfn = pfns.start().align_down(granule_pages);
-        while pfn < pfns.end() {
-            if self.is_revoked(pfn) {
-                self.protect(PfnRange::from_len(pfn, granule_pages)?, protection)?;
-            }
-            pfn = Pfn(pfn.0 + granule_pages);
-        }
-        Ok(())
-    }
-
-    /// The host view's address of `pfns`, which must lie at consecutive offsets of the view.
-    pub(crate) fn host_address(&self, pfns: PfnRange) -> Result<*mut u8, StoreError> {
-        let view = self.host("handing guest memory to the kernel")?;
-        let first = self.offset_of(pfns.start())?;
-        let last = self.offset_of(pfns.last())?;
-        if last - first != (pfns.len() - 1) * PAGE_SIZE {
-            return Err(StoreError::Internal(format!(
-                "{pfns} is not contiguous in the host view"
-            )));
-        }
-        // `first` lies inside the view (the source located it), so the offset pointer stays
-        // inside the mapping; no access happens here.
-        Ok(view.as_ptr().wrapping_add(first as usize))
-    }
-
-    /// Whether the view has revoked `pfn`'s page.
-    pub(crate) fn is_revoked(&self, pfn: Pfn) -> bool {
-        match (&self.views, self.offset_of(pfn)) {
-            (Some(views), Ok(offset)) => views.host.is_revoked(offset),
-            _ => false,
-        }
-    }
+/// The largest block level of `geometry` no larger than a page of `contiguous`.
+fn largest_block_within(geometry: &Geometry, contiguous: HugePageSize) -> PageSize {
+    PageSize::LARGEST_FIRST
+        .into_iter()
+        .find(|s| geometry.pages(*s) <= contiguous.base_pages())
+        .unwrap_or(PageSize::Size4K)
 }
 
 impl fmt::Debug for Memory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Memory")
             .field("chunks", &self.source.chunks().len())
-            .field("views", &self.views.is_some())
+            .field("bytes", &self.scrub.is_some())
+            .field("granule_pages", &self.granule)
+            .field("max_block", &self.max_block)
             .finish()
     }
 }

@@ -1,22 +1,24 @@
-//! The [`Store`]: memory from a source, handed out by the allocator, described by the metadata
-//! store, and watched by subscribers.
+//! The [`Store`]: memory from a source, handed out by the allocator, described by the
+//! physical metadata, and watched by subscribers.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::ControlFlow;
 // `Weak` references to files and the subscriber registry's `Arc`: plain reference counting of
 // VMM-facing handles, not synchronisation the loom models need to see.
 use std::sync::{Arc, Weak};
 
 use pfnstore_allocator::{AllocRequest, Allocation, Allocator, AllocatorConfig, AllocatorStats};
 use pfnstore_core::sync::Mutex;
-use pfnstore_core::{Geometry, PAGE_SIZE, Pfn, PfnRange};
-use pfnstore_hugetlb::{HugetlbSource, MemorySource, SyntheticSource};
+use pfnstore_core::{Geometry, PAGE_SIZE, PageSize, Pfn, PfnRange};
+use pfnstore_hugetlb::{HugetlbSource, Memfd, MemorySource, SyntheticSource};
 use pfnstore_metadata::conversion::{Interest, Registration, Subscriber, SubscriberRegistry};
-use pfnstore_metadata::{FileId, MetadataStore, Shareability, Stats};
+use pfnstore_metadata::{FileId, MetadataStore, QuarantineReason, Shareability, Stats};
 
+use crate::config::{ConfigError, FileOptions, StoreOptions};
+use crate::file::{FileInner, GuestFile};
+use crate::memory::Memory;
 use crate::StoreError;
-use crate::file::{FileOptions, GuestMemory};
-use crate::memory::{Memory, Views};
 
 /// The backing store a VMM embeds. Cheap to clone (a handle); all methods take `&self` and
 /// may be called from many threads.
@@ -26,39 +28,26 @@ pub struct Store {
 }
 
 pub(crate) struct StoreInner {
-    pub(crate) geometry: Geometry,
-    pub(crate) memory: Memory,
-    pub(crate) allocator: Allocator,
-    /// Physical facts per PFN: which file owns a page, whether it needs scrubbing, whether it
-    /// is quarantined. (Shareability and pins belong to file offsets; see `GuestMemory`.)
-    pub(crate) physical: MetadataStore,
+    geometry: Geometry,
+    memory: Memory,
+    allocator: Allocator,
+    /// Physical facts per PFN: which file holds a page, whether it needs scrubbing, whether it
+    /// is quarantined. (Shareability and pins belong to file offsets; see `GuestFile`.)
+    physical: MetadataStore,
     pub(crate) registry: Arc<SubscriberRegistry>,
     files: Mutex<FileTable>,
+    capacity_pages: u64,
 }
 
 #[derive(Default)]
 struct FileTable {
     next: u32,
-    open: BTreeMap<FileId, Weak<crate::file::FileInner>>,
-}
-
-/// How a store is set up beyond its memory source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoreOptions {
-    /// Lock shards of the allocator (default: one per CPU).
-    pub shards: usize,
-}
-
-impl Default for StoreOptions {
-    fn default() -> Self {
-        StoreOptions {
-            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        }
-    }
+    open: BTreeMap<FileId, (Weak<FileInner>, u64)>,
 }
 
 /// A summary of a store's memory.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct StoreStats {
     /// The allocator's accounting (free, allocated, quarantined, dirty; fragmentation).
     pub allocator: AllocatorStats,
@@ -66,35 +55,42 @@ pub struct StoreStats {
     pub physical: Stats,
     /// Files open now.
     pub files: usize,
+    /// Bytes of the store's memory.
+    pub capacity: u64,
+    /// The sizes of the open files added up (more than `capacity` only with overcommit).
+    pub committed: u64,
+}
+
+/// The store's accounting does not add up: a bug (see [`Store::check_invariants`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("store invariant violated: {0}")]
+pub struct InvariantError(pub String);
+
+impl From<String> for InvariantError {
+    fn from(s: String) -> Self {
+        InvariantError(s)
+    }
 }
 
 impl Store {
-    /// A store over real hugetlb (or fallback) memory: it maps the source twice, once to
-    /// scrub and once as the host view.
+    /// A store over real hugetlb (or fallback) memory.
     pub fn from_hugetlb(source: HugetlbSource, options: StoreOptions) -> Result<Store, StoreError> {
-        let views = Views {
-            scrub: source.map_view().map_err(internal)?,
-            host: source.map_view().map_err(internal)?,
-        };
-        Store::new(Box::new(source), Some(views), options)
+        Store::new(Box::new(source), options)
     }
 
     /// A store over PFNs with no memory behind them (a [`pfnstore_hugetlb::SyntheticSource`]):
     /// everything but byte access works, at any scale.
     pub fn synthetic(source: SyntheticSource, options: StoreOptions) -> Result<Store, StoreError> {
-        Store::new(Box::new(source), None, options)
+        Store::new(Box::new(source), options)
     }
 
-    /// A store over `source`'s chunks. `views`, if given, are two mappings of the source's
-    /// memory: one the store scrubs through, one it serves the host view through. Without them
-    /// the store manages PFNs only and refuses byte access.
-    pub fn new(
-        source: Box<dyn MemorySource>,
-        views: Option<Views>,
-        options: StoreOptions,
-    ) -> Result<Store, StoreError> {
+    /// A store over `source`'s chunks. If the source has a memfd
+    /// ([`MemorySource::memfd`]), the store reads and writes its bytes (scrubbing, the files'
+    /// host mappings); without one it manages PFNs only and refuses byte access.
+    pub fn new(source: Box<dyn MemorySource>, options: StoreOptions) -> Result<Store, StoreError> {
+        options.validate()?;
         let geometry = source.geometry();
-        let chunks = source.chunks();
+        let chunks = source.chunks().to_vec();
         let span = span_of(&geometry, chunks.iter().map(|c| c.base))?;
         let allocator = Allocator::new(AllocatorConfig {
             geometry,
@@ -102,22 +98,25 @@ impl Store {
         })
         .map_err(internal)?;
         let physical = MetadataStore::new(geometry, span).map_err(internal)?;
-        for chunk in chunks {
+        let mut capacity_pages = 0;
+        for chunk in &chunks {
             // A fresh source's memory was zeroed by the kernel (hugetlb) or has no bytes at all
             // (synthetic): clean either way.
             allocator.add_chunk(chunk.base, false).map_err(internal)?;
             physical
                 .add_chunk(chunk.base, Shareability::Private)
                 .map_err(internal)?;
+            capacity_pages += chunk.pages;
         }
         Ok(Store {
             inner: Arc::new(StoreInner {
                 geometry,
-                memory: Memory::new(source, views),
+                memory: Memory::new(source)?,
                 allocator,
                 physical,
                 registry: Arc::new(SubscriberRegistry::new()),
                 files: Mutex::new(FileTable::default()),
+                capacity_pages,
             }),
         })
     }
@@ -137,8 +136,26 @@ impl Store {
         self.inner.memory.has_bytes()
     }
 
-    /// Creates a guest-memory file.
-    pub fn create_file(&self, options: FileOptions) -> Result<GuestMemory, StoreError> {
+    /// Bytes of memory the store manages.
+    pub fn capacity(&self) -> u64 {
+        self.inner.capacity_pages * PAGE_SIZE
+    }
+
+    /// The largest block a plan or a fault claims: what the memory is physically contiguous
+    /// for (4 KiB for ordinary pages, 2 MiB for 2 MiB hugetlb pages).
+    pub fn max_block(&self) -> PageSize {
+        self.inner.memory.max_block()
+    }
+
+    /// The memfd of the store's memory, if it has one: what every file's extents are mapped
+    /// from (see [`GuestFile::extents`]).
+    pub fn memfd(&self) -> Option<Memfd<'_>> {
+        self.inner.memory.memfd()
+    }
+
+    /// Creates a guest-memory file. Refused with [`StoreError::FileTooLarge`] if it is larger
+    /// than the store (unless [`FileOptions::overcommit`]) or than the metadata can describe.
+    pub fn create_file(&self, options: FileOptions) -> Result<GuestFile, StoreError> {
         let id = {
             let mut files = self.inner.files.lock();
             let id = FileId(files.next);
@@ -148,31 +165,64 @@ impl Store {
                 .ok_or_else(|| internal("file ids exhausted"))?;
             id
         };
-        let file = GuestMemory::create(self.clone(), id, options)?;
-        let mut files = self.inner.files.lock();
-        files.open.retain(|_, f| f.strong_count() > 0);
-        files.open.insert(id, Arc::downgrade(&file.inner));
+        let file = GuestFile::create(self.clone(), id, options, |inner| {
+            // Open (visible to `file`, `subscribe` and the statistics) before it is populated,
+            // so that a subscriber registering meanwhile either is in the file's list from its
+            // start or replays it.
+            let mut files = self.inner.files.lock();
+            files.open.retain(|_, (f, _)| f.strong_count() > 0);
+            files.open.insert(id, (Arc::downgrade(inner), options.size));
+        })?;
         Ok(file)
     }
 
     /// An open file by id.
-    pub fn file(&self, id: FileId) -> Option<GuestMemory> {
+    pub fn file(&self, id: FileId) -> Option<GuestFile> {
         let files = self.inner.files.lock();
-        files
-            .open
-            .get(&id)?
-            .upgrade()
-            .map(|inner| GuestMemory { inner })
+        let inner = files.open.get(&id)?.0.upgrade()?;
+        (!inner.is_destroyed()).then_some(GuestFile { inner })
     }
 
-    /// Registers a subscriber for every file (`Interest::All`) or one file. The store holds it
-    /// weakly: drop your `Arc` and it is no longer called. Dropping the returned registration
-    /// unregisters it (waiting for callbacks under way).
-    pub fn subscribe(&self, subscriber: &Arc<dyn Subscriber>, interest: Interest) -> Registration {
-        self.inner.registry.register(subscriber, interest)
+    /// Registers a subscriber for every file (`Interest::All`) or one open file, and replays
+    /// to it what is mapped now (see [`Subscriber`]). The store holds it weakly: drop your
+    /// `Arc` and it is no longer called. Dropping the returned registration unregisters it
+    /// (waiting for callbacks under way). Subscribing to a file that is not open is refused.
+    pub fn subscribe(
+        &self,
+        subscriber: &Arc<dyn Subscriber>,
+        interest: Interest,
+    ) -> Result<Registration, StoreError> {
+        if let Interest::File(id) = interest
+            && self.file(id).is_none()
+        {
+            return Err(StoreError::NoSuchFile { file: id });
+        }
+        self.inner
+            .registry
+            .register(subscriber, interest)
+            .map_err(|e| match e {
+                pfnstore_metadata::conversion::ConversionError::NoSuchFile { file } => {
+                    StoreError::NoSuchFile { file }
+                }
+                pfnstore_metadata::conversion::ConversionError::Reentrant { requested, .. } => {
+                    StoreError::Reentrant {
+                        file: interest_file(interest),
+                        offset: requested.start().byte(),
+                        end: requested.end().byte(),
+                    }
+                }
+                pfnstore_metadata::conversion::ConversionError::WouldBlock {
+                    requested, ..
+                } => StoreError::WouldBlock {
+                    file: interest_file(interest),
+                    offset: requested.start().byte(),
+                    end: requested.end().byte(),
+                },
+                other => internal(other),
+            })
     }
 
-    /// Which file owns `pfn`, if any.
+    /// Which file holds `pfn`, if any.
     pub fn owner_of(&self, pfn: Pfn) -> Result<Option<FileId>, StoreError> {
         self.inner
             .physical
@@ -183,88 +233,230 @@ impl Store {
 
     /// Accounting of the store's memory.
     pub fn stats(&self) -> StoreStats {
-        let files = self
-            .inner
-            .files
-            .lock()
-            .open
-            .values()
-            .filter(|f| f.strong_count() > 0)
-            .count();
+        let (files, committed) = {
+            let table = self.inner.files.lock();
+            table
+                .open
+                .values()
+                .filter(|(f, _)| f.upgrade().is_some_and(|f| !f.is_destroyed()))
+                .fold((0, 0), |(n, bytes), (_, size)| (n + 1, bytes + size))
+        };
         StoreStats {
             allocator: self.inner.allocator.stats(),
             physical: self.inner.physical.stats(),
             files,
+            capacity: self.capacity(),
+            committed,
         }
     }
 
-    /// Checks the allocator's and the metadata's internal invariants, and that they agree on
-    /// which pages are in use (for tests and debugging).
-    pub fn check_invariants(&self) -> Result<(), String> {
-        self.inner.allocator.check_invariants()?;
-        self.inner.physical.check_invariants()?;
-        let a = self.inner.allocator.stats().total;
-        let p = self.inner.physical.stats();
-        // Every allocated page belongs to a file; owned pages are allocated or, after a failed
-        // unmap, quarantined.
-        if a.allocated_pages > p.owned_pages
-            || p.owned_pages > a.allocated_pages + a.quarantined_pages
+    /// Checks the allocator's and the metadata's own invariants, every open file's, and that
+    /// they all agree on who holds which page: every page the allocator counts as allocated
+    /// is held by an open file, every page an open file holds is allocated to it, and the only
+    /// pages of files that are gone are quarantined ones. Meant for tests and debugging, on a
+    /// store with no operation under way.
+    pub fn check_invariants(&self) -> Result<(), InvariantError> {
+        let inner = &self.inner;
+        inner.allocator.check_invariants()?;
+        inner.physical.check_invariants()?;
+        let open: Vec<GuestFile> = {
+            let table = inner.files.lock();
+            table
+                .open
+                .values()
+                .filter_map(|(f, _)| f.upgrade())
+                .map(|inner| GuestFile { inner })
+                .collect()
+        };
+        let mut held_by: BTreeMap<FileId, u64> = BTreeMap::new();
+        for file in &open {
+            file.check_invariants()?;
+            held_by.insert(file.id(), file.held_pages());
+        }
+        let mut owned: BTreeMap<FileId, u64> = BTreeMap::new();
+        let (mut quarantined, mut orphans) = (0u64, 0u64);
+        let mut problem = None;
+        inner
+            .physical
+            .visit_runs(inner.physical.span(), |run, a| {
+                if let Some(owner) = a.owner {
+                    *owned.entry(owner).or_default() += run.len();
+                    if a.quarantined.is_some() {
+                        quarantined += run.len();
+                    }
+                    if !held_by.contains_key(&owner) {
+                        if a.quarantined.is_none() {
+                            problem = Some(format!(
+                                "{run} still belongs to {owner}, which is gone, and is not quarantined (leaked)"
+                            ));
+                            return ControlFlow::Break(());
+                        }
+                        orphans += run.len();
+                    }
+                }
+                ControlFlow::Continue(())
+            })
+            .or_else(|e| match e {
+                // Spans with gaps between chunks: visit chunk by chunk instead.
+                pfnstore_metadata::MetadataError::NotManaged { .. } => Ok(()),
+                other => Err(other),
+            })
+            .map_err(|e| InvariantError(e.to_string()))?;
+        if let Some(problem) = problem {
+            return Err(InvariantError(problem));
+        }
+        for (file, held) in &held_by {
+            let physical = owned.get(file).copied().unwrap_or(0);
+            if physical != *held {
+                return Err(InvariantError(format!(
+                    "{file} holds {held} pages, the physical metadata gives it {physical}"
+                )));
+            }
+        }
+        let a = inner.allocator.stats().total;
+        let total_owned: u64 = owned.values().sum();
+        if a.allocated_pages + a.quarantined_pages != total_owned || a.quarantined_pages != quarantined
         {
-            return Err(format!(
-                "metadata says {} pages are owned; the allocator has {} allocated and {} quarantined",
-                p.owned_pages, a.allocated_pages, a.quarantined_pages
-            ));
+            return Err(InvariantError(format!(
+                "the allocator has {} pages allocated and {} quarantined; the metadata has {} owned, {} of them quarantined ({} of files that are gone)",
+                a.allocated_pages, a.quarantined_pages, total_owned, quarantined, orphans
+            )));
         }
         Ok(())
     }
 }
 
+fn interest_file(interest: Interest) -> FileId {
+    match interest {
+        Interest::File(f) => f,
+        Interest::All => FileId(u32::MAX),
+    }
+}
+
+/// Memory taken from the allocator for a file, and how to give it back unchanged.
+#[derive(Debug)]
+pub(crate) struct Taken {
+    pub(crate) range: PfnRange,
+    allocation: Allocation,
+}
+
+/// The narrow interface the file code uses: memory in and out, bytes, quarantine.
 impl StoreInner {
-    /// Allocates `pages` aligned to `align`, scrubbing whatever was dirty, and records `file`
-    /// as the owner.
-    pub(crate) fn allocate_for(&self, file: FileId, pages: u64, align: u64) -> Option<PfnRange> {
+    pub(crate) fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    pub(crate) fn memory(&self) -> &Memory {
+        &self.memory
+    }
+
+    pub(crate) fn registry(&self) -> &Arc<SubscriberRegistry> {
+        &self.registry
+    }
+
+    pub(crate) fn capacity_pages(&self) -> u64 {
+        self.capacity_pages
+    }
+
+    /// Takes `pages` aligned to `align` for `file`, scrubbing whatever was dirty, and records
+    /// `file` as the holder. `None` when no such run is free.
+    pub(crate) fn take(&self, file: FileId, pages: u64, align: u64) -> Option<Taken> {
         let allocation = self
             .allocator
             .alloc(AllocRequest::new(pages).aligned(align))
             .ok()?;
-        match self.take(file, &allocation) {
-            Ok(()) => Some(allocation.range),
-            Err(_) => {
-                // Scrubbing failed: those pages must not be used by anyone.
-                let _ = self.allocator.quarantine(allocation.range);
-                None
-            }
+        let scrubbed = allocation
+            .dirty
+            .iter()
+            .try_for_each(|dirty| self.memory.zero(*dirty));
+        if scrubbed.is_err() {
+            // Memory that cannot be scrubbed must not be used by anyone.
+            let _ = self.physical.quarantine(allocation.range, QuarantineReason::ScrubFailed);
+            let _ = self.physical.assign_owner(allocation.range, file);
+            let _ = self.allocator.quarantine(allocation.range);
+            return None;
         }
+        self.physical.assign_owner(allocation.range, file).ok()?;
+        if allocation.is_dirty() {
+            let _ = self.physical.set_dirty(allocation.range, false);
+        }
+        Some(Taken {
+            range: allocation.range,
+            allocation,
+        })
     }
 
-    fn take(&self, file: FileId, allocation: &Allocation) -> Result<(), StoreError> {
-        for dirty in &allocation.dirty {
-            self.memory.zero(*dirty)?;
+    /// Gives back what [`StoreInner::take`] took, as it was: the pages that were dirty are
+    /// dirty again, the others clean, so that a failed operation changes no accounting.
+    pub(crate) fn untake(&self, file: FileId, taken: Taken) -> Result<(), StoreError> {
+        let range = taken.range;
+        self.physical.release_owner(range, file).map_err(internal)?;
+        self.allocator.free(range).map_err(internal)?;
+        // `free` leaves everything dirty: mark clean what was clean when it was taken.
+        let mut next = range.start();
+        for dirty in taken.allocation.dirty.iter() {
+            if next < dirty.start() {
+                self.allocator
+                    .mark_clean(PfnRange::new(next, dirty.start())?)
+                    .map_err(internal)?;
+            }
+            self.physical.set_dirty(*dirty, true).map_err(internal)?;
+            next = dirty.end();
         }
-        self.physical
-            .assign_owner(allocation.range, file)
-            .map_err(internal)?;
-        if allocation.is_dirty() {
-            self.physical
-                .set_dirty(allocation.range, false)
+        if next < range.end() {
+            self.allocator
+                .mark_clean(PfnRange::new(next, range.end())?)
                 .map_err(internal)?;
         }
         Ok(())
     }
 
-    /// Gives `pfns` (owned by `file`, unpinned) back to the allocator, dirty.
+    /// Gives `pfns` (held by `file`) back to the allocator, dirty, except the quarantined
+    /// pages among them: those stay out of use for good, recorded as the file's.
     pub(crate) fn release(&self, file: FileId, pfns: PfnRange) -> Result<(), StoreError> {
-        self.physical.release_owner(pfns, file).map_err(internal)?;
-        self.physical.set_dirty(pfns, true).map_err(internal)?;
-        self.allocator.free(pfns).map_err(internal)
+        let mut healthy: Vec<PfnRange> = Vec::new();
+        self.physical
+            .visit_runs(pfns, |run, a| {
+                if a.quarantined.is_none() {
+                    healthy.push(run);
+                }
+                ControlFlow::Continue(())
+            })
+            .map_err(internal)?;
+        for run in healthy {
+            self.physical.release_owner(run, file).map_err(internal)?;
+            self.physical.set_dirty(run, true).map_err(internal)?;
+            self.allocator.free(run).map_err(internal)?;
+        }
+        Ok(())
     }
 
-    /// `pfns` (owned by `file`) must never be reused: their unmap failed.
-    pub(crate) fn quarantine(&self, pfns: PfnRange) -> Result<(), StoreError> {
+    /// `pfns` (held by a file) must never be reused: an unmap could not be undone, or a
+    /// device may still reach them. Pages already quarantined are left as they are.
+    pub(crate) fn quarantine(&self, pfns: PfnRange, reason: QuarantineReason) -> Result<(), StoreError> {
+        let mut fresh: Vec<PfnRange> = Vec::new();
         self.physical
-            .quarantine(pfns, pfnstore_metadata::QuarantineReason::UnmapFailed)
+            .visit_runs(pfns, |run, a| {
+                if a.quarantined.is_none() {
+                    fresh.push(run);
+                }
+                ControlFlow::Continue(())
+            })
             .map_err(internal)?;
-        self.allocator.quarantine(pfns).map_err(internal)
+        for run in fresh {
+            self.physical.quarantine(run, reason).map_err(internal)?;
+            self.allocator.quarantine(run).map_err(internal)?;
+        }
+        Ok(())
+    }
+
+    /// Which file holds `pfns` (all of them), per the physical metadata.
+    pub(crate) fn holder_of(&self, pfns: PfnRange) -> Result<Option<FileId>, StoreError> {
+        self.physical.owner_of(pfns).map_err(internal)
+    }
+
+    pub(crate) fn file_closed(&self, id: FileId) {
+        self.files.lock().open.remove(&id);
     }
 }
 
@@ -286,16 +478,11 @@ fn span_of(geometry: &Geometry, bases: impl Iterator<Item = Pfn>) -> Result<PfnR
         hi = hi.max(base.0.saturating_add(chunk));
     }
     if lo >= hi {
-        return Err(internal("the memory source has no chunks"));
+        return Err(ConfigError::EmptySource.into());
     }
     Ok(PfnRange::new(Pfn(lo), Pfn(hi))?)
 }
 
 pub(crate) fn internal(e: impl fmt::Display) -> StoreError {
     StoreError::Internal(e.to_string())
-}
-
-/// Bytes in `pages` pages.
-pub(crate) const fn bytes(pages: u64) -> u64 {
-    pages * PAGE_SIZE
 }

@@ -195,6 +195,17 @@ impl<K: PageIndex> Block<K> {
     }
 }
 
+impl<K: PageIndex> Default for BlockRun<K> {
+    /// One base page at index 0 (a placeholder for fixed-size storage, not a meaningful run).
+    fn default() -> Self {
+        BlockRun {
+            start: K::default(),
+            size: PageSize::Size4K,
+            count: 1,
+        }
+    }
+}
+
 /// `count` consecutive blocks of the same size starting at `start`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BlockRun<K: PageIndex = Pfn> {

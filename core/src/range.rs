@@ -15,6 +15,16 @@ pub struct PageRange<K: PageIndex = Pfn> {
     end: K,
 }
 
+impl<K: PageIndex> Default for PageRange<K> {
+    /// The first page alone (a placeholder for fixed-size storage, not a meaningful range).
+    fn default() -> Self {
+        PageRange {
+            start: K::from_raw(0),
+            end: K::from_raw(1),
+        }
+    }
+}
+
 /// A range of page frames.
 pub type PfnRange = PageRange<Pfn>;
 

@@ -3,11 +3,12 @@
 use std::fmt;
 
 /// Whether the host may map a page (shared) or only the guest (private).
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord, Default)]
 pub enum Shareability {
     /// The host (VMM, devices through the host view) may access the page.
     Shared,
-    /// Only the guest may access the page.
+    /// Only the guest may access the page: what confidential memory is unless converted.
+    #[default]
     Private,
 }
 
@@ -38,6 +39,8 @@ pub enum QuarantineReason {
     ScrubFailed,
     /// An operator asked for it.
     Operator,
+    /// The memory was still pinned for DMA when its file went away: a device may reach it.
+    StillPinned,
 }
 
 impl fmt::Display for PinOwner {
@@ -166,22 +169,21 @@ impl Attributes {
         MappingAttributes {
             shareability: self.shareability,
             owner: self.owner,
-            quarantined: self.quarantined.is_some(),
         }
     }
 }
 
 /// The attributes that decide how memory may be mapped: a huge mapping must not span a
-/// shareability change, two files, or quarantined and healthy memory. Pins and scrub state
-/// are deliberately absent: a DMA pin on one 4K page must not split a 1G mapping.
+/// shareability change or two owners. Pins, quarantine and scrub state are deliberately
+/// absent: a DMA pin on one 4K page must not split a 1G mapping, and quarantining a page
+/// (its unmap could not be undone) must not change the shape of what the healthy users of
+/// the memory have mapped, or the next plan would tell them to unmap blocks they never got.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
 pub struct MappingAttributes {
     /// Shared or private.
     pub shareability: Shareability,
     /// The owning file, if any.
     pub owner: Option<FileId>,
-    /// Whether the memory is quarantined.
-    pub quarantined: bool,
 }
 
 #[cfg(test)]

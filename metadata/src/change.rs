@@ -46,7 +46,7 @@ enum Records {
 ///
 /// A *split* block was mapping-uniform before the call and is not after it: a user that maps
 /// it with one large mapping must replace that mapping by smaller ones (see
-/// [`crate::MetadataStore::block_plan`]). A *merged* block was not uniform before and is after:
+/// [`crate::MetadataStore::block_layout`]). A *merged* block was not uniform before and is after:
 /// it may now be mapped large. Only chunk (1G) and middle (2M) blocks are reported — a 4K block
 /// is always uniform — and each level is reported on its own: converting one page of a uniform
 /// chunk splits the chunk and the one middle block that holds the page, nothing else; the other

@@ -32,11 +32,9 @@ impl ChunkState {
     }
 
     pub(crate) fn mapping_at(&self, off: u32) -> MappingAttributes {
-        let (owner, quarantined) = self.coarse.at(off).mapping_key();
         MappingAttributes {
             shareability: self.share.value_at(off),
-            owner,
-            quarantined,
+            owner: self.coarse.at(off).mapping_key(),
         }
     }
 

@@ -14,8 +14,8 @@ pub(crate) struct Coarse {
 
 impl Coarse {
     /// What of these attributes constrains mappings (see [`crate::MappingAttributes`]).
-    pub(crate) fn mapping_key(&self) -> (Option<FileId>, bool) {
-        (self.owner, self.quarantined.is_some())
+    pub(crate) fn mapping_key(&self) -> Option<FileId> {
+        self.owner
     }
 
     pub(crate) fn with_shareability(&self, shareability: Shareability) -> Attributes {

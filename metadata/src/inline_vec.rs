@@ -49,6 +49,13 @@ impl<T: Copy + Default, const N: usize> InlineVec<T, N> {
         items.iter_mut().rev().find(|x| pred(x))
     }
 
+    pub(crate) fn last_mut(&mut self) -> Option<&mut T> {
+        match self {
+            InlineVec::Inline { len, items } => items[..*len].last_mut(),
+            InlineVec::Heap(v) => v.last_mut(),
+        }
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.as_slice().is_empty()
     }

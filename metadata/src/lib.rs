@@ -28,7 +28,7 @@
 //!
 //! ## Mapping attributes
 //!
-//! [`MetadataStore::max_mapping_order`], [`MetadataStore::block_plan`] and [`MappingChange`]
+//! [`MetadataStore::max_mapping_order`], [`MetadataStore::block_layout`] and [`MappingChange`]
 //! consider only the [`MappingAttributes`]: shareability, owner (a huge mapping cannot span two
 //! files) and whether the memory is quarantined. Pins and scrub state do **not** make a block
 //! non-uniform: a DMA pin on one 4K page must not split KVM's 1G mapping.
@@ -48,7 +48,7 @@
 //!
 //! There is one lock per chunk. An operation on a range takes the locks of all its chunks
 //! **in ascending PFN order** (write locks for mutations, read locks for `ranges`,
-//! `block_plan`, `owner_of`), holds them until it returns, and never takes a chunk lock while
+//! `block_layout`, `owner_of`), holds them until it returns, and never takes a chunk lock while
 //! holding a lock of a higher chunk. No user code runs under a chunk lock. `stats` and
 //! `check_invariants` take one read lock at a time.
 //!
@@ -89,7 +89,7 @@ mod inline_vec;
 #[cfg(all(test, pfnstore_loom))]
 mod loom_models;
 mod packed;
-mod plan;
+mod layout;
 pub mod reference;
 mod share_plane;
 mod stats;
@@ -102,7 +102,7 @@ pub use attrs::{
 pub use change::MappingChange;
 pub(crate) use change::Transition;
 pub use error::MetadataError;
-pub use plan::BlockPlan;
+pub use layout::BlockLayout;
 pub use stats::Stats;
 pub use store::{MAX_CHUNKS, MetadataStore};
 

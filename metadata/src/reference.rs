@@ -8,7 +8,7 @@
 
 use pfnstore_core::{Geometry, PageSize, Pfn, PfnRange};
 
-use crate::plan::{BlockPlan, RunCollector};
+use crate::layout::{BlockLayout, RunCollector};
 use crate::{
     Attributes, FileId, MAX_CHUNKS, MappingChange, MetadataError, PinOwner, PinSet,
     QuarantineReason, Shareability, Stats, Transition,
@@ -166,15 +166,15 @@ impl ReferenceStore {
         Ok(out)
     }
 
-    /// See [`crate::MetadataStore::block_plan`].
-    pub fn block_plan(&self, range: PfnRange) -> Result<BlockPlan, MetadataError> {
+    /// See [`crate::MetadataStore::block_layout`].
+    pub fn block_layout(&self, range: PfnRange) -> Result<BlockLayout, MetadataError> {
         self.managed(range)?;
         let mut runs = RunCollector::default();
         for pfn in range.pfns() {
             let a = self.page(pfn).as_ref().expect("checked managed").mapping();
             runs.push(pfn, Pfn(pfn.0 + 1), a);
         }
-        Ok(BlockPlan::from_runs(self.geometry, runs.finish()))
+        Ok(BlockLayout::from_runs(self.geometry, runs.finish()))
     }
 
     /// See [`crate::MetadataStore::owner_of`].

@@ -1,7 +1,7 @@
 //! The sharded store: one slot per chunk of the span, each with its own lock and a lock-free
 //! summary of its mapping uniformity.
 
-use std::ops::{Deref, DerefMut};
+use std::ops::{ControlFlow, Deref, DerefMut};
 
 use pfnstore_core::sync::RwLock;
 use pfnstore_core::sync::atomic::{AtomicU64, Ordering};
@@ -10,11 +10,11 @@ use pfnstore_core::{Geometry, PageSize, Pfn, PfnRange, RangeError};
 use crate::chunk::{ChunkState, MidList};
 use crate::coarse_plane::{Coarse, CoarsePlane};
 use crate::fast_convert::{ChunkShape, convert_small};
-use crate::plan::{BlockPlan, RunCollector};
+use crate::layout::{BlockLayout, RunCollector};
 use crate::share_plane::{PlaneShape, SharePlane};
 use crate::summary::{MANAGED, SummaryLayout};
 use crate::{
-    Attributes, FileId, MappingChange, MetadataError, PinOwner, QuarantineReason, Shareability,
+    Attributes, FileId, MappingAttributes, MappingChange, MetadataError, PinOwner, QuarantineReason, Shareability,
     Stats, Transition,
 };
 
@@ -233,7 +233,7 @@ impl MetadataStore {
                         }
                         _ => out.push((PfnRange::new(start, end)?, attrs)),
                     }
-                    Ok(())
+                    Ok(ControlFlow::Continue(()))
                 },
             )?;
             Ok(out)
@@ -241,8 +241,8 @@ impl MetadataStore {
     }
 
     /// The maximal naturally aligned blocks with uniform mapping attributes that cover exactly
-    /// `range`, as runs of equal-sized blocks (see [`BlockPlan`]).
-    pub fn block_plan(&self, range: PfnRange) -> Result<BlockPlan, MetadataError> {
+    /// `range`, as runs of equal-sized blocks (see [`BlockLayout`]).
+    pub fn block_layout(&self, range: PfnRange) -> Result<BlockLayout, MetadataError> {
         self.read_locked(range, |guards, first| {
             let mut runs = RunCollector::new();
             self.walk_runs(
@@ -252,10 +252,88 @@ impl MetadataStore {
                 ChunkState::next_mapping_boundary,
                 |chunk, pos, start, end| {
                     runs.push(start, end, chunk.mapping_at(pos));
-                    Ok(())
+                    Ok(ControlFlow::Continue(()))
                 },
             )?;
-            Ok(BlockPlan::from_runs(self.geometry, runs.finish()))
+            Ok(BlockLayout::from_runs(self.geometry, runs.finish()))
+        })
+    }
+
+    /// Calls `visit` with each maximal run of equal mapping attributes that intersects
+    /// `range`, clipped to it, ascending, until it returns `Break`. Allocates nothing for a
+    /// range inside one chunk: this is what conversion plans are computed from.
+    pub fn visit_mapping_runs(
+        &self,
+        range: PfnRange,
+        mut visit: impl FnMut(PfnRange, MappingAttributes) -> ControlFlow<()>,
+    ) -> Result<(), MetadataError> {
+        self.read_locked(range, |guards, first| {
+            let mut pending: Option<(Pfn, Pfn, MappingAttributes)> = None;
+            let mut stopped = false;
+            self.walk_runs(
+                range,
+                guards,
+                first,
+                ChunkState::next_mapping_boundary,
+                |chunk, pos, start, end| {
+                    let attrs = chunk.mapping_at(pos);
+                    match &mut pending {
+                        Some((_, e, a)) if *e == start && *a == attrs => *e = end,
+                        _ => {
+                            if let Some((s, e, a)) = pending.replace((start, end, attrs))
+                                && visit(PfnRange::new(s, e)?, a).is_break()
+                            {
+                                stopped = true;
+                                return Ok(ControlFlow::Break(()));
+                            }
+                        }
+                    }
+                    Ok(ControlFlow::Continue(()))
+                },
+            )?;
+            if let (false, Some((s, e, a))) = (stopped, pending) {
+                let _ = visit(PfnRange::new(s, e)?, a);
+            }
+            Ok(())
+        })
+    }
+
+    /// Calls `visit` with each maximal run of equal attributes (all of them: pins, quarantine
+    /// and scrub state too) that intersects `range`, clipped to it, ascending, until it
+    /// returns `Break`.
+    pub fn visit_runs(
+        &self,
+        range: PfnRange,
+        mut visit: impl FnMut(PfnRange, &Attributes) -> ControlFlow<()>,
+    ) -> Result<(), MetadataError> {
+        self.read_locked(range, |guards, first| {
+            let mut pending: Option<(Pfn, Pfn, Attributes)> = None;
+            let mut stopped = false;
+            self.walk_runs(
+                range,
+                guards,
+                first,
+                ChunkState::next_boundary,
+                |chunk, pos, start, end| {
+                    let attrs = chunk.attributes_at(pos);
+                    match &mut pending {
+                        Some((_, e, a)) if *e == start && *a == attrs => *e = end,
+                        _ => {
+                            if let Some((s, e, a)) = pending.replace((start, end, attrs))
+                                && visit(PfnRange::new(s, e)?, &a).is_break()
+                            {
+                                stopped = true;
+                                return Ok(ControlFlow::Break(()));
+                            }
+                        }
+                    }
+                    Ok(ControlFlow::Continue(()))
+                },
+            )?;
+            if let (false, Some((s, e, a))) = (stopped, pending) {
+                let _ = visit(PfnRange::new(s, e)?, &a);
+            }
+            Ok(())
         })
     }
 
@@ -268,7 +346,7 @@ impl MetadataStore {
         guards: &Guards<G>,
         first: usize,
         next: impl Fn(&ChunkState, u32, u32) -> Option<u32>,
-        mut visit: impl FnMut(&ChunkState, u32, Pfn, Pfn) -> Result<(), MetadataError>,
+        mut visit: impl FnMut(&ChunkState, u32, Pfn, Pfn) -> Result<ControlFlow<()>, MetadataError>,
     ) -> Result<(), MetadataError> {
         for (k, guard) in guards.iter().enumerate() {
             let chunk = guard
@@ -279,12 +357,15 @@ impl MetadataStore {
             let mut pos = lo;
             while pos < hi {
                 let end = next(chunk, pos, hi).unwrap_or(hi);
-                visit(
+                let flow = visit(
                     chunk,
                     pos,
                     Pfn(base + u64::from(pos)),
                     Pfn(base + u64::from(end)),
                 )?;
+                if flow.is_break() {
+                    return Ok(());
+                }
                 pos = end;
             }
         }

@@ -171,8 +171,8 @@ impl Harness {
                 self.model.owner_of(range(s, l))
             ),
             Op::Plan(s, l) => prop_assert_eq!(
-                self.store.block_plan(range(s, l)),
-                self.model.block_plan(range(s, l))
+                self.store.block_layout(range(s, l)),
+                self.model.block_layout(range(s, l))
             ),
         }
         self.compare(op)
@@ -191,7 +191,7 @@ impl Harness {
                 continue;
             };
             prop_assert_eq!(self.store.ranges(chunk), self.model.ranges(chunk));
-            prop_assert_eq!(self.store.block_plan(chunk), self.model.block_plan(chunk));
+            prop_assert_eq!(self.store.block_layout(chunk), self.model.block_layout(chunk));
         }
         prop_assert_eq!(self.store.ranges(span), self.model.ranges(span));
         let probes: Vec<Pfn> = if self.exhaustive {
@@ -356,7 +356,7 @@ fn a_4k_conversion_in_a_uniform_1g_splits_and_merges_in_one_call() {
     );
     assert_eq!(change.merges().count(), 0);
     let plan = store
-        .block_plan(PfnRange::new(Pfn(0), Pfn(chunk)).unwrap())
+        .block_layout(PfnRange::new(Pfn(0), Pfn(chunk)).unwrap())
         .unwrap();
     let count = |size| {
         plan.iter()

@@ -4,12 +4,10 @@ use std::collections::BTreeMap;
 use std::sync::Weak;
 
 use pfnstore_core::sync::Mutex;
-use pfnstore_core::{Geometry, PageSize, Pfn, PfnRange};
+use pfnstore_core::{Geometry, OffsetRange, PAGE_SIZE, PageOffset, PageSize, Pfn};
 
-use super::{Callback, FaultPlan, Faults};
-use crate::metadata::conversion::{
-    ConversionPlan, ConversionRequest, Invalidation, PlanEntry, Subscriber, UnmapError, Veto,
-};
+use super::{Callback, Injected, Misbehaviour};
+use crate::metadata::conversion::{Change, ChangeKind, Subscriber, UnmapError, Veto};
 use crate::store::{Store, StoreInner};
 use crate::{FileId, Shareability, StoreError};
 
@@ -23,7 +21,7 @@ pub struct KvmMmu {
     geometry: Geometry,
     store: Weak<StoreInner>,
     state: Mutex<State>,
-    faults: Faults,
+    injected: Injected,
 }
 
 #[derive(Debug, Default)]
@@ -33,12 +31,11 @@ struct State {
     violations: Vec<String>,
     huge: u64,
     small: u64,
-    /// Bumped when a conversion starts (prepare) and ends (commit, abort) and by every
-    /// invalidation, like KVM's `mmu_invalidate_seq`: a fault that raced with one retries
-    /// instead of installing a stale translation.
+    /// Bumped when a change starts and ends, like KVM's `mmu_invalidate_seq`: a fault that
+    /// raced with one retries instead of installing a stale translation.
     invalidate_seq: u64,
-    /// Conversions between prepare and commit/abort, like `mmu_invalidate_in_progress`:
-    /// faults wait them out.
+    /// Changes between their first callback and `map`/`abort`, like
+    /// `mmu_invalidate_in_progress`: faults wait them out.
     in_progress: u64,
 }
 
@@ -50,15 +47,15 @@ impl KvmMmu {
             geometry: store.geometry(),
             store: std::sync::Arc::downgrade(&store.inner),
             state: Mutex::new(State::default()),
-            faults: Faults::default(),
+            injected: Injected::default(),
         }
     }
 
-    /// Handles a guest fault the way KVM does: asks the file for the PFN and the largest
+    /// Handles a guest fault the way KVM does: asks the file for the frame and the largest
     /// mappable block, and maps that block in the table of the access's kind.
     ///
     /// Like KVM, it samples the invalidation sequence before asking the store and installs
-    /// the mapping only if no commit or invalidation ran in between; otherwise it retries.
+    /// the mapping only if no change ran in between; otherwise it retries.
     pub fn fault(
         &self,
         file: FileId,
@@ -66,10 +63,8 @@ impl KvmMmu {
         access: Shareability,
     ) -> Result<(PageSize, Pfn), StoreError> {
         let store = self.store()?;
-        let file_handle = store
-            .file(file)
-            .ok_or(StoreError::Internal(format!("{file} is closed")))?;
-        let page = offset / pfnstore_core::PAGE_SIZE;
+        let handle = store.file(file).ok_or(StoreError::NoSuchFile { file })?;
+        let page = PageOffset::from_byte(offset);
         loop {
             let seq = {
                 let state = self.state.lock();
@@ -80,11 +75,11 @@ impl KvmMmu {
                 }
                 state.invalidate_seq
             };
-            let fault = file_handle.fault(offset, access)?;
+            let fault = handle.fault(offset, access)?;
             let block = self
                 .geometry
-                .block_containing(Pfn(page), fault.size)
-                .ok_or(StoreError::Internal("fault beyond the PFN space".into()))?
+                .block_containing(page, fault.size)
+                .ok_or(StoreError::Internal("fault beyond the page space".into()))?
                 .range(&self.geometry);
             let mut state = self.state.lock();
             if state.invalidate_seq != seq || state.in_progress > 0 {
@@ -103,10 +98,10 @@ impl KvmMmu {
     }
 
     /// The mapping that covers `page` of `file`: its pages and its table.
-    pub fn mapping_at(&self, file: FileId, page: Pfn) -> Option<(PfnRange, Shareability)> {
+    pub fn mapping_at(&self, file: FileId, page: PageOffset) -> Option<(OffsetRange, Shareability)> {
         let state = self.state.lock();
         let (&(f, start), &(pages, table)) = state.mappings.range(..=(file, page.0)).next_back()?;
-        let range = PfnRange::from_len(Pfn(start), pages).ok()?;
+        let range = OffsetRange::from_len(PageOffset(start), pages).ok()?;
         (f == file && range.contains(page)).then_some((range, table))
     }
 
@@ -123,7 +118,7 @@ impl KvmMmu {
         let state = self.state.lock();
         let mut problems = Vec::new();
         for (&(file, start), &(pages, table)) in &state.mappings {
-            if let Ok(block) = PfnRange::from_len(Pfn(start), pages)
+            if let Ok(block) = OffsetRange::from_len(PageOffset(start), pages)
                 && let Some(problem) = check_block(&store, file, block, table)
             {
                 problems.push(problem);
@@ -133,8 +128,8 @@ impl KvmMmu {
     }
 
     /// Injects misbehaviour.
-    pub fn inject(&self, faults: FaultPlan) {
-        self.faults.set(faults);
+    pub fn inject(&self, m: Misbehaviour) {
+        self.injected.set(m);
     }
 
     fn store(&self) -> Result<Store, StoreError> {
@@ -149,7 +144,7 @@ impl KvmMmu {
         state: &mut State,
         store: &Store,
         file: FileId,
-        block: PfnRange,
+        block: OffsetRange,
         table: Shareability,
     ) {
         if let Some(problem) = check_block(store, file, block, table) {
@@ -166,53 +161,16 @@ impl KvmMmu {
             .insert((file, block.start().0), (block.len(), table));
     }
 
-    fn apply(&self, file: FileId, plan: &ConversionPlan, map: bool) -> Result<(), UnmapError> {
+    fn begin(&self) {
         let mut state = self.state.lock();
+        state.in_progress += 1;
         state.invalidate_seq += 1;
-        let mut failed = Vec::new();
-        for entry in plan.unmap() {
-            let range = entry.run.range(&self.geometry);
-            if let Err(e) = self.faults.check_unmap(range) {
-                failed.push(e);
-                continue;
-            }
-            remove_overlapping(&mut state, file, range);
-        }
-        if map && let Ok(store) = self.store() {
-            for entry in plan.map() {
-                self.map_entry(&mut state, &store, file, entry, &failed);
-            }
-        }
-        match failed.into_iter().next() {
-            Some(first) => Err(first),
-            None => Ok(()),
-        }
     }
 
-    fn map_entry(
-        &self,
-        state: &mut State,
-        store: &Store,
-        file: FileId,
-        entry: &PlanEntry,
-        failed: &[UnmapError],
-    ) {
-        if entry.attributes.quarantined {
-            return;
-        }
-        for block in entry.run.blocks(&self.geometry) {
-            let range = block.range(&self.geometry);
-            if failed.iter().any(|f| f.range.overlaps(&range)) {
-                continue;
-            }
-            if overlaps_any(state, file, range) {
-                state.violations.push(format!(
-                    "plan maps {range} of {file} over an existing mapping"
-                ));
-                continue;
-            }
-            self.map_checked(state, store, file, range, entry.attributes.shareability);
-        }
+    fn end(&self) {
+        let mut state = self.state.lock();
+        state.in_progress = state.in_progress.saturating_sub(1);
+        state.invalidate_seq += 1;
     }
 }
 
@@ -220,47 +178,34 @@ impl KvmMmu {
 fn check_block(
     store: &Store,
     file: FileId,
-    block: PfnRange,
+    block: OffsetRange,
     table: Shareability,
 ) -> Option<String> {
     let handle = store.file(file)?;
-    let offset = crate::store::bytes(block.start().0);
-    let len = crate::store::bytes(block.len());
-    let plan = match handle.block_plan(offset, len) {
-        Ok(plan) => plan,
+    let blocks = match handle.mapped_blocks(block.start().byte(), block.len() * PAGE_SIZE) {
+        Ok(blocks) => blocks,
         Err(e) => return Some(format!("cannot check {block} of {file}: {e}")),
     };
-    match plan.as_slice() {
-        [(run, attributes)] if run.count() == 1 => {
-            if attributes.shareability != table {
-                Some(format!(
+    let geometry = store.geometry();
+    match blocks.as_slice() {
+        [entry] if entry.run.range(&geometry).contains_range(&block) => {
+            (entry.shareability != table).then(|| {
+                format!(
                     "{block} of {file} is {:?} but mapped in the {table:?} table",
-                    attributes.shareability
-                ))
-            } else {
-                None
-            }
+                    entry.shareability
+                )
+            })
         }
+        [] => Some(format!("{block} of {file} is not backed")),
         _ => Some(format!(
-            "{block} of {file} has mixed attributes: {} runs",
-            plan.len()
+            "{block} of {file} is not one uniform backed block: {} blocks",
+            blocks.len()
         )),
     }
 }
 
-fn overlaps_any(state: &State, file: FileId, range: PfnRange) -> bool {
-    let before = state.mappings.range(..=(file, range.start().0)).next_back();
-    let hit_before = matches!(before, Some((&(f, start), &(pages, _))) if f == file && start + pages > range.start().0);
-    hit_before
-        || state
-            .mappings
-            .range((file, range.start().0 + 1)..(file, range.end().0))
-            .next()
-            .is_some()
-}
-
 /// Zaps every mapping that overlaps `range` (KVM zaps whole huge mappings).
-fn remove_overlapping(state: &mut State, file: FileId, range: PfnRange) {
+fn remove_overlapping(state: &mut State, file: FileId, range: OffsetRange) {
     let mut doomed = Vec::new();
     if let Some((&(f, start), &(pages, _))) =
         state.mappings.range(..=(file, range.start().0)).next_back()
@@ -285,31 +230,49 @@ impl Subscriber for KvmMmu {
         &self.name
     }
 
-    fn prepare(&self, _request: &ConversionRequest) -> Result<(), Veto> {
-        self.faults.on_prepare()?;
-        let mut state = self.state.lock();
-        state.in_progress += 1;
-        state.invalidate_seq += 1;
+    fn prepare(&self, _change: &Change<'_>) -> Result<(), Veto> {
+        self.injected.on_prepare()?;
+        self.begin();
         Ok(())
     }
 
-    fn abort(&self, _request: &ConversionRequest) {
-        let mut state = self.state.lock();
-        state.in_progress -= 1;
-        state.invalidate_seq += 1;
-    }
-
-    fn commit(&self, request: &ConversionRequest, plan: &ConversionPlan) -> Result<(), UnmapError> {
-        {
-            let mut state = self.state.lock();
-            state.in_progress -= 1;
+    fn unmap(&self, change: &Change<'_>) -> Result<(), UnmapError> {
+        if !matches!(change.kind, ChangeKind::Convert { .. }) {
+            // Populations and punch-holes have no prepare: the change starts here.
+            self.begin();
         }
-        self.faults.on_unmap_callback(Callback::Commit);
-        self.apply(request.file, plan, true)
+        self.injected.on_unmap(change.plan.region())?;
+        let mut state = self.state.lock();
+        for entry in change.plan.unmap() {
+            remove_overlapping(&mut state, change.file, entry.run.range(&self.geometry));
+        }
+        Ok(())
     }
 
-    fn invalidate(&self, invalidation: &Invalidation) -> Result<(), UnmapError> {
-        self.faults.on_unmap_callback(Callback::Invalidate);
-        self.apply(invalidation.file, &invalidation.plan, false)
+    fn map(&self, change: &Change<'_>) {
+        self.injected.on(Callback::Map);
+        if let Ok(store) = self.store() {
+            let mut state = self.state.lock();
+            for entry in change.plan.map() {
+                for block in entry.run.blocks(&self.geometry) {
+                    let range = block.range(&self.geometry);
+                    remove_overlapping(&mut state, change.file, range);
+                    self.map_checked(&mut state, &store, change.file, range, entry.shareability);
+                }
+            }
+        }
+        if change.kind != ChangeKind::Replay {
+            self.end();
+        }
+    }
+
+    fn restore(&self, change: &Change<'_>) -> Result<(), UnmapError> {
+        // KVM maps lazily: the guest faults the old blocks back in. Nothing to do but the
+        // injected failure.
+        self.injected.on_restore(change.plan.region())
+    }
+
+    fn abort(&self, _change: &Change<'_>) {
+        self.end();
     }
 }

@@ -1,546 +1,408 @@
-//! Conversion transactions: shared <-> private in place, all or nothing, with every user of the
-//! memory told through [`Subscriber`] callbacks instead of refcounts.
+//! Changes of a guest-memory file's memory — conversions shared <-> private in place,
+//! population, punch-holes — as all-or-nothing transactions, with every user of the memory
+//! told through [`Subscriber`] callbacks instead of refcounts.
 //!
-//! A [`ConversionDomain`] is one guest-memory file's view of conversion: its metadata store
-//! (keyed by file page offset), its range locks, and the store-wide subscriber registry.
+//! A [`ConversionDomain`] is one file's view of this: its metadata store (keyed by page
+//! offset), its range locks, its limits (size, largest physically contiguous block) and its
+//! share of the store-wide [`SubscriberRegistry`].
 //!
-//! # The transaction ([`ConversionDomain::convert`])
+//! # The transaction
 //!
-//! 1. Lock the chunks the range touches against other conversions and punch-holes of the same
-//!    domain. Readers are not blocked; conversions of other chunks run in parallel.
-//! 2. Check pins and quarantine: a pinned page fails the whole conversion with
-//!    `Pinned { first_pfn, owner }` before any subscriber hears of it.
-//! 3. `prepare` every subscriber interested in the file, in registration order. A veto (or a
-//!    panic) stops there: the ones already prepared get `abort`, in reverse order, and the caller
-//!    gets [`ConversionError::Vetoed`] naming the subscriber, its reason and the first page.
-//! 4. Flip the metadata. This re-checks pins under the shard locks, so a pin that raced in after
-//!    step 2 still fails the conversion (and aborts the prepared subscribers).
-//! 5. `commit` to every subscriber with the [`ConversionPlan`]: the blocks to unmap as they were
-//!    mapped before (one 1 GiB block, say), and the blocks to map afterwards (511 x 2 MiB +
-//!    512 x 4 KiB), widened to whatever split or merged. Merges are immediate: converting the
-//!    last odd page of a block back makes the block uniform in the same transaction, and the
-//!    plan says "unmap the small blocks, map the large one".
-//! 6. A subscriber that fails to unmap reports the range; exactly that range is quarantined
-//!    (never handed out again) and the caller gets [`ConversionError::UnmapFailed`]. The
-//!    conversion itself stays done: the metadata and every other subscriber already moved on.
+//! Every change runs the same two-phase protocol (the details, and what subscribers see, are in
+//! the [`Subscriber`] docs; the steps are in the `transaction` module):
+//!
+//! 1. lock the chunks the pages touch against other changes of the same file (readers of
+//!    other pages and changes of other chunks and files go on);
+//! 2. check: a pinned page fails a conversion or punch-hole with `Pinned { first_pfn, owner }`,
+//!    a quarantined page fails a conversion or a population, before any subscriber hears of it;
+//! 3. compute the [`MappingPlan`] without changing anything, and show it to `prepare`; a veto
+//!    aborts the prepared subscribers and changes nothing;
+//! 4. every subscriber unmaps the old blocks. A failure rolls back: the subscribers asked to
+//!    unmap are told to map the old blocks again (`restore`), everyone gets `abort`, the
+//!    shareability does not change, and the caller gets [`ConversionError::UnmapFailed`]
+//!    naming the subscriber and its first failing page (the kernel's in-place conversion
+//!    answers -EAGAIN with an error offset in the same situation). Only what a `restore`
+//!    cannot map again is quarantined, and the error lists it;
+//! 5. the metadata flips (and the caller's hooks do the store's own work: revoking the host
+//!    view and zeroing before, restoring it after);
+//! 6. every subscriber maps the new blocks. Merges are immediate: converting the last odd page
+//!    of a block back makes the block uniform in the same transaction, and the plan says
+//!    "unmap the small blocks, map the large one".
 //!
 //! # Why the whole chunk is locked
 //!
-//! The plan is computed from the state of the blocks around the range. Two conversions of
+//! The plan is computed from the state of the blocks around the changed pages. Two changes of
 //! disjoint pages in one 1 GiB block would both split that block, and each would describe the
 //! other's half-finished state to subscribers. Locking the chunk hull keeps plans exact; it
-//! only serialises conversions inside one chunk of one file.
+//! only serialises changes inside one chunk of one file. Callbacks may still read the pages
+//! around the change (see [`RangeLocks`]).
 //!
 //! # Invariant the plans rely on
 //!
-//! A domain's mapping attributes (shareability, owner, quarantine) change only under its range
-//! locks: through `convert`, `invalidate`, or code that holds a [`RangeGuard`].
+//! A domain's mapping attributes (shareability, owner) change only under its range locks:
+//! through this module's transactions, or code that holds a [`RangeGuard`]. In a file's
+//! metadata the owner marks the offsets that have memory behind them: plans list backed
+//! blocks only.
 
+mod callback;
 mod plan;
+mod planner;
 mod range_lock;
 mod registry;
 mod subscriber;
-
-use std::panic::{AssertUnwindSafe, catch_unwind};
+mod transaction;
 
 use pfnstore_core::sync::Arc;
-use pfnstore_core::{BlockRun, Geometry, Pfn, PfnRange, RangeError};
+use pfnstore_core::{BlockRun, Geometry, OffsetRange, PageOffset, PageSize, Pfn};
 
-pub use plan::{ConversionPlan, PlanEntry};
-pub use range_lock::{RangeGuard, RangeLocks, Reentrant, chunk_hull};
-pub use registry::{DomainView, Registration, Snapshot, SubscriberId, SubscriberRegistry};
-pub use subscriber::{ConversionRequest, Interest, Invalidation, Subscriber, UnmapError, Veto};
+pub use plan::{MappingPlan, PlanEntry, Runs};
+pub use range_lock::{LockError, RangeGuard, RangeLocks, chunk_hull};
+pub use registry::{DomainCore, Registration, Snapshot, SubscriberId, SubscriberRegistry};
+pub use subscriber::{Change, ChangeKind, Interest, Subscriber, UnmapError, Veto};
 
-use registry::InCallback;
+use crate::{FileId, MappingChange, MetadataError, MetadataStore, Shareability};
 
-use crate::{
-    Attributes, FileId, MappingAttributes, MappingChange, MetadataError, MetadataStore,
-    QuarantineReason, Shareability,
-};
-
-/// Why a conversion or invalidation did not (fully) happen.
+/// Why a change did not happen. Unless the variant says otherwise, nothing changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConversionError {
-    /// Validation or metadata failure (bad range, pinned, quarantined, not managed...). Nothing
-    /// changed.
+    /// Validation or metadata failure (bad range, pinned, quarantined, not managed...).
     #[error(transparent)]
     Metadata(#[from] MetadataError),
-    /// A subscriber refused in `prepare`. Nothing changed; the prepared ones were aborted.
-    #[error("conversion vetoed by {subscriber} at page {first_page}: {reason}")]
+    /// A subscriber refused in `prepare`; the prepared ones were aborted.
+    #[error("conversion vetoed by {subscriber} at {first_page}: {reason}")]
     Vetoed {
         /// The first page the veto is about.
-        first_page: Pfn,
+        first_page: PageOffset,
         /// The subscriber's name.
         subscriber: String,
         /// Its reason.
         reason: String,
     },
-    /// A subscriber could not unmap `range`. The operation went through everywhere else;
-    /// `range` is quarantined and will never be handed out again.
-    #[error("{subscriber} failed to unmap {range}: {reason} (quarantined{more})", more = if *.others > 0 { format!("; {} more failures", .others) } else { String::new() })]
+    /// A subscriber could not unmap `range`; the change was rolled back. `quarantined` lists
+    /// what could not be mapped again by the subscribers asked to restore (those pages are
+    /// quarantined in the metadata; everything else is as it was).
+    #[error("{subscriber} failed to unmap {range}: {reason} (rolled back{})", quarantine_note(.quarantined))]
     UnmapFailed {
         /// The subscriber's name.
         subscriber: String,
-        /// The pages it could not unmap (now quarantined).
-        range: PfnRange,
+        /// The pages it could not unmap (the first of them is the error offset).
+        range: OffsetRange,
         /// Its reason.
         reason: String,
-        /// Further failures of the same operation (also quarantined).
-        others: usize,
+        /// Pages quarantined because a restore failed.
+        quarantined: Vec<OffsetRange>,
     },
-    /// The caller's `before_flip` step failed; the conversion was aborted and nothing changed.
-    #[error("conversion of {range} aborted: {reason}")]
+    /// A hook of the caller failed; the change was rolled back like an unmap failure.
+    #[error("change of {range} aborted: {reason}")]
     Hook {
-        /// The range that was to convert.
-        range: PfnRange,
+        /// The pages that were to change.
+        range: OffsetRange,
         /// What failed.
         reason: String,
     },
     /// The calling thread already holds an overlapping range (a subscriber callback that
-    /// operates on the range of the operation that called it).
+    /// operates on the pages of the change that called it, or a second change in its chunk).
     #[error("re-entrant operation on {requested}: this thread already holds {held}")]
     Reentrant {
-        /// The range asked for.
-        requested: PfnRange,
+        /// The pages asked for.
+        requested: OffsetRange,
         /// The overlapping range the thread holds.
-        held: PfnRange,
+        held: OffsetRange,
+    },
+    /// Another thread's change holds `held`, and the calling thread (inside a callback, or
+    /// holding a range lock) may not wait for it.
+    #[error("operation on {requested} would wait for {held}, held by another change")]
+    WouldBlock {
+        /// The pages asked for.
+        requested: OffsetRange,
+        /// The range the other change holds.
+        held: OffsetRange,
+    },
+    /// A subscription to a file that has no domain (never created, or gone).
+    #[error("{file} does not exist")]
+    NoSuchFile {
+        /// The file asked for.
+        file: FileId,
     },
 }
 
-/// What a successful conversion did.
+fn quarantine_note(quarantined: &[OffsetRange]) -> String {
+    if quarantined.is_empty() {
+        String::new()
+    } else {
+        format!("; could not restore, quarantined: {quarantined:?}")
+    }
+}
+
+pub(crate) fn lock_error(requested: OffsetRange, e: LockError) -> ConversionError {
+    match e {
+        LockError::Reentrant { held } => ConversionError::Reentrant {
+            requested,
+            held: held.cast(),
+        },
+        LockError::WouldBlock { held } => ConversionError::WouldBlock {
+            requested,
+            held: held.cast(),
+        },
+    }
+}
+
+/// A hook's failure: the change is rolled back and reported as [`ConversionError::Hook`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConversionOutcome {
+pub struct HookError {
+    /// What failed.
+    pub reason: String,
+}
+
+/// The caller's part of a change: what the store does with its memory at each step (see the
+/// module docs). Every method has a no-op default.
+pub trait ChangeHooks {
+    /// Before any subscriber hears of the change (a population gets its memory here). An error
+    /// ends the change with nothing done.
+    fn before(&mut self, change: &Change<'_>, changed: &[OffsetRange]) -> Result<(), HookError> {
+        let _ = (change, changed);
+        Ok(())
+    }
+
+    /// Every subscriber unmapped the old blocks; the metadata flips next (revoke the host view,
+    /// zero, free memory). An error rolls the change back.
+    fn unmapped(&mut self, change: &Change<'_>, changed: &[OffsetRange]) -> Result<(), HookError> {
+        let _ = (change, changed);
+        Ok(())
+    }
+
+    /// The metadata flipped; subscribers map next.
+    fn changed(&mut self, change: &Change<'_>, changed: &[OffsetRange]) {
+        let _ = (change, changed);
+    }
+
+    /// The change was rolled back after `before` succeeded: undo what the hooks did.
+    fn rolled_back(&mut self, change: &Change<'_>, changed: &[OffsetRange]) {
+        let _ = (change, changed);
+    }
+}
+
+/// Hooks that do nothing (a metadata-only domain).
+impl ChangeHooks for () {}
+
+/// The metadata changes of one transaction (one per changed range).
+#[derive(Debug, Default)]
+pub(crate) struct Flipped {
+    first: Option<MappingChange>,
+    more: Vec<MappingChange>,
+}
+
+impl Flipped {
+    fn push(&mut self, change: MappingChange) {
+        match self.first {
+            None => self.first = Some(change),
+            Some(_) => self.more.push(change),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &MappingChange> {
+        self.first.iter().chain(self.more.iter())
+    }
+}
+
+/// What a change did.
+#[derive(Debug)]
+pub struct ChangeOutcome {
     /// What subscribers were told to unmap and map.
-    pub plan: ConversionPlan,
-    /// The blocks that split or merged; `None` when the range already had the requested
-    /// shareability and nothing happened.
-    pub change: Option<MappingChange>,
+    pub plan: MappingPlan,
+    changed: transaction::Changed,
+    changes: Flipped,
     /// How many subscribers took part.
     pub subscribers: usize,
 }
 
-/// One guest-memory file's conversions: its metadata, range locks and subscribers.
-#[derive(Debug)]
-pub struct ConversionDomain {
-    file: FileId,
-    store: Arc<MetadataStore>,
-    locks: RangeLocks,
-    registry: std::sync::Arc<SubscriberRegistry>,
-    view: std::sync::Arc<DomainView>,
+impl ChangeOutcome {
+    fn nothing(geometry: Geometry) -> ChangeOutcome {
+        ChangeOutcome {
+            plan: MappingPlan::empty(geometry),
+            changed: transaction::Changed::default(),
+            changes: Flipped::default(),
+            subscribers: 0,
+        }
+    }
+
+    /// The pages that really changed (a population's holes, a conversion's range), ascending;
+    /// empty when the change was a no-op (already converted, already backed).
+    pub fn changed(&self) -> &[OffsetRange] {
+        self.changed.as_slice()
+    }
+
+    /// Whether nothing changed.
+    pub fn is_noop(&self) -> bool {
+        self.changed.is_empty()
+    }
+
+    /// The 1G and 2M blocks that lost their uniformity, as runs.
+    pub fn splits(&self) -> impl Iterator<Item = BlockRun<PageOffset>> + '_ {
+        self.changes.iter().flat_map(|c| c.splits().map(BlockRun::cast))
+    }
+
+    /// The 1G and 2M blocks that became uniform, as runs.
+    pub fn merges(&self) -> impl Iterator<Item = BlockRun<PageOffset>> + '_ {
+        self.changes.iter().flat_map(|c| c.merges().map(BlockRun::cast))
+    }
+
+    /// Blocks split, counted one by one.
+    pub fn split_blocks(&self) -> u64 {
+        self.splits().map(|r| r.count()).sum()
+    }
+
+    /// Blocks merged, counted one by one.
+    pub fn merged_blocks(&self) -> u64 {
+        self.merges().map(|r| r.count()).sum()
+    }
 }
 
-struct Failure {
-    subscriber: String,
-    error: UnmapError,
+/// A domain's size and the largest block its memory is physically contiguous for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DomainLimits {
+    /// Pages of the file; the metadata store covers whole chunks, the plans stop here.
+    pub pages: u64,
+    /// No plan entry, and no `max_mapping_order` answer, is larger than this: 4 KiB for
+    /// ordinary pages, 2 MiB for 2 MiB hugetlb pages, the chunk for 1 GiB ones.
+    pub max_block: PageSize,
+}
+
+/// One guest-memory file's changes: its metadata, range locks and subscribers.
+#[derive(Debug)]
+pub struct ConversionDomain {
+    core: std::sync::Arc<DomainCore>,
+    registry: std::sync::Arc<SubscriberRegistry>,
 }
 
 impl ConversionDomain {
-    /// A domain for `file` over `store`, notifying the subscribers of `registry`.
+    /// A domain for `file` over all of `store`, notifying the subscribers of `registry`.
     pub fn new(
         file: FileId,
         store: Arc<MetadataStore>,
         registry: std::sync::Arc<SubscriberRegistry>,
     ) -> Self {
-        ConversionDomain {
+        let pages = store.span().end().0;
+        ConversionDomain::with_limits(
             file,
             store,
-            locks: RangeLocks::new(),
-            view: registry.view(file),
             registry,
-        }
+            DomainLimits {
+                pages,
+                max_block: PageSize::Size1G,
+            },
+        )
+    }
+
+    /// A domain for the first `limits.pages` pages of `store`, with plans capped at
+    /// `limits.max_block`.
+    pub fn with_limits(
+        file: FileId,
+        store: Arc<MetadataStore>,
+        registry: std::sync::Arc<SubscriberRegistry>,
+        limits: DomainLimits,
+    ) -> Self {
+        let core = registry.add_domain(file, store, limits.pages, limits.max_block);
+        ConversionDomain { core, registry }
     }
 
     /// The file this domain belongs to.
     pub fn file(&self) -> FileId {
-        self.file
+        self.core.file
     }
 
-    /// The domain's metadata.
+    /// The domain's metadata (keyed by page offset, as [`Pfn`]s of an abstract space).
     pub fn store(&self) -> &MetadataStore {
-        &self.store
+        &self.core.store
     }
 
-    /// The domain's range locks, for operations that must exclude conversions (allocation of
-    /// backing, for instance).
+    /// The block geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.core.store.geometry()
+    }
+
+    /// The domain's limits.
+    pub fn limits(&self) -> DomainLimits {
+        DomainLimits {
+            pages: self.core.pages,
+            max_block: self.core.max_block,
+        }
+    }
+
+    /// The domain's range locks.
     pub fn locks(&self) -> &RangeLocks {
-        &self.locks
+        &self.core.locks
     }
 
-    /// Locks the chunks `range` touches, as conversions do.
-    pub fn lock(&self, range: PfnRange) -> Result<RangeGuard<'_>, ConversionError> {
-        self.locks
-            .lock_chunks(&self.store.geometry(), range)
-            .map_err(|r| ConversionError::Reentrant {
-                requested: range,
-                held: r.held,
-            })
+    /// Locks the chunks `range` touches exclusively, as changes do.
+    pub fn lock(&self, range: OffsetRange) -> Result<RangeGuard<'_>, ConversionError> {
+        self.core
+            .locks
+            .lock_chunks(&self.geometry(), range.cast())
+            .map_err(|e| lock_error(range, e))
     }
 
-    /// Converts `range` to `to`: the transaction described in the module docs.
+    /// Locks `range` shared: excludes changes of it, not other readers.
+    pub fn lock_shared(&self, range: OffsetRange) -> Result<RangeGuard<'_>, ConversionError> {
+        self.core
+            .locks
+            .lock_shared(range.cast())
+            .map_err(|e| lock_error(range, e))
+    }
+
+    /// The largest naturally aligned block around `page` whose mapping attributes are
+    /// uniform, capped at the domain's largest block. Lock-free for uniform chunks.
+    pub fn max_mapping_order(&self, page: PageOffset) -> Result<PageSize, MetadataError> {
+        self.core.max_mapping_order(Pfn(page.0))
+    }
+
+    /// The plan that maps everything backed now (what a replay delivers).
+    pub fn current_plan(&self) -> Result<MappingPlan, MetadataError> {
+        planner::Planner { core: &self.core }.current()
+    }
+
+    /// Converts `range` to `to`: the transaction of the module docs, without hooks.
     pub fn convert(
         &self,
-        range: PfnRange,
+        range: OffsetRange,
         to: Shareability,
-    ) -> Result<ConversionOutcome, ConversionError> {
-        self.convert_with(range, to, |_| Ok(()))
+    ) -> Result<ChangeOutcome, ConversionError> {
+        self.convert_with(range, to, &mut ())
     }
 
-    /// [`convert`](Self::convert), running `before_flip` once every subscriber has prepared
-    /// and just before the metadata changes (the facade zeroes memory there for a ZERO
-    /// conversion). An `Err` from it aborts the conversion like a veto would, and is reported
-    /// as [`ConversionError::Hook`].
+    /// [`ConversionDomain::convert`] with the caller's hooks.
     pub fn convert_with(
         &self,
-        range: PfnRange,
+        range: OffsetRange,
         to: Shareability,
-        before_flip: impl FnOnce(PfnRange) -> Result<(), String>,
-    ) -> Result<ConversionOutcome, ConversionError> {
-        let geometry = self.store.geometry();
-        let _guard = self.lock(range)?;
-
-        let current = self.store.ranges(range)?;
-        check_convertible(&current)?;
-        if current.iter().all(|(_, a)| a.shareability == to) {
-            return Ok(ConversionOutcome {
-                plan: ConversionPlan::default(),
-                change: None,
-                subscribers: 0,
-            });
-        }
-
-        let request = ConversionRequest {
-            file: self.file,
-            range,
-            to,
-        };
-        let snapshot = self.registry.snapshot(&self.view);
-        let subscribers = &snapshot;
-        for (i, subscriber) in subscribers.subscribers().enumerate() {
-            let answer = {
-                let _cb = InCallback::enter();
-                catch_unwind(AssertUnwindSafe(|| subscriber.prepare(&request)))
-            };
-            let veto = match answer {
-                Ok(Ok(())) => continue,
-                Ok(Err(veto)) => veto,
-                Err(panic) => Veto::new(format!("panicked in prepare: {}", panic_message(&panic))),
-            };
-            abort_all(subscribers.subscribers().take(i), &request);
-            return Err(ConversionError::Vetoed {
-                first_page: veto.first_page.unwrap_or(range.start()),
-                subscriber: subscriber.name().to_string(),
-                reason: veto.reason,
-            });
-        }
-
-        let before_region = self.mapped_hull(&geometry, range)?;
-        // A uniform block around the range has the range's own mapping attributes.
-        let range_before = current.first().map(|(_, a)| a.mapping()).filter(|first| {
-            current.iter().all(|(_, a)| {
-                let m = a.mapping();
-                m.owner == first.owner && m.quarantined == first.quarantined
-            })
-        });
-        let before = self.plan_of(&geometry, before_region, range_before)?;
-        if let Err(reason) = before_flip(range) {
-            abort_all(subscribers.subscribers(), &request);
-            return Err(ConversionError::Hook { range, reason });
-        }
-        let change = match self.store.set_shareability(range, to) {
-            Ok(change) => change,
-            Err(e) => {
-                abort_all(subscribers.subscribers(), &request);
-                return Err(e.into());
-            }
-        };
-        let range_after = range_before.map(|a| MappingAttributes {
-            shareability: to,
-            ..a
-        });
-        let plan = self.plan_after(&geometry, before_region, before, &change, range_after)?;
-
-        // Test-only mutation: look the subscribers up again for the commit, so that one that
-        // registered mid-conversion gets a commit without a prepare (the loom models must
-        // catch it).
-        #[cfg(pfnstore_loom_mutation = "snapshot_per_phase")]
-        let late = self.registry.snapshot(&self.view);
-        #[cfg(pfnstore_loom_mutation = "snapshot_per_phase")]
-        let subscribers = &late;
-        let mut failures = commit_all(subscribers.subscribers(), &request, &plan);
-        self.quarantine_failures(&plan, &mut failures)?;
-        if let Some(err) = failure_error(failures) {
-            return Err(err);
-        }
-        Ok(ConversionOutcome {
-            plan,
-            change: Some(change),
-            subscribers: subscribers.len(),
-        })
+        hooks: &mut dyn ChangeHooks,
+    ) -> Result<ChangeOutcome, ConversionError> {
+        self.run(ChangeKind::Convert { to }, range, hooks)
     }
 
-    /// Tells every subscriber that `range` goes away and, once all acknowledged, runs `then`
-    /// (which frees the backing) with the range still locked, so no conversion can interleave.
-    ///
-    /// Pinned pages fail with `Pinned` before anyone is told. If a subscriber fails to unmap,
-    /// the failing pages are quarantined, `then` does not run, and the error names them.
-    pub fn invalidate<R>(
+    /// Gives memory to the pages of `range` that have none (marks them owned by the file),
+    /// telling subscribers what they may map now. Quarantined pages refuse.
+    pub fn populate_with(
         &self,
-        range: PfnRange,
-        then: impl FnOnce(&ConversionPlan) -> R,
-    ) -> Result<R, ConversionError> {
-        let geometry = self.store.geometry();
-        let _guard = self.lock(range)?;
-        let current = self.store.ranges(range)?;
-        if let Some((r, owner)) = first_pin(&current) {
-            return Err(MetadataError::Pinned {
-                first_pfn: r,
-                owner,
-            }
-            .into());
-        }
-        let region = self.mapped_hull(&geometry, range)?;
-        let plan = ConversionPlan {
-            region: Some(region),
-            unmap: entries(self.store.block_plan(region)?),
-            map: Vec::new(),
-        };
-        let invalidation = Invalidation {
-            file: self.file,
-            range,
-            plan,
-        };
-        let snapshot = self.registry.snapshot(&self.view);
-        let mut failures = Vec::new();
-        for subscriber in snapshot.subscribers() {
-            let answer = {
-                let _cb = InCallback::enter();
-                catch_unwind(AssertUnwindSafe(|| subscriber.invalidate(&invalidation)))
-            };
-            if let Some(error) = unmap_failure(answer, region) {
-                failures.push(Failure {
-                    subscriber: subscriber.name().to_string(),
-                    error,
-                });
-            }
-        }
-        drop(snapshot);
-        self.quarantine_failures(&invalidation.plan, &mut failures)?;
-        if let Some(err) = failure_error(failures) {
-            return Err(err);
-        }
-        Ok(then(&invalidation.plan))
+        range: OffsetRange,
+        hooks: &mut dyn ChangeHooks,
+    ) -> Result<ChangeOutcome, ConversionError> {
+        self.run(ChangeKind::Populate, range, hooks)
     }
 
-    /// `range` widened to the blocks that are mapped now at its two ends.
-    fn mapped_hull(&self, geometry: &Geometry, range: PfnRange) -> Result<PfnRange, MetadataError> {
-        let first = self.mapped_block(geometry, range.start())?;
-        let last = self.mapped_block(geometry, range.last())?;
-        Ok(hull(first, last))
-    }
-
-    fn mapped_block(&self, geometry: &Geometry, page: Pfn) -> Result<PfnRange, MetadataError> {
-        let order = self.store.max_mapping_order(page)?;
-        geometry
-            .block_containing(page, order)
-            .map(|b| b.range(geometry))
-            .ok_or(MetadataError::Range(RangeError::OutOfBounds { pfn: page }))
-    }
-
-    /// The plan once the metadata changed: the before-blocks of `before_region`, plus, for
-    /// blocks that merged, the small blocks they were made of; and the after-blocks of the
-    /// whole affected region.
-    fn plan_after(
+    /// Takes the memory away from the backed pages of `range`, every subscriber unmapping
+    /// first. Pinned pages refuse.
+    pub fn punch_with(
         &self,
-        geometry: &Geometry,
-        before_region: PfnRange,
-        before: Vec<PlanEntry>,
-        change: &MappingChange,
-        range_after: Option<MappingAttributes>,
-    ) -> Result<ConversionPlan, MetadataError> {
-        let region = change
-            .merges()
-            .map(|run| run.range(geometry))
-            .fold(before_region, hull);
-        // At most five runs per piece (see `Geometry::block_runs`).
-        let mut unmap = Vec::with_capacity(before.len() + 10);
-        // Pages of a merged block outside `before_region` did not change: they were uniform
-        // before too, with the attributes the merged block has now, and were mapped as the
-        // plain block decomposition of their piece (no block of theirs crossed into
-        // `before_region`, whose ends are block boundaries of the old mapping).
-        if region.start() < before_region.start() {
-            let piece = PfnRange::new(region.start(), before_region.start())?;
-            unmap.extend(self.unchanged_piece(geometry, piece, range_after)?);
-        }
-        unmap.extend(before);
-        if before_region.end() < region.end() {
-            let piece = PfnRange::new(before_region.end(), region.end())?;
-            unmap.extend(self.unchanged_piece(geometry, piece, range_after)?);
-        }
-        let map = self.plan_of(geometry, region, range_after)?;
-        let plan = ConversionPlan {
-            region: Some(region),
-            unmap,
-            map,
-        };
-        debug_assert_eq!(plan.check_tiles(geometry), Ok(()));
-        Ok(plan)
+        range: OffsetRange,
+        hooks: &mut dyn ChangeHooks,
+    ) -> Result<ChangeOutcome, ConversionError> {
+        self.run(ChangeKind::Punch, range, hooks)
     }
 
-    /// The block plan of `region`, which contains the conversion's range; without walking the
-    /// tree when the region is one uniform aligned block (the 1 GiB before a split, or after a
-    /// merge: the common case). A uniform region has the mapping attributes of any of its
-    /// pages, so `range_attributes` (those of the range's first page) are the region's.
-    fn plan_of(
-        &self,
-        geometry: &Geometry,
-        region: PfnRange,
-        range_attributes: Option<MappingAttributes>,
-    ) -> Result<Vec<PlanEntry>, MetadataError> {
-        let single = geometry
-            .largest_block_at(region.start(), region.end())
-            .filter(|size| geometry.pages(*size) == region.len());
-        if let (Some(size), Some(attributes)) = (single, range_attributes)
-            && self.store.max_mapping_order(region.start())? >= size
-        {
-            let run = BlockRun::new(geometry, region.start(), size, 1)?;
-            return Ok(vec![PlanEntry { run, attributes }]);
-        }
-        Ok(entries(self.store.block_plan(region)?))
-    }
-
-    /// A piece of a merged block outside the old mapped hull, as it was mapped: the plain
-    /// decomposition of the piece, with the merged block's (unchanged) attributes.
-    fn unchanged_piece(
-        &self,
-        geometry: &Geometry,
-        piece: PfnRange,
-        merged: Option<MappingAttributes>,
-    ) -> Result<impl Iterator<Item = PlanEntry> + use<>, MetadataError> {
-        let attributes = match merged {
-            Some(a) => a,
-            None => self.store.attributes(piece.start())?.mapping(),
-        };
-        Ok(geometry
-            .block_runs(piece)
-            .map(move |run| PlanEntry { run, attributes }))
-    }
-
-    /// Quarantines what each failure names, clamped to the affected region: a subscriber may
-    /// only report pages it was told about, so a confused one cannot quarantine others. The
-    /// failures are updated to name what was really quarantined.
-    fn quarantine_failures(
-        &self,
-        plan: &ConversionPlan,
-        failures: &mut [Failure],
-    ) -> Result<(), MetadataError> {
-        let Some(region) = plan.region() else {
-            return Ok(());
-        };
-        for failure in failures {
-            let range = region.intersection(&failure.error.range).unwrap_or(region);
-            failure.error.range = range;
-            self.store
-                .quarantine(range, QuarantineReason::UnmapFailed)?;
-        }
-        Ok(())
-    }
-}
-
-fn check_convertible(current: &[(PfnRange, Attributes)]) -> Result<(), MetadataError> {
-    if let Some((first_pfn, owner)) = first_pin(current) {
-        return Err(MetadataError::Pinned { first_pfn, owner });
-    }
-    if let Some((r, _)) = current.iter().find(|(_, a)| a.quarantined.is_some()) {
-        return Err(MetadataError::Quarantined {
-            first_pfn: r.start(),
-        });
-    }
-    Ok(())
-}
-
-fn first_pin(current: &[(PfnRange, Attributes)]) -> Option<(Pfn, crate::PinOwner)> {
-    current
-        .iter()
-        .find_map(|(r, a)| a.pins.first_owner().map(|owner| (r.start(), owner)))
-}
-
-fn entries(plan: crate::BlockPlan) -> Vec<PlanEntry> {
-    plan.into_iter()
-        .map(|(run, attributes)| PlanEntry { run, attributes })
-        .collect()
-}
-
-fn hull(a: PfnRange, b: PfnRange) -> PfnRange {
-    PfnRange::new(a.start().min(b.start()), a.end().max(b.end())).unwrap_or(a)
-}
-
-fn abort_all<'a>(
-    prepared: impl DoubleEndedIterator<Item = &'a std::sync::Arc<dyn Subscriber>>,
-    request: &ConversionRequest,
-) {
-    for subscriber in prepared.rev() {
-        let _cb = InCallback::enter();
-        // A panic in abort cannot undo anything more; the subscriber learns nothing else.
-        let _ = catch_unwind(AssertUnwindSafe(|| subscriber.abort(request)));
-    }
-}
-
-fn commit_all<'a>(
-    subscribers: impl Iterator<Item = &'a std::sync::Arc<dyn Subscriber>>,
-    request: &ConversionRequest,
-    plan: &ConversionPlan,
-) -> Vec<Failure> {
-    let region = plan.region().unwrap_or(request.range);
-    let mut failures = Vec::new();
-    for subscriber in subscribers {
-        let answer = {
-            let _cb = InCallback::enter();
-            catch_unwind(AssertUnwindSafe(|| subscriber.commit(request, plan)))
-        };
-        if let Some(error) = unmap_failure(answer, region) {
-            failures.push(Failure {
-                subscriber: subscriber.name().to_string(),
-                error,
-            });
-        }
-    }
-    failures
-}
-
-fn unmap_failure(
-    answer: std::thread::Result<Result<(), UnmapError>>,
-    region: PfnRange,
-) -> Option<UnmapError> {
-    match answer {
-        Ok(Ok(())) => None,
-        Ok(Err(error)) => Some(error),
-        // After a panic nothing is known about what is still mapped: the whole region.
-        Err(panic) => Some(UnmapError {
-            range: region,
-            reason: format!("panicked: {}", panic_message(&panic)),
-        }),
-    }
-}
-
-fn failure_error(failures: Vec<Failure>) -> Option<ConversionError> {
-    let others = failures.len().saturating_sub(1);
-    failures
-        .into_iter()
-        .next()
-        .map(|f| ConversionError::UnmapFailed {
-            subscriber: f.subscriber,
-            range: f.error.range,
-            reason: f.error.reason,
-            others,
-        })
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_string()
+    /// The subscribers interested in this domain now (for tests and statistics).
+    pub fn subscribers(&self) -> usize {
+        self.registry.snapshot(&self.core).len()
     }
 }

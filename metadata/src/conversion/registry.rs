@@ -1,40 +1,56 @@
-//! The registry of subscribers, and the snapshots that operations take of it.
+//! The registry of subscribers, the domains (files) they watch, and the snapshots operations
+//! take of it.
 //!
-//! A [`Registration`] is the subscriber's lifetime in the store: the store holds the subscriber
-//! while it is registered, and dropping the registration stops the calls and releases every
-//! reference the store had (the registry's and the domains' copies), once the operations in
-//! flight are done. The store is never kept alive by a subscriber as long as subscribers hold
-//! the store weakly, as the reference subscribers do. An operation
-//! takes a [`Snapshot`] of the matching subscribers when it starts and calls exactly those until
-//! it ends, so a subscriber that registers mid-operation sees none of it. Unregistering waits
-//! until no operation that may hold the subscriber is in flight, so no callback arrives after
-//! [`Registration::unregister`] returns.
+//! # Weak subscribers, strong registrations
 //!
-//! # Why every domain keeps its own view
+//! The registry holds subscribers weakly: a subscriber that holds the store (or a file) forms
+//! no cycle, and when its last `Arc` goes it is simply no longer called. A [`Registration`] is
+//! the handle that unregisters; dropping it waits until no operation can still call the
+//! subscriber (a *grace period*, below), so no callback arrives after it returns.
 //!
-//! Conversions of different files must not contend. A registry-wide lock (or per-entry
-//! in-flight counters) taken by every operation makes two threads converting disjoint files
-//! bounce the same cache lines and, under parking_lot, put each other to sleep: measured here,
-//! two threads were slower than one. So each domain (file) keeps a [`DomainView`]: its own copy
-//! of the interested subscribers, tagged with the registry's generation, and its own in-flight
-//! counter. An operation touches only its domain's view; it goes to the registry only when the
-//! generation moved (someone registered or unregistered). Unregistering bumps the generation,
-//! then waits until every domain has no operation in flight: an operation that started after
-//! the bump sees the new generation and a list without the subscriber (the counter is raised
-//! before the generation is read, both sequentially consistent, so one side always sees the
-//! other).
+//! # Per-domain copies, so that files do not contend
+//!
+//! Conversions of different files must not share cache lines. Each domain keeps its own copy
+//! of the subscribers interested in it, tagged with the registry's generation, and its own
+//! in-flight counters; an operation touches only its domain, and goes to the registry only
+//! when the generation moved (someone registered or unregistered).
+//!
+//! # Registration replays, atomically
+//!
+//! A new subscriber must learn what is mapped before it hears any change, or the first plan
+//! would tell it to unmap blocks it never got. So an entry starts *pending* for every domain
+//! that exists when it registers: operations of such a domain leave it out until the domain is
+//! *activated* for it, which happens under the domain's exclusive range lock over the whole
+//! file (no operation of the domain is in flight), together with the replay of the domain's
+//! current mapping. Domains created later include it from the start (they have nothing mapped
+//! yet). So a subscriber sees every change of a domain after its replay, and none before.
+//!
+//! # Grace periods without starvation
+//!
+//! An operation counts itself in one of two in-flight counters of its domain, chosen by the
+//! registry's *epoch*. Unregistering removes the entry, moves the epoch on (new operations
+//! count in the other counter and see the new list), and waits until the old counter of every
+//! domain drains: only operations that started before the removal are waited for, however
+//! busy the store is. (An operation increments its counter, then re-reads the epoch and
+//! retries if it moved: with sequentially consistent operations, either the unregister sees
+//! the increment or the operation sees the new epoch.) Grace periods are serialised by a
+//! mutex, so the other counter has drained before the epoch moves again.
 
-use std::cell::Cell;
-// Subscribers are the VMM's objects, handed over as `Arc<dyn Subscriber>` (loom's
-// `Arc` cannot hold a trait object or be a method receiver). Only their reference counts live
-// here; every lock, counter and wait goes through the sync facade and is modelled by loom.
+// Subscribers are the VMM's objects, handed over as `Arc<dyn Subscriber>` (loom's `Arc` cannot
+// hold a trait object). Only their reference counts live in std types here; every lock,
+// counter and wait goes through the sync facade and is modelled by loom.
 use std::sync::{Arc, Weak};
 
 use pfnstore_core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use pfnstore_core::sync::{CachePadded, Mutex, thread, thread_local};
+use pfnstore_core::sync::{CachePadded, Mutex, thread};
+use pfnstore_core::{PageOffset, PageSize, Pfn, PfnRange};
 
-use super::subscriber::{Interest, Subscriber};
-use crate::FileId;
+use super::callback;
+use super::planner::Planner;
+use super::range_lock::RangeLocks;
+use super::subscriber::{Change, ChangeKind, Interest, Subscriber};
+use super::{ConversionError, lock_error};
+use crate::{FileId, MetadataError, MetadataStore};
 
 /// Identifies a registration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,68 +60,72 @@ pub struct SubscriberId(u64);
 struct Entry {
     id: SubscriberId,
     interest: Interest,
-    subscriber: Arc<dyn Subscriber>,
+    subscriber: Weak<dyn Subscriber>,
+    /// Domains with this serial or a later one include the entry from their start.
+    first_serial: u64,
+    /// Earlier domains that have been activated (replayed) for it.
+    activated: Vec<u64>,
+}
+
+impl Entry {
+    fn covers(&self, domain: &DomainCore) -> bool {
+        self.interest.covers(domain.file)
+            && (domain.serial >= self.first_serial || self.activated.contains(&domain.serial))
+    }
 }
 
 #[derive(Debug, Default)]
 struct State {
     entries: Vec<Entry>,
     next_id: u64,
-    /// The views of the domains alive, to wait on when unregistering.
-    domains: Vec<Weak<DomainView>>,
+    next_serial: u64,
+    /// The domains alive, to activate and to wait on.
+    domains: Vec<Weak<DomainCore>>,
 }
 
 /// All subscribers of a store.
 #[derive(Debug, Default)]
 pub struct SubscriberRegistry {
     state: Mutex<State>,
-    /// Bumped (under `state`) by every registration and unregistration.
+    /// Bumped (under `state`) whenever what some domain should call changes.
     generation: AtomicU64,
+    /// Selects the in-flight counter new operations count in; moved by grace periods.
+    epoch: AtomicU64,
+    /// Serialises grace periods.
+    grace: Mutex<()>,
 }
 
-/// The subscribers one domain calls, shared by its in-flight operations.
-type Members = Arc<[Arc<dyn Subscriber>]>;
+/// The subscribers one domain calls (weak: see the module docs).
+type Members = Arc<[Weak<dyn Subscriber>]>;
 
-/// One domain's copy of the subscribers interested in it, and its in-flight operations.
-///
-/// The copy holds the subscribers strongly, so that an operation takes them with one
-/// reference count of the domain's own instead of one contended count per subscriber; the
-/// registry drops the copies whenever it changes.
+/// One domain's share of the conversion machinery: its metadata, range locks, limits, and its
+/// copy of the interested subscribers with its in-flight counters.
 #[derive(Debug)]
-pub struct DomainView {
-    file: FileId,
-    /// Written by every operation of this domain: on a cache line of its own, so that two
-    /// domains' views allocated side by side do not share one.
-    in_flight: CachePadded<AtomicUsize>,
+pub struct DomainCore {
+    pub(crate) file: FileId,
+    serial: u64,
+    pub(crate) store: pfnstore_core::sync::Arc<MetadataStore>,
+    pub(crate) locks: RangeLocks,
+    /// Pages of the file (the metadata covers whole chunks beyond it).
+    pub(crate) pages: u64,
+    /// The largest block the memory behind the file is physically contiguous for.
+    pub(crate) max_block: PageSize,
+    /// Written by every operation of this domain: on cache lines of their own.
+    in_flight: [CachePadded<AtomicUsize>; 2],
     /// (registry generation, subscribers interested in `file`).
     cached: CachePadded<Mutex<(u64, Members)>>,
 }
 
-thread_local! {
-    /// How many subscriber callbacks the current thread is inside of. (Not a `const`
-    /// initializer: loom's `thread_local!` does not take one.)
-    #[allow(clippy::missing_const_for_thread_local)]
-    static CALLBACK_DEPTH: Cell<usize> = Cell::new(0);
-}
-
-/// Marks the current thread as running a subscriber callback while alive.
-pub(crate) struct InCallback(());
-
-impl InCallback {
-    pub(crate) fn enter() -> InCallback {
-        CALLBACK_DEPTH.with(|d| d.set(d.get() + 1));
-        InCallback(())
+impl DomainCore {
+    /// [`MetadataStore::max_mapping_order`], capped at the domain's largest block.
+    pub(crate) fn max_mapping_order(&self, page: Pfn) -> Result<PageSize, MetadataError> {
+        Ok(self.store.max_mapping_order(page)?.min(self.max_block))
     }
-}
 
-impl Drop for InCallback {
-    fn drop(&mut self) {
-        CALLBACK_DEPTH.with(|d| d.set(d.get() - 1));
+    /// Every page of the file, as the metadata's keys.
+    pub(crate) fn all_pages(&self) -> Option<PfnRange> {
+        PfnRange::from_len(Pfn(0), self.pages).ok()
     }
-}
-
-fn in_callback() -> bool {
-    CALLBACK_DEPTH.with(|d| d.get() > 0)
 }
 
 impl SubscriberRegistry {
@@ -114,66 +134,157 @@ impl SubscriberRegistry {
         SubscriberRegistry::default()
     }
 
-    /// Registers `subscriber` for `interest`, until the returned registration is dropped.
-    pub fn register(
-        self: &Arc<Self>,
-        subscriber: &Arc<dyn Subscriber>,
-        interest: Interest,
-    ) -> Registration {
+    /// Registers a domain (a file) whose operations will take snapshots of this registry.
+    pub(crate) fn add_domain(
+        &self,
+        file: FileId,
+        store: pfnstore_core::sync::Arc<MetadataStore>,
+        pages: u64,
+        max_block: PageSize,
+    ) -> Arc<DomainCore> {
         let mut state = self.state.lock();
-        let id = SubscriberId(state.next_id);
-        state.next_id += 1;
-        state.entries.push(Entry {
-            id,
-            interest,
-            subscriber: Arc::clone(subscriber),
-        });
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        Registration {
-            registry: Arc::clone(self),
-            id,
-            done: false,
-        }
-    }
-
-    /// A view for the domain of `file`; operations on that domain take their snapshots from it.
-    pub fn view(&self, file: FileId) -> Arc<DomainView> {
-        let view = Arc::new(DomainView {
+        let serial = state.next_serial;
+        state.next_serial += 1;
+        let core = Arc::new(DomainCore {
             file,
-            in_flight: CachePadded::new(AtomicUsize::new(0)),
+            serial,
+            store,
+            locks: RangeLocks::new(),
+            pages,
+            max_block,
+            in_flight: [
+                CachePadded::new(AtomicUsize::new(0)),
+                CachePadded::new(AtomicUsize::new(0)),
+            ],
             // Generation 0 is never current once anything registered; an empty registry at
             // generation 0 has nothing to list anyway.
             cached: CachePadded::new(Mutex::new((0, Arc::from(Vec::new())))),
         });
-        let mut state = self.state.lock();
         state.domains.retain(|d| d.strong_count() > 0);
-        state.domains.push(Arc::downgrade(&view));
-        view
+        state.domains.push(Arc::downgrade(&core));
+        core
     }
 
-    /// The live subscribers interested in `view`'s file, held until the snapshot drops.
-    pub fn snapshot<'a>(&self, view: &'a DomainView) -> Snapshot<'a> {
-        // Raise the counter before reading the generation: see the module docs.
-        view.in_flight.fetch_add(1, Ordering::SeqCst);
+    /// Registers `subscriber` for `interest` until the returned registration is dropped, and
+    /// replays to it what every domain it covers has mapped now (one `map` with
+    /// [`ChangeKind::Replay`] per file).
+    ///
+    /// Fails with `NoSuchFile` for a file that has no domain, and with `Reentrant` or
+    /// `WouldBlock` when called from a callback whose change holds a file it covers; nothing
+    /// stays registered then (files replayed before the failure were replayed).
+    pub fn register(
+        self: &Arc<Self>,
+        subscriber: &Arc<dyn Subscriber>,
+        interest: Interest,
+    ) -> Result<Registration, ConversionError> {
+        let (registration, mut domains) = {
+            let mut state = self.state.lock();
+            let id = SubscriberId(state.next_id);
+            state.next_id += 1;
+            let first_serial = state.next_serial;
+            state.entries.push(Entry {
+                id,
+                interest,
+                subscriber: Arc::downgrade(subscriber),
+                first_serial,
+                activated: Vec::new(),
+            });
+            let domains: Vec<Arc<DomainCore>> = state
+                .domains
+                .iter()
+                .filter_map(Weak::upgrade)
+                .filter(|d| interest.covers(d.file))
+                .collect();
+            let registration = Registration {
+                registry: Arc::clone(self),
+                id,
+                done: false,
+            };
+            (registration, domains)
+        };
+        if let Interest::File(file) = interest
+            && domains.is_empty()
+        {
+            return Err(ConversionError::NoSuchFile { file });
+        }
+        domains.sort_by_key(|d| d.serial);
+        for domain in &domains {
+            self.activate(domain, registration.id, subscriber)?;
+        }
+        Ok(registration)
+    }
+
+    /// Makes the pending entry `id` live for `domain` and replays the domain to it, with no
+    /// operation of the domain in flight.
+    fn activate(
+        &self,
+        domain: &DomainCore,
+        id: SubscriberId,
+        subscriber: &Arc<dyn Subscriber>,
+    ) -> Result<(), ConversionError> {
+        let Some(all) = domain.all_pages() else {
+            return Ok(());
+        };
+        let geometry = domain.store.geometry();
+        let _whole = domain
+            .locks
+            .lock_chunks(&geometry, all)
+            .map_err(|e| lock_error(all.cast(), e))?;
+        {
+            let mut state = self.state.lock();
+            if let Some(entry) = state.entries.iter_mut().find(|e| e.id == id) {
+                entry.activated.push(domain.serial);
+            }
+            self.generation.fetch_add(1, Ordering::SeqCst);
+        }
+        let plan = Planner { core: domain }.current()?;
+        if plan.map().is_empty() {
+            return Ok(());
+        }
+        let change = Change {
+            file: domain.file,
+            kind: ChangeKind::Replay,
+            range: all.cast::<PageOffset>(),
+            plan: &plan,
+        };
+        // A panic in a replay is the subscriber's own problem: it was told, as in `map`.
+        let _ = callback::call(|| subscriber.map(&change));
+        Ok(())
+    }
+
+    /// The live subscribers interested in `domain`, held until the snapshot drops.
+    pub(crate) fn snapshot<'a>(&self, domain: &'a DomainCore) -> Snapshot<'a> {
+        let slot = loop {
+            let epoch = self.epoch.load(Ordering::SeqCst);
+            let slot = (epoch & 1) as usize;
+            domain.in_flight[slot].fetch_add(1, Ordering::SeqCst);
+            if self.epoch.load(Ordering::SeqCst) == epoch {
+                break slot;
+            }
+            domain.in_flight[slot].fetch_sub(1, Ordering::SeqCst);
+        };
         let generation = self.generation.load(Ordering::SeqCst);
-        let mut cached = view.cached.lock();
+        let mut cached = domain.cached.lock();
         if cached.0 != generation {
             let state = self.state.lock();
-            let members: Vec<Arc<dyn Subscriber>> = state
+            let members: Vec<Weak<dyn Subscriber>> = state
                 .entries
                 .iter()
-                .filter(|e| e.interest.covers(view.file))
-                .map(|e| Arc::clone(&e.subscriber))
+                .filter(|e| e.covers(domain))
+                .map(|e| Weak::clone(&e.subscriber))
                 .collect();
             cached.1 = Arc::from(members);
             // The generation read under `state` is the one this list belongs to.
             cached.0 = self.generation.load(Ordering::SeqCst);
         }
-        let members = Arc::clone(&cached.1);
+        // No allocation without subscribers (an empty Vec does not allocate).
+        let members: Vec<Arc<dyn Subscriber>> =
+            cached.1.iter().filter_map(Weak::upgrade).collect();
         drop(cached);
         Snapshot {
-            view,
-            members: Some(members),
+            domain,
+            slot,
+            members,
         }
     }
 
@@ -188,28 +299,28 @@ impl SubscriberRegistry {
     }
 
     fn unregister(&self, id: SubscriberId) {
-        let domains: Vec<Arc<DomainView>> = {
+        let domains: Vec<Arc<DomainCore>> = {
             let mut state = self.state.lock();
             state.entries.retain(|e| e.id != id);
             self.generation.fetch_add(1, Ordering::SeqCst);
             state.domains.retain(|d| d.strong_count() > 0);
             state.domains.iter().filter_map(Weak::upgrade).collect()
         };
-        // From inside a callback the current operation may hold this very subscriber: waiting
-        // would deadlock, so the removal takes effect for later operations only.
+        // From inside a callback (or with a range lock held) the operations in flight may
+        // include the caller's own: waiting would deadlock, so the removal takes effect for
+        // later operations only.
         // Test-only mutation: return without waiting (the loom models must catch it).
         let wait = !cfg!(pfnstore_loom_mutation = "unregister_no_wait");
-        if wait && !in_callback() {
+        if wait && !callback::must_not_wait() {
+            let _grace = self.grace.lock();
+            let epoch = self.epoch.load(Ordering::SeqCst);
+            self.epoch.store(epoch + 1, Ordering::SeqCst);
+            let old = (epoch & 1) as usize;
             for domain in &domains {
-                while domain.in_flight.load(Ordering::SeqCst) > 0 {
+                while domain.in_flight[old].load(Ordering::SeqCst) > 0 {
                     thread::yield_now();
                 }
             }
-        }
-        // Let go of the copies that still hold the subscriber; the next operation of each
-        // domain builds a fresh one.
-        for domain in &domains {
-            *domain.cached.lock() = (0, Arc::from(Vec::new()));
         }
     }
 }
@@ -217,36 +328,41 @@ impl SubscriberRegistry {
 /// The subscribers one operation calls, fixed when it started.
 #[derive(Debug)]
 pub struct Snapshot<'a> {
-    view: &'a DomainView,
-    /// `None` once dropped.
-    members: Option<Members>,
+    domain: &'a DomainCore,
+    slot: usize,
+    members: Vec<Arc<dyn Subscriber>>,
 }
 
 impl Snapshot<'_> {
     /// The subscribers, in registration order.
-    pub fn subscribers(
-        &self,
-    ) -> impl DoubleEndedIterator<Item = &Arc<dyn Subscriber>> + ExactSizeIterator {
-        self.members.as_deref().unwrap_or(&[]).iter()
+    pub(crate) fn subscribers(&self) -> std::slice::Iter<'_, Arc<dyn Subscriber>> {
+        self.members.iter()
     }
 
     /// Number of subscribers.
     pub fn len(&self) -> usize {
-        self.members.as_deref().map_or(0, <[_]>::len)
+        self.members.len()
     }
 
     /// Whether nobody is interested.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The largest run boundary any of the subscribers asked for.
+    pub(crate) fn run_boundary(&self) -> Option<PageSize> {
+        self.subscribers().filter_map(|s| s.run_boundary()).max()
+    }
 }
 
 impl Drop for Snapshot<'_> {
     fn drop(&mut self) {
-        // Let go of the subscribers before the operation counts as finished: an unregister
-        // that waited for us may assume no operation holds them any more.
-        self.members = None;
-        self.view.in_flight.fetch_sub(1, Ordering::SeqCst);
+        // Count the operation as finished first, then let go of the subscribers: dropping the
+        // last reference to one may run its destructor, which may unregister and wait for a
+        // grace period that must not include this operation.
+        let members = std::mem::take(&mut self.members);
+        self.domain.in_flight[self.slot].fetch_sub(1, Ordering::SeqCst);
+        drop(members);
     }
 }
 
@@ -266,8 +382,8 @@ impl Registration {
     }
 
     /// Unregisters, waiting until no in-flight operation can still call the subscriber
-    /// (unless called from inside a callback, where waiting could deadlock: then operations
-    /// already under way may still call it, later ones will not).
+    /// (unless called from inside a callback or with a range lock held, where waiting could
+    /// deadlock: then operations already under way may still call it, later ones will not).
     pub fn unregister(mut self) {
         self.done = true;
         self.registry.unregister(self.id);

@@ -1,33 +1,44 @@
-//! Subscribers: the users of the memory (KVM's MMU, an IOMMU mapper, the host view) that are
-//! told about every change instead of holding refcounts.
+//! Subscribers: the users of the memory (KVM's MMU, an IOMMU mapper, a vhost-user backend)
+//! that are told about every change instead of holding refcounts.
 
 use std::fmt;
 
-use pfnstore_core::PfnRange;
+use pfnstore_core::{OffsetRange, PageOffset, PageSize};
 
-use super::plan::ConversionPlan;
+use super::plan::MappingPlan;
 use crate::{FileId, Shareability};
 
-/// What a conversion is about to do, as shown to [`Subscriber::prepare`], `commit` and `abort`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConversionRequest {
-    /// The domain (guest-memory file) whose pages convert.
-    pub file: FileId,
-    /// The pages (file page offsets, or PFNs for a physical domain) that convert.
-    pub range: PfnRange,
-    /// The shareability they convert to.
-    pub to: Shareability,
+/// What kind of change a [`Change`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ChangeKind {
+    /// Pages convert to `to` in place (same memory).
+    Convert {
+        /// The shareability they convert to.
+        to: Shareability,
+    },
+    /// Memory arrived behind pages that had none (populate, a first-touch fault, a write).
+    /// RamDiscardManager's `notify_populate`.
+    Populate,
+    /// Memory leaves pages (punch-hole, truncate, the file's end). RamDiscardManager's
+    /// `notify_discard`.
+    Punch,
+    /// The subscriber just registered: `map` describes everything mapped now.
+    /// RamDiscardManager's `replay_populated`.
+    Replay,
 }
 
-/// Pages that go away (punch-hole, truncate, free) and must be unmapped by every user first.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Invalidation {
-    /// The domain whose pages go away.
+/// One change of a file's memory, as every callback sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Change<'a> {
+    /// The file (domain) whose memory changes.
     pub file: FileId,
-    /// The pages that go away.
-    pub range: PfnRange,
-    /// The mapped blocks covering them, as they are mapped now.
-    pub plan: ConversionPlan,
+    /// What happens.
+    pub kind: ChangeKind,
+    /// The pages asked for (a conversion's range, a punched range, the offsets populated).
+    pub range: OffsetRange,
+    /// The blocks to unmap and to map.
+    pub plan: &'a MappingPlan,
 }
 
 /// A subscriber's refusal of a conversion in `prepare`.
@@ -35,7 +46,7 @@ pub struct Invalidation {
 pub struct Veto {
     /// The first page the refusal is about, if the subscriber knows it (else the conversion's
     /// first page is reported).
-    pub first_page: Option<pfnstore_core::Pfn>,
+    pub first_page: Option<PageOffset>,
     /// Why.
     pub reason: String,
 }
@@ -50,7 +61,7 @@ impl Veto {
     }
 
     /// A refusal that names the first offending page.
-    pub fn at(first_page: pfnstore_core::Pfn, reason: impl Into<String>) -> Veto {
+    pub fn at(first_page: PageOffset, reason: impl Into<String>) -> Veto {
         Veto {
             first_page: Some(first_page),
             reason: reason.into(),
@@ -58,53 +69,92 @@ impl Veto {
     }
 }
 
-/// A subscriber could not unmap some of the pages it was told to unmap.
-///
-/// The store quarantines exactly `range` (those pages are never handed out again) and reports
-/// the failure to the caller of the operation.
+/// A subscriber could not unmap (or, in `restore`, map again) some of the blocks it was told
+/// about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnmapError {
-    /// The pages that are still mapped.
-    pub range: PfnRange,
+    /// The pages it failed on.
+    pub range: OffsetRange,
     /// Why.
     pub reason: String,
 }
 
-/// A user of the memory, told about conversions and invalidations.
+/// A user of the memory, told about every change of the files it is interested in.
 ///
-/// # Contract
+/// # The protocol
 ///
-/// * Callbacks run with no metadata lock held: a callback may query the store and operate on
-///   *other* ranges. Converting or punching the range of the operation that called it returns
-///   an error (`Reentrant`) instead of deadlocking.
-/// * For one conversion a subscriber sees `prepare` then exactly one of `commit` or `abort`,
-///   or nothing at all (if it registered after the conversion began, or the conversion failed
-///   its pin check).
-/// * `commit` receives the [`ConversionPlan`]: the blocks to unmap (as they were mapped before)
-///   and the blocks to map afterwards (each uniform, with its new attributes). A subscriber
-///   that maps at fixed granularity (iommufd) can follow it exactly.
-/// * A panic in a callback is caught: in `prepare` it counts as a veto, in `commit` or
-///   `invalidate` as a failure to unmap everything it was told to unmap.
+/// Every change (conversion, population, punch-hole) is a two-phase transaction with the same
+/// [`Change`] (and so the same [`MappingPlan`]) in every callback:
+///
+/// 1. `prepare` (conversions only): the change and its plan, before anything happened. An
+///    `Err` vetoes: the ones already prepared get `abort`, nothing changes.
+/// 2. `unmap`: unmap every block of `plan.unmap()` that you hold. An `Err` rolls the change
+///    back: every subscriber that was asked to unmap (you included) gets `restore` (map the
+///    blocks of `plan.unmap()` again), then everyone gets `abort`; the caller's error names
+///    you and your first failing page. Only what a `restore` cannot map again is quarantined.
+/// 3. The metadata changes (and the store does its own work: revoking the host view, zeroing,
+///    freeing memory).
+/// 4. `map`: map whatever of `plan.map()` you want. This cannot fail the change.
+///
+/// A subscriber sees, for one change, `[prepare] → unmap → map`, or `[prepare] → abort`, or
+/// `[prepare] → unmap → restore → abort`, or nothing at all (it registered after the change
+/// began, or the change failed its checks). A `Replay` is a single `map`.
+///
+/// # The invariant
+///
+/// What a subscriber was told to map (by `map`, `restore` or a replay) is exactly what the
+/// next plan that touches those pages tells it to unmap, provided it maps by the plan's
+/// blocks (or, if it maps runs, by [`MappingPlan::map_runs`] with a boundary no larger than
+/// the one it asks for in [`Subscriber::run_boundary`]). A subscriber that maps only some of
+/// the blocks (shared ones, say) unmaps the same subset.
+///
+/// # What a callback may do
+///
+/// Callbacks run under the change's range lock and no other lock of the store. A callback
+/// may query the store, read and write pages that the change does not touch (in the same
+/// chunk too), and operate on other chunks and files; an operation on the pages being changed,
+/// or a second change in the same chunk, returns `Reentrant`; an operation that would have to
+/// wait for another thread's change returns `WouldBlock` instead of waiting. Nothing hangs.
+///
+/// A panic is caught: in `prepare` it counts as a veto, in `unmap` or `restore` as a failure
+/// of the whole plan region; in `map` or `abort` it is ignored.
+///
+/// The store holds subscribers weakly: when the last `Arc` of a subscriber is dropped it is
+/// simply no longer called (its registration stays until dropped).
 pub trait Subscriber: Send + Sync {
     /// A short name for errors and logs.
     fn name(&self) -> &str;
 
-    /// Asked before anything changes; an `Err` vetoes the conversion.
-    fn prepare(&self, request: &ConversionRequest) -> Result<(), Veto> {
-        let _ = request;
+    /// The boundary at which this subscriber cuts the runs it maps, if it maps runs rather
+    /// than blocks (see [`MappingPlan::map_runs`]); plans are then widened so that the runs
+    /// forms are exact at that boundary.
+    fn run_boundary(&self) -> Option<PageSize> {
+        None
+    }
+
+    /// Asked before a conversion changes anything, with the plan it would get; an `Err`
+    /// vetoes the conversion.
+    fn prepare(&self, change: &Change<'_>) -> Result<(), Veto> {
+        let _ = change;
         Ok(())
     }
 
-    /// The conversion was abandoned after this subscriber prepared it.
-    fn abort(&self, request: &ConversionRequest) {
-        let _ = request;
+    /// Unmap the blocks of `change.plan.unmap()` that you hold.
+    fn unmap(&self, change: &Change<'_>) -> Result<(), UnmapError>;
+
+    /// The change happened: map what you want of `change.plan.map()`.
+    fn map(&self, change: &Change<'_>);
+
+    /// The change is rolled back after you were asked to unmap: map the blocks of
+    /// `change.plan.unmap()` again (those you still hold stay as they are). An `Err` means the
+    /// old blocks cannot be restored: the pages it names are quarantined.
+    fn restore(&self, change: &Change<'_>) -> Result<(), UnmapError>;
+
+    /// The change was abandoned after you saw `prepare` or `unmap` (and, if you unmapped,
+    /// `restore`).
+    fn abort(&self, change: &Change<'_>) {
+        let _ = change;
     }
-
-    /// The conversion happened: unmap `plan.unmap()`, then map what `plan.map()` allows.
-    fn commit(&self, request: &ConversionRequest, plan: &ConversionPlan) -> Result<(), UnmapError>;
-
-    /// Pages go away: unmap every block of `invalidation.plan.unmap()`.
-    fn invalidate(&self, invalidation: &Invalidation) -> Result<(), UnmapError>;
 }
 
 impl fmt::Debug for dyn Subscriber {
@@ -113,10 +163,10 @@ impl fmt::Debug for dyn Subscriber {
     }
 }
 
-/// Which operations a subscriber hears about.
+/// Which files a subscriber hears about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Interest {
-    /// Every file of the store.
+    /// Every file of the store, present and future.
     All,
     /// One file.
     File(FileId),

@@ -1,4 +1,4 @@
-//! Block plans: how a range is mapped with the largest blocks its attributes allow.
+//! Block layouts: how a range is mapped with the largest blocks its attributes allow.
 
 use pfnstore_core::{BlockRun, Geometry, Pfn, PfnRange};
 
@@ -44,16 +44,16 @@ impl RunCollector {
 /// middle block, 4K pages up to it, the page, 4K pages after it, 2M blocks after), describing
 /// 511 2M blocks and 512 4K blocks.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlockPlan {
+pub struct BlockLayout {
     geometry: Geometry,
     runs: Vec<(BlockRun, MappingAttributes)>,
 }
 
-impl BlockPlan {
+impl BlockLayout {
     pub(crate) fn from_runs(
         geometry: Geometry,
         uniform_runs: Vec<(Pfn, Pfn, MappingAttributes)>,
-    ) -> BlockPlan {
+    ) -> BlockLayout {
         // A uniform run decomposes into at most five block runs.
         let mut runs = Vec::with_capacity(uniform_runs.len() * 5);
         for (start, end, attrs) in uniform_runs {
@@ -61,7 +61,7 @@ impl BlockPlan {
                 .expect("collected runs are non-empty pieces of a valid range");
             runs.extend(geometry.block_runs(range).map(|run| (run, attrs)));
         }
-        BlockPlan { geometry, runs }
+        BlockLayout { geometry, runs }
     }
 
     /// The runs of blocks, ascending, with their mapping attributes.
@@ -85,7 +85,7 @@ impl BlockPlan {
     }
 }
 
-impl IntoIterator for BlockPlan {
+impl IntoIterator for BlockLayout {
     type Item = (BlockRun, MappingAttributes);
     type IntoIter = std::vec::IntoIter<(BlockRun, MappingAttributes)>;
 
