@@ -60,6 +60,7 @@
 mod backing;
 mod config;
 mod error;
+mod file_mapping;
 mod guest_copy;
 mod host_view;
 mod hugetlb_source;
@@ -78,6 +79,7 @@ pub mod vma;
 pub use backing::MEMFD_NAME_PREFIX;
 pub use config::{HugetlbConfig, Prefault};
 pub use error::{HugetlbError, PagemapProblem};
+pub use file_mapping::{FileMapping, MappingState};
 pub use host_view::{HostView, Protection};
 pub use hugetlb_source::{HugetlbSource, SYNTHETIC_PFN_BASE};
 pub use memfd::Memfd;
