@@ -46,13 +46,18 @@ impl MemfdFile {
         }
         // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
         let file = unsafe { File::from_raw_fd(fd) };
-        let memfd = MemfdFile {
+        let memfd = MemfdFile::from_file(file, page_size);
+        memfd.set_len(bytes)?;
+        Ok(memfd)
+    }
+
+    /// Wraps an open memfd of pages of `page_size`, with no holes known.
+    pub(crate) fn from_file(file: File, page_size: HugePageSize) -> MemfdFile {
+        MemfdFile {
             file,
             page_size,
             holes: RwLock::new(RangeSet::new()),
-        };
-        memfd.set_len(bytes)?;
-        Ok(memfd)
+        }
     }
 
     /// Sets the memfd's size (ftruncate). Hugetlbfs needs whole huge pages.
@@ -90,6 +95,29 @@ impl MemfdFile {
         options
             .map_raw(&self.file)
             .map_err(|e| HugetlbError::os("mmap", self.page_size, e))
+    }
+
+    /// Allocates the pages of `len` bytes at `offset` (fallocate, mode 0): taken from the pool
+    /// now for hugetlb, so that no later touch of them can find the pool empty.
+    pub(crate) fn allocate(&self, offset: u64, len: u64) -> Result<(), HugetlbError> {
+        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(HugetlbError::os(
+                "fallocate",
+                self.page_size,
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            ));
+        };
+        // SAFETY: fallocate acts on the file behind a descriptor we own and touches no memory
+        // of this process.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, off, l) };
+        if rc != 0 {
+            return Err(HugetlbError::os(
+                "fallocate",
+                self.page_size,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
     }
 
     /// Gives `len` bytes at `offset` back to the kernel (the hugetlb pool for huge pages):

@@ -10,6 +10,7 @@ use crate::{HugePageSize, PfnKind, SourceReport};
 
 /// Everything that can go wrong while obtaining, describing or using memory.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HugetlbError {
     /// A source of zero bytes (or zero chunks) was asked for.
     #[error("a memory source of zero bytes was requested")]
@@ -126,6 +127,62 @@ pub enum HugetlbError {
         /// First revoked byte offset the access touches.
         offset: u64,
     },
+    /// An access to a range of a [`crate::FileMapping`] that has nothing mapped (only the
+    /// inaccessible reservation).
+    #[error("byte offset {offset:#x} of the file mapping has no memory mapped")]
+    NotMapped {
+        /// First unmapped byte offset the access touches.
+        offset: u64,
+    },
+    /// Changing the mappings would make the process hold more memory regions (kernel VMAs)
+    /// than allowed: past `vm.max_map_count` the kernel refuses `mmap` and `mprotect` with
+    /// `ENOMEM`. From a [`crate::FileMapping`] this is refused before anything changed, and
+    /// `regions`/`limit` are its budget ([`crate::VmaBudget`]); from the kernel (an `ENOMEM`
+    /// of `mprotect`, or of `mmap` with the process near the limit) they are the process's
+    /// regions and `vm.max_map_count`.
+    #[error(
+        "byte offset {offset:#x}: {regions} memory regions exceed the limit of {limit}; hint: {}",
+        hint::MAP_COUNT
+    )]
+    MapCountLimit {
+        /// Byte offset (in the mapping or view) of the change that was refused.
+        offset: u64,
+        /// Regions there would be (budget) or are (kernel).
+        regions: u64,
+        /// The budget, or `vm.max_map_count`.
+        limit: u64,
+    },
+    /// A memfd of pages larger than the alignment of the mapping it is to be mapped into:
+    /// huge pages must be mapped at addresses aligned to their size.
+    #[error("{page_size} pages cannot be mapped into a mapping aligned to {align} only")]
+    MappingAlignment {
+        /// The memfd's page size.
+        page_size: HugePageSize,
+        /// The mapping's alignment.
+        align: HugePageSize,
+    },
+    /// A chunk's PFN is no longer what pagemap says: the kernel migrated the huge page
+    /// (compaction, memory offlining, a contiguous allocation) after the PFN was read.
+    #[error("chunk {chunk} (memfd offset {memfd_offset:#x}) was at {recorded} and is now at {now}")]
+    PfnMoved {
+        /// Index of the first chunk found moved.
+        chunk: usize,
+        /// Its byte offset in the memfd.
+        memfd_offset: u64,
+        /// The PFN the source recorded.
+        recorded: Pfn,
+        /// The PFN pagemap shows now.
+        now: Pfn,
+    },
+    /// A chunk order that is not a permutation of the memfd's chunk slots
+    /// ([`crate::testing::ShuffledSource::with_order`]).
+    #[error("chunk {chunk} is given memfd slot {slot}, which is out of range or taken")]
+    NotAPermutation {
+        /// The chunk.
+        chunk: usize,
+        /// The slot it was given.
+        slot: u64,
+    },
     /// A PFN no chunk of the source contains.
     #[error("{pfn} is in no chunk of this source")]
     PfnNotFound {
@@ -185,6 +242,7 @@ pub(crate) mod hint {
         "the kernel lacks this huge page size, or the size is not a multiple of it";
     pub const MEMLOCK: &str = "raise RLIMIT_MEMLOCK (ulimit -l) or run as root";
     pub const MEMORY: &str = "the machine has not enough free memory";
+    pub const MAP_COUNT: &str = "every mapping and every protection boundary is a kernel memory region (VMA); protect larger aligned ranges, or raise vm.max_map_count";
 }
 
 impl HugetlbError {
@@ -201,6 +259,8 @@ impl HugetlbError {
     pub(crate) fn os(op: &'static str, page_size: HugePageSize, source: io::Error) -> Self {
         let hint = match source.raw_os_error() {
             Some(libc::ENOMEM | libc::EPERM | libc::EAGAIN) if op == "mlock" => hint::MEMLOCK,
+            // mprotect's ENOMEM on a mapped range is the region limit, never free memory.
+            Some(libc::ENOMEM) if op == "mprotect" => hint::MAP_COUNT,
             Some(libc::EPERM | libc::EACCES) => hint::ROOT,
             Some(libc::EINVAL) => hint::SIZE,
             Some(libc::ENOMEM | libc::ENOSPC | libc::EFAULT | libc::EHWPOISON)

@@ -16,8 +16,9 @@
 //! A page populated again after a punch is a new page: its PFN is not the one the source's
 //! chunk names. Punching is meant for memory the store gives up (truncate).
 //!
-//! Bytes are copied with plain memory copies. The guest and other mappings may write the same
-//! memory concurrently; as with any shared memory, such a copy can see a mix of old and new.
+//! Bytes are copied by [`crate::guest_copy`]'s rule: relaxed atomic accesses of aligned 8-byte
+//! words only, so that a copy racing with the guest, a device or another thread is not a data
+//! race. As with any shared memory, such a copy can see a mix of old and new.
 
 use std::ops::Range;
 
@@ -26,7 +27,7 @@ use pfnstore_core::sync::{Arc, RwLock};
 use rangemap::RangeSet;
 
 use crate::backing::MemfdFile;
-use crate::{HugePageSize, HugetlbError};
+use crate::{HugePageSize, HugetlbError, Memfd, guest_copy, vma};
 
 /// Access allowed through a view to a range of pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,12 +54,33 @@ enum Access<'a> {
 }
 
 impl HostView {
-    pub(crate) fn new(map: MmapRaw, memfd: Arc<MemfdFile>) -> HostView {
-        HostView {
-            map,
-            memfd,
-            revoked: RwLock::new(RangeSet::new()),
+    /// A view of the whole of `memfd` (as long as it is now), for the VMM's own accesses or a
+    /// scrub mapping: any source's [`crate::MemorySource::memfd`] can be viewed.
+    ///
+    /// The view maps `MAP_SHARED | MAP_NORESERVE`: the source holds (or deliberately punched)
+    /// the pages, the view promises nothing more. Views of one of this crate's memfds share
+    /// its record of punched pages, so that every view reads a hole as zeros without
+    /// faulting; a foreign descriptor ([`Memfd::from_fd`]) gets a record of its own, which
+    /// knows only the holes punched through its views.
+    pub fn from_memfd(memfd: Memfd<'_>) -> Result<HostView, HugetlbError> {
+        if memfd.is_empty() {
+            return Err(HugetlbError::ZeroSize);
         }
+        let file = match memfd.owned_file() {
+            Some(file) => Arc::clone(file),
+            None => {
+                let fd = memfd.fd().try_clone_to_owned().map_err(|e| {
+                    HugetlbError::os("fcntl(F_DUPFD_CLOEXEC)", memfd.page_size(), e)
+                })?;
+                Arc::new(MemfdFile::from_file(fd.into(), memfd.page_size()))
+            }
+        };
+        let map = file.map(0, memfd.len(), false, true)?;
+        Ok(HostView {
+            map,
+            memfd: file,
+            revoked: RwLock::new(RangeSet::new()),
+        })
     }
 
     /// Bytes mapped (the source's size when the view was made).
@@ -139,10 +161,11 @@ impl HostView {
             )
         };
         if rc != 0 {
-            return Err(HugetlbError::os(
+            return Err(vma::os_error_at(
                 "mprotect",
                 self.page_size(),
                 std::io::Error::last_os_error(),
+                offset,
             ));
         }
         match protection {
@@ -254,34 +277,26 @@ impl HostView {
                     } else {
                         // SAFETY: `at..end` lies in the mapping (bounds checked by the caller),
                         // in a page that is neither revoked (PROT_NONE) nor punched, so it is
-                        // mapped readable and backed; the revoked/holes locks held by the caller
-                        // keep it so during the copy. `dst` is a distinct Rust buffer.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                base.add(at as usize),
-                                dst.as_mut_ptr(),
-                                dst.len(),
-                            );
-                        }
+                        // mapped readable and backed, and so are the aligned words around it
+                        // (a word never crosses a page); the revoked/holes locks held by the
+                        // caller keep it so during the copy. This process touches guest memory
+                        // only through `guest_copy`, whose 8-byte atomics cannot race
+                        // non-atomically with each other; `dst` is a distinct Rust buffer.
+                        unsafe { guest_copy::read(base.add(at as usize), dst) };
                     }
                     at = end;
                 }
             }
             Access::Write(data) => {
                 // SAFETY: the range lies in the mapping, is writable (not revoked) and backed
-                // (no holes, checked or filled by the caller, locks held); `data` is a Rust
-                // slice that cannot alias our mapping's pages through a reference.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        data.as_ptr(),
-                        base.add(offset as usize),
-                        data.len(),
-                    );
-                }
+                // (no holes, checked or filled by the caller, locks held), as are the aligned
+                // words around it; guest memory is only touched through `guest_copy`; `data`
+                // is a Rust slice that cannot alias our mapping's pages through a reference.
+                unsafe { guest_copy::write(base.add(offset as usize), data) };
             }
             Access::Zero => {
                 // SAFETY: as for `Access::Write`.
-                unsafe { std::ptr::write_bytes(base.add(offset as usize), 0, len as usize) }
+                unsafe { guest_copy::zero(base.add(offset as usize), len as usize) }
             }
         }
     }

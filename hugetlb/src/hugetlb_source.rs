@@ -13,7 +13,7 @@ use crate::pool::{PoolId, PoolReservation, Sysfs};
 use crate::report::{LadderStep, StepFailure, StepKind, Timings};
 use crate::{
     Chunk, ChunkIndex, ChunkLocation, HostMapping, HostView, HugePageSize, HugetlbConfig,
-    HugetlbError, MemorySource, PfnKind, Prefault, SourceReport, SyntheticReason,
+    HugetlbError, Memfd, MemorySource, PfnKind, Prefault, SourceReport, SyntheticReason,
 };
 
 /// Where synthetic PFNs of a [`HugetlbSource`] start: 2^40 pages (4 PiB), above any real
@@ -202,8 +202,7 @@ impl HugetlbSource {
     /// A second shared mapping of the whole memfd (as large as the source is now), for the
     /// VMM's own accesses: bounds-checked reads and writes, revocation per page, punch-hole.
     pub fn map_view(&self) -> Result<HostView, HugetlbError> {
-        let map = self.memfd.map(0, self.report.bytes, false, true)?;
-        Ok(HostView::new(map, Arc::clone(&self.memfd)))
+        HostView::from_memfd(Memfd::owned(&self.memfd, self.report.bytes))
     }
 
     /// Obtains `bytes` more of the source's page size at the end of the memfd.
@@ -287,6 +286,10 @@ impl MemorySource for HugetlbSource {
 
     fn locate(&self, pfn: Pfn) -> Option<ChunkLocation> {
         self.index.locate(&self.chunks, pfn)
+    }
+
+    fn memfd(&self) -> Option<Memfd<'_>> {
+        Some(Memfd::owned(&self.memfd, self.report.bytes))
     }
 
     fn grow(&mut self, chunks: u64) -> Result<Range<usize>, HugetlbError> {

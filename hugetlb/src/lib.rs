@@ -60,8 +60,11 @@
 mod backing;
 mod config;
 mod error;
+mod file_mapping;
+mod guest_copy;
 mod host_view;
 mod hugetlb_source;
+mod memfd;
 mod page_size;
 pub mod pagemap;
 pub mod plan;
@@ -71,15 +74,19 @@ mod source;
 mod synthetic;
 #[cfg(not(pfnstore_loom))]
 pub mod testing;
+pub mod vma;
 
 pub use backing::MEMFD_NAME_PREFIX;
 pub use config::{HugetlbConfig, Prefault};
 pub use error::{HugetlbError, PagemapProblem};
+pub use file_mapping::{FileMapping, MappingState};
 pub use host_view::{HostView, Protection};
 pub use hugetlb_source::{HugetlbSource, SYNTHETIC_PFN_BASE};
+pub use memfd::Memfd;
 pub use page_size::HugePageSize;
 pub use report::{LadderStep, SourceReport, StepFailure, StepKind, Timings};
 pub use source::{
     Chunk, ChunkIndex, ChunkLocation, HostMapping, MemorySource, PfnKind, SyntheticReason,
 };
 pub use synthetic::SyntheticSource;
+pub use vma::VmaBudget;

@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use pfnstore_core::{Geometry, PAGE_SIZE, Pfn};
 
-use crate::{HugePageSize, HugetlbError, SourceReport};
+use crate::{HugePageSize, HugetlbError, Memfd, SourceReport};
 
 /// Where a store's memory comes from.
 ///
@@ -26,6 +26,12 @@ pub trait MemorySource: Send + Sync + fmt::Debug {
     /// the new chunks in [`MemorySource::chunks`]. On failure nothing was added and nothing
     /// is left behind.
     fn grow(&mut self, chunks: u64) -> Result<Range<usize>, HugetlbError>;
+    /// The memfd that holds the chunks' bytes (chunk `c` at `c.memfd_offset`), for sources with
+    /// memory; `None` for sources without ([`crate::SyntheticSource`]). Map it with
+    /// [`crate::FileMapping::map`] or [`crate::HostView::from_memfd`].
+    fn memfd(&self) -> Option<Memfd<'_>> {
+        None
+    }
 }
 
 /// Whether a chunk's PFNs are the machine's.
@@ -51,6 +57,9 @@ pub enum SyntheticReason {
     PagemapHidden,
     /// The pages were not prefaulted (`Prefault::None`), so they have no frames yet.
     NotPrefaulted,
+    /// A test source ([`crate::testing::ShuffledSource`]) made them up, consecutive in PFN
+    /// order while its memfd holds the chunks in another order.
+    Shuffled,
 }
 
 impl fmt::Display for SyntheticReason {
@@ -62,6 +71,7 @@ impl fmt::Display for SyntheticReason {
                 "pagemap hides PFNs without CAP_SYS_ADMIN (run as root for real PFNs)"
             }
             SyntheticReason::NotPrefaulted => "pages not prefaulted, so they have no frames yet",
+            SyntheticReason::Shuffled => "test source: chunks in shuffled memfd order",
         })
     }
 }

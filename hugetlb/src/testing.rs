@@ -1,4 +1,6 @@
-//! Support for tests that use the real hugetlb pools (this crate's and the facade's).
+//! Support for tests: the lock every test that uses the real hugetlb pools holds (this
+//! crate's and the facade's), and [`ShuffledSource`], a memory source whose memfd holds its
+//! chunks in shuffled order.
 //!
 //! The pools are system-wide: two tests that resize them at once would see each other's
 //! pages. Every such test holds [`hugetlb_lock`] for its whole run, which serializes the
@@ -23,6 +25,9 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+
+mod shuffled;
+pub use shuffled::ShuffledSource;
 
 use pfnstore_core::sync::{Mutex, MutexGuard};
 
