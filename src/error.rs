@@ -5,6 +5,9 @@
 //! failed changed nothing. `Internal` means a bug in pfnstore: every input the API accepts
 //! maps to another variant.
 
+use std::fmt;
+use std::sync::Arc;
+
 use pfnstore_core::{OffsetRange, PageOffset, Pfn, RangeError};
 use pfnstore_hugetlb::HugetlbError;
 use pfnstore_metadata::conversion::ConversionError;
@@ -262,24 +265,62 @@ pub enum StoreError {
     /// The store's configuration cannot work.
     #[error(transparent)]
     Config(#[from] crate::ConfigError),
-    /// The memory source or the host mapping failed (mmap, mprotect, sysfs...): the error says
-    /// which call and errno.
-    #[error(transparent)]
-    Memory(#[from] HugetlbError),
+    /// The memory source or the host mapping failed (mmap, mprotect, sysfs...): the source
+    /// error says which call and errno.
+    #[error("{0}")]
+    Memory(#[source] MemoryError),
     /// A bug in pfnstore: a layer failed in a way the store does not expect on validated
     /// input. Reported rather than panicking.
     #[error("internal error: {0}")]
     Internal(String),
 }
 
-/// What the error translation needs to know about a file.
-pub(crate) struct FileContext<'a> {
-    pub(crate) file: FileId,
-    /// The frame behind a page offset, if backed.
-    pub(crate) pfn: &'a dyn Fn(PageOffset) -> Option<Pfn>,
+/// An error of the memory layer ([`HugetlbError`]), shared so that [`StoreError`] stays
+/// `Clone` and comparable (two are equal when they say the same).
+#[derive(Debug, Clone)]
+pub struct MemoryError(pub Arc<HugetlbError>);
+
+impl MemoryError {
+    /// The error of the memory layer.
+    pub fn get(&self) -> &HugetlbError {
+        &self.0
+    }
 }
 
-impl FileContext<'_> {
+impl fmt::Display for MemoryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for MemoryError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+impl PartialEq for MemoryError {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for MemoryError {}
+
+impl From<HugetlbError> for StoreError {
+    fn from(e: HugetlbError) -> Self {
+        StoreError::Memory(MemoryError(Arc::new(e)))
+    }
+}
+
+/// What the error translation needs to know about a file.
+pub(crate) struct FileContext<F: Fn(PageOffset) -> Option<Pfn>> {
+    pub(crate) file: FileId,
+    /// The frame behind a page offset, if backed.
+    pub(crate) pfn: F,
+}
+
+impl<F: Fn(PageOffset) -> Option<Pfn>> FileContext<F> {
     fn pfn_at(&self, page: u64) -> Option<Pfn> {
         (self.pfn)(PageOffset(page))
     }

@@ -86,7 +86,7 @@ mod store;
 pub mod subscribers;
 
 pub use config::{ConfigError, FileOptions, MAX_SHARDS, StoreOptions};
-pub use error::StoreError;
+pub use error::{MemoryError, StoreError};
 #[allow(deprecated)]
 pub use file::GuestMemory;
 pub use file::{

@@ -213,7 +213,7 @@ impl FileInner {
                 regions,
                 limit,
             },
-            other => StoreError::Memory(other),
+            other => other.into(),
         }
     }
 }

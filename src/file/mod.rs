@@ -66,6 +66,9 @@ pub struct FileStats {
     pub extents: usize,
     /// Kernel memory regions of the file's host mapping (0 without one).
     pub mapping_regions: u64,
+    /// Bytes per protection unit of the host mapping (0 without one): a unit is revoked
+    /// when it holds no shared page.
+    pub protection_unit: u64,
     /// The per-offset metadata.
     pub metadata: Stats,
 }
@@ -307,6 +310,7 @@ impl GuestFile {
             held_pages,
             extents,
             mapping_regions: inner.mapping.as_ref().map_or(0, HostMapping::regions),
+            protection_unit: inner.protection_unit().unwrap_or(0) * PAGE_SIZE,
             metadata: inner.domain.store().stats(),
         }
     }
@@ -416,10 +420,10 @@ impl FileInner {
     }
 
     /// The error-translation context of this file.
-    pub(crate) fn context(&self) -> FileContext<'_> {
+    pub(crate) fn context(&self) -> FileContext<impl Fn(PageOffset) -> Option<Pfn> + '_> {
         FileContext {
             file: self.id,
-            pfn: &|page| self.backed_pfn(page),
+            pfn: move |page| self.backed_pfn(page),
         }
     }
 

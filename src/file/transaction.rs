@@ -200,7 +200,7 @@ impl FileInner {
     /// Records `taken` as holding `offsets`, one extent per chunk, mapped inaccessible.
     fn hold(&self, offsets: OffsetRange, taken: &Taken) -> Result<Vec<Extent>, StoreError> {
         let memory = self.store.inner.memory();
-        let mut extents = Vec::new();
+        let mut extents: Vec<Extent> = Vec::new();
         let mut pfn = taken.range.start();
         let mut at = offsets.start();
         while at < offsets.end() {
