@@ -1,34 +1,64 @@
-//! `pfnstore hugetlb`: the hugetlb pools of this machine, whether 1G pages can be reserved
+//! `pfnstore hugetlb`: the hugetlb pools of this machine, whether 1 GiB pages can be reserved
 //! here, and what a store of a given size would get.
+
+use std::io::Write;
 
 use pfnstore::hugetlb::HugePageSize;
 use pfnstore::hugetlb::plan::plan;
 use pfnstore::hugetlb::pool::Sysfs;
 
+use super::Outcome;
+use super::show::{PageKind, Rung};
+use super::units::{self, Bytes};
+
 /// Arguments of `pfnstore hugetlb`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Size of the store to plan for, in GiB.
-    #[arg(long, default_value_t = 2)]
-    pub size_gib: u64,
-    /// Plan for this NUMA node's pools.
-    #[arg(long)]
+    /// Size of the store to plan for: 4G, 16T, ... (a bare number is GiB; --size-gib is the
+    /// same flag). A whole number of GiB, at most this machine's memory.
+    #[arg(long, alias = "size-gib", value_name = "SIZE", default_value = "2G",
+          value_parser = units::machine_size)]
+    pub size: Bytes,
+    /// Plan for this NUMA node's pools (a node this machine has).
+    #[arg(long, value_name = "NODE", value_parser = existing_numa_node)]
     pub numa_node: Option<u32>,
 }
 
+/// clap value parser: a NUMA node number that exists here.
+fn existing_numa_node(text: &str) -> Result<u32, String> {
+    let node: u32 = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not a NUMA node number"))?;
+    Sysfs::system()
+        .check_node(node)
+        .map_err(|e| e.to_string())?;
+    Ok(node)
+}
+
 /// Prints the pools, the checks and the plan.
-pub fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
     let sysfs = Sysfs::system();
-    println!("hugetlb pools (pages):");
-    println!(
-        "  {:<12} {:<6} {:>7} {:>7} {:>9} {:>8}",
-        "size", "node", "total", "free", "reserved", "surplus"
-    );
-    for p in sysfs.pools()? {
+    print_pools(&sysfs, out)?;
+    print_plan(&sysfs, args.size, args.numa_node, out)
+}
+
+/// The pools (system-wide and per node) and whether 1 GiB pages can be reserved here.
+pub fn print_pools(sysfs: &Sysfs, out: &mut dyn Write) -> Outcome {
+    // Read everything first, so that a failure prints no half table.
+    let pools = sysfs.pools()?;
+    let one_g = sysfs.can_grow(HugePageSize::Huge1G);
+    writeln!(out, "hugetlb pools (pages):")?;
+    writeln!(
+        out,
+        "  {:<10} {:<6} {:>7} {:>7} {:>9} {:>8}",
+        "page size", "node", "total", "free", "reserved", "surplus"
+    )?;
+    for p in pools {
         let c = p.counts;
-        println!(
-            "  {:<12} {:<6} {:>7} {:>7} {:>9} {:>8}",
-            p.id.page_size.to_string(),
+        writeln!(
+            out,
+            "  {:<10} {:<6} {:>7} {:>7} {:>9} {:>8}",
+            Bytes(p.id.page_size.bytes()).to_string(),
             p.id.node.map_or("all".to_string(), |n| n.to_string()),
             c.total,
             c.free,
@@ -38,55 +68,45 @@ pub fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 c.reserved.to_string()
             },
             c.surplus
-        );
+        )?;
     }
-    let one_g = sysfs.can_grow(HugePageSize::Huge1G);
-    match &one_g {
-        Ok(()) => println!("1G pages can be reserved here: yes (root, nr_hugepages writable)"),
-        Err(why) => println!("1G pages can be reserved here: no ({why})"),
+    match one_g {
+        Ok(()) => writeln!(
+            out,
+            "1 GiB pages can be reserved here: yes (root, nr_hugepages writable)"
+        )?,
+        Err(why) => writeln!(out, "1 GiB pages can be reserved here: no ({why})")?,
     }
-    let bytes = args
-        .size_gib
-        .checked_mul(1 << 30)
-        .filter(|b| *b > 0)
-        .ok_or("--size-gib must be between 1 and 2^34")?;
-    let mem_total = sysfs.mem_total()?;
-    println!(
-        "a store of {} GiB{}:",
-        args.size_gib,
-        args.numa_node
+    Ok(())
+}
+
+/// The ladder a store of `size` (at most this machine's memory) would walk, judged on the
+/// pools as they are now.
+pub fn print_plan(
+    sysfs: &Sysfs,
+    size: Bytes,
+    numa_node: Option<u32>,
+    out: &mut dyn Write,
+) -> Outcome {
+    let can_grow = sysfs.can_grow(HugePageSize::Huge1G).is_ok();
+    let steps = plan(sysfs, size.0, HugePageSize::Huge1G, numa_node, can_grow)?;
+    writeln!(
+        out,
+        "a store of {size}{}:",
+        numa_node
             .map(|n| format!(" on node {n}"))
             .unwrap_or_default()
-    );
-    if bytes > mem_total {
-        println!(
-            "  exceeds this machine's memory ({} GiB): a source would refuse it",
-            mem_total >> 30
-        );
-        return Ok(());
-    }
-    if let Some(node) = args.numa_node {
-        sysfs.check_node(node)?;
-    }
-    let steps = plan(
-        &sysfs,
-        bytes,
-        HugePageSize::Huge1G,
-        args.numa_node,
-        one_g.is_ok(),
     )?;
     for step in &steps {
-        println!("  {step}");
+        writeln!(out, "  {}", Rung(step))?;
     }
-    for grow_pool in [false, true] {
-        let got = steps
+    let got = |grow_pool| {
+        steps
             .iter()
             .find(|s| s.would_succeed(grow_pool))
-            .map_or("nothing".to_string(), |s| s.page_size.to_string());
-        println!(
-            "  -> {} grow_pool: {got}",
-            if grow_pool { "with   " } else { "without" }
-        );
-    }
+            .map_or("nothing".to_string(), |s| PageKind(s.page_size).to_string())
+    };
+    writeln!(out, "  -> without --grow-pool: {}", got(false))?;
+    writeln!(out, "  -> with    --grow-pool: {}", got(true))?;
     Ok(())
 }

@@ -2,40 +2,72 @@
 //! store of the requested size, and a short demonstration of what the store does, on
 //! synthetic memory (nothing on the machine is changed).
 
-use pfnstore::StoreConfig;
+use std::io::Write;
+
+use pfnstore::StoreOptions;
+use pfnstore::core::{Geometry, PageSize};
+use pfnstore::hugetlb::pool::Sysfs;
+
+use super::Outcome;
+use super::show::block_bytes;
+use super::units::{self, Bytes, GIB, SizeLimit};
 
 /// Arguments of `pfnstore status`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Size of the store in GiB.
-    #[arg(long, default_value_t = 2)]
-    pub size_gib: u64,
+    /// Size of the store: 2G, 16T, ... (a bare number is GiB; --size-gib is the same flag).
+    /// A whole number of GiB up to 1 PiB: the run is on synthetic memory, so it may exceed
+    /// this machine's.
+    #[arg(long, alias = "size-gib", value_name = "SIZE", default_value = "2G",
+          value_parser = units::store_size)]
+    pub size: Bytes,
 }
 
 impl Default for Args {
     fn default() -> Self {
-        Args { size_gib: 2 }
+        Args {
+            size: Bytes(2 * GIB),
+        }
     }
 }
 
 /// Prints the hugetlb situation, the configuration and the demonstration.
-pub fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    println!("== this machine");
-    super::hugetlb::run(&super::hugetlb::Args {
-        size_gib: args.size_gib,
-        numa_node: None,
-    })?;
-    println!();
-    println!("== store configuration");
-    let config = StoreConfig::new(args.size_gib.checked_mul(1 << 30).ok_or("size overflows")?)?;
-    println!("{config}");
-    println!();
-    println!(
+pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
+    let sysfs = Sysfs::system();
+    let machine = SizeLimit::machine()?;
+    writeln!(out, "== this machine")?;
+    super::hugetlb::print_pools(&sysfs, out)?;
+    if machine.check(args.size).is_ok() {
+        super::hugetlb::print_plan(&sysfs, args.size, None, out)?;
+    } else {
+        writeln!(
+            out,
+            "a store of {}: more than this machine's memory ({}), so only on synthetic memory",
+            args.size,
+            Bytes(machine.max)
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(out, "== store configuration")?;
+    let geometry = Geometry::X86_64;
+    let chunk = block_bytes(&geometry, PageSize::Size1G);
+    writeln!(
+        out,
+        "store size:      {} ({} chunks of {chunk})",
+        args.size,
+        args.size.0 / chunk.0
+    )?;
+    writeln!(
+        out,
+        "block sizes:     {} / {} / {chunk}",
+        block_bytes(&geometry, PageSize::Size4K),
+        block_bytes(&geometry, PageSize::Size2M),
+    )?;
+    writeln!(out, "lock shards:     {}", StoreOptions::default().shards)?;
+    writeln!(out)?;
+    writeln!(
+        out,
         "== what a store does (synthetic memory; `pfnstore demo --hugetlb` uses real 1 GiB pages)"
-    );
-    super::demo::run(&super::demo::Args {
-        size_gib: args.size_gib,
-        hugetlb: false,
-        grow_pool: false,
-    })
+    )?;
+    super::demo::run(&super::demo::Args::synthetic(args.size), out)
 }
