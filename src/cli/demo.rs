@@ -135,7 +135,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
         out,
         "  IOMMU mappings now: {}; max mapping order at 0: {}",
         iommu.mappings(),
-        block_bytes(&geometry, file.max_mapping_order(0)?)
+        block_bytes(&geometry, file.max_mapping_size(0)?)
     )?;
     if store.has_host_memory() {
         file.write(offset, b"hello from the host")?;
@@ -151,7 +151,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
         out,
         "  IOMMU mappings now: {}; max mapping order at 0: {}",
         iommu.mappings(),
-        block_bytes(&geometry, file.max_mapping_order(0)?)
+        block_bytes(&geometry, file.max_mapping_size(0)?)
     )?;
     let stats = file.stats();
     writeln!(

@@ -9,7 +9,7 @@ use pfnstore::hugetlb::plan::{PlanStep, PlanVerdict};
 use pfnstore::hugetlb::{
     HugePageSize, HugetlbError, PfnKind, Prefault, SourceReport, StepKind, SyntheticReason,
 };
-use pfnstore::{ConversionPlan, PlanEntry};
+use pfnstore::{MappingPlan, PlanEntry};
 
 use super::units::Bytes;
 
@@ -174,7 +174,7 @@ impl fmt::Display for Rung<'_> {
 #[derive(Debug, Clone, Copy)]
 pub struct Plan<'a> {
     /// The plan.
-    pub plan: &'a ConversionPlan,
+    pub plan: &'a MappingPlan,
     /// The geometry its block sizes are in.
     pub geometry: &'a Geometry,
 }

@@ -266,7 +266,8 @@ impl ChangeHooks for Populate<'_> {
                 for extent in held {
                     file.store.inner.memory().zero(extent.pfns())?;
                 }
-                for hole in file.extents.read().holes_in(*range) {
+                let holes = file.extents.read().holes_in(*range);
+                for hole in holes {
                     file.take_memory(hole, &mut self.added)?;
                 }
             }
@@ -456,7 +457,8 @@ impl Punch<'_> {
             return;
         };
         for g in self.releasable.iter().take(self.unmapped) {
-            for extent in file.extents.read().extents_in(*g) {
+            let held = file.extents.read().extents_in(*g);
+            for extent in held {
                 if let Ok(offset) = file.store.inner.memory().memfd_offset(extent.pfn) {
                     let _ = mapping.map(&extent, memfd.fd(), offset);
                 }
