@@ -92,4 +92,4 @@ pub use file::GuestMemory;
 pub use file::{
     AttributeRun, ConvertMode, FaultMapping, FileExtent, FileStats, GuestFile, HostRegion,
 };
-pub use store::{InvariantError, Store, StoreStats};
+pub use store::{InvariantError, Store, StoreStats, WeakStore};

@@ -61,6 +61,17 @@ pub struct StoreStats {
     pub committed: u64,
 }
 
+/// A weak handle of a [`Store`] ([`Store::downgrade`]).
+#[derive(Clone, Debug)]
+pub struct WeakStore(Weak<StoreInner>);
+
+impl WeakStore {
+    /// The store, if it is still alive.
+    pub fn upgrade(&self) -> Option<Store> {
+        self.0.upgrade().map(|inner| Store { inner })
+    }
+}
+
 /// The store's accounting does not add up: a bug (see [`Store::check_invariants`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("store invariant violated: {0}")]
@@ -220,6 +231,12 @@ impl Store {
                 },
                 other => internal(other),
             })
+    }
+
+    /// A weak handle: what a subscriber that needs the store should hold (see
+    /// [`Store::subscribe`]), so that the store is never kept alive through its subscribers.
+    pub fn downgrade(&self) -> WeakStore {
+        WeakStore(Arc::downgrade(&self.inner))
     }
 
     /// Which file holds `pfn`, if any.
@@ -457,6 +474,12 @@ impl StoreInner {
 
     pub(crate) fn file_closed(&self, id: FileId) {
         self.files.lock().open.remove(&id);
+    }
+}
+
+impl fmt::Debug for StoreInner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreInner").field("geometry", &self.geometry).finish_non_exhaustive()
     }
 }
 

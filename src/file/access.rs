@@ -61,14 +61,15 @@ impl GuestFile {
         let inner = &self.inner;
         inner.alive()?;
         let pages = inner.byte_pages(offset, buf.len() as u64)?;
-        let mapping = inner.host("reading guest memory")?;
         let _guard = inner
             .domain
             .lock_shared(pages)
             .map_err(|e| inner.context().conversion(e))?;
         inner.alive()?;
         let end = offset + buf.len() as u64;
-        for piece in inner.pieces(pages, offset, end)? {
+        let pieces = inner.pieces(pages, offset, end)?;
+        let mapping = inner.host("reading guest memory")?;
+        for piece in pieces {
             let dst = &mut buf[(piece.start - offset) as usize..(piece.end - offset) as usize];
             if piece.backed {
                 inner.retrying(piece.start, |at| mapping.read(at, dst))?;
@@ -86,7 +87,6 @@ impl GuestFile {
         let inner = &self.inner;
         inner.alive()?;
         let pages = inner.byte_pages(offset, data.len() as u64)?;
-        let mapping = inner.host("writing guest memory")?;
         let end = offset + data.len() as u64;
         loop {
             {
@@ -96,6 +96,8 @@ impl GuestFile {
                     .map_err(|e| inner.context().conversion(e))?;
                 inner.alive()?;
                 let pieces = inner.pieces(pages, offset, end)?;
+                // Checked before anything is backed: a refused write changes nothing.
+                let mapping = inner.host("writing guest memory")?;
                 if pieces.iter().all(|p| p.backed) {
                     for piece in pieces {
                         let src =
