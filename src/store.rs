@@ -170,9 +170,11 @@ impl Store {
         let id = {
             let mut files = self.inner.files.lock();
             let id = FileId(files.next);
+            // The last id marks the pages past a file's end in its metadata.
             files.next = files
                 .next
                 .checked_add(1)
+                .filter(|next| *next < pfnstore_metadata::conversion::PAST_END.0)
                 .ok_or_else(|| internal("file ids exhausted"))?;
             id
         };

@@ -47,7 +47,7 @@ fn real_store(test: &str) -> Option<RealStore> {
         }
     };
     Some(RealStore {
-        store: Store::from_hugetlb(source, StoreOptions { shards: 1 }).expect("store"),
+        store: Store::from_hugetlb(source, StoreOptions::default().with_shards(1)).expect("store"),
         _lock: lock,
     })
 }

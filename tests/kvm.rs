@@ -13,18 +13,21 @@ use pfnstore::hugetlb::{HugePageSize, HugetlbConfig, HugetlbSource, Prefault};
 use pfnstore::{ConvertMode, FileOptions, Shareability, Store, StoreError, StoreOptions};
 
 const CODE: u64 = 0x1000;
-const DATA: u64 = 0x2000;
-const SLOT_BYTES: u64 = 1 << 20;
+/// The data page, in a protection unit (2 MiB on ordinary memory) of its own.
+const DATA: u64 = 2 << 20;
+/// Two units: the code's and the data's.
+const UNIT: u64 = 2 << 20;
+const SLOT_BYTES: u64 = 2 * UNIT;
 
-/// `mov al, 0x42; mov [0x2000], al; hlt`
-const GUEST: [u8; 6] = [0xb0, 0x42, 0xa2, 0x00, 0x20, 0xf4];
+/// `mov al, 0x42; mov [ds:0], al; hlt` (DS's base is the data page).
+const GUEST: [u8; 6] = [0xb0, 0x42, 0xa2, 0x00, 0x00, 0xf4];
 
 fn start_at(vcpu: &VcpuFd, rip: u64) {
     let mut sregs = vcpu.get_sregs().unwrap();
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
-    sregs.ds.base = 0;
-    sregs.ds.selector = 0;
+    sregs.ds.base = DATA;
+    sregs.ds.selector = (DATA >> 4) as u16;
     vcpu.set_sregs(&sregs).unwrap();
     let mut regs = vcpu.get_regs().unwrap();
     regs.rip = rip;
@@ -53,7 +56,7 @@ fn a_real_mode_guest_writes_shared_memory_and_loses_it_when_private() {
         mlock: false,
     })
     .unwrap();
-    let store = Store::from_hugetlb(source, StoreOptions { shards: 1 }).unwrap();
+    let store = Store::from_hugetlb(source, StoreOptions::default().with_shards(1)).unwrap();
     let file = store
         .create_file(FileOptions::new(GIB).shared().populated())
         .unwrap();
@@ -68,7 +71,7 @@ fn a_real_mode_guest_writes_shared_memory_and_loses_it_when_private() {
         userspace_addr: host.as_ptr() as u64,
         flags: 0,
     };
-    // SAFETY: the region is the store's host view of 1 MiB of this file's backing (one extent,
+    // SAFETY: the region is the first 4 MiB of the file's host mapping (backed and shared,
     // checked by host_view_address); the file and the store outlive the VM, which is dropped
     // at the end of this test before them.
     unsafe { vm.set_user_memory_region(region).unwrap() };
@@ -84,10 +87,11 @@ fn a_real_mode_guest_writes_shared_memory_and_loses_it_when_private() {
         "the guest's write is visible through the store"
     );
 
-    // Private now: the VMM may not read it, the host view is revoked (4 KiB granularity), and
-    // the guest's next access through the host-view memory slot cannot reach the page.
+    // Private now (the whole unit): the VMM may not read it, the unit is revoked from the
+    // file's host mapping, and the guest's next access through the memory slot over that
+    // mapping cannot reach the page.
     file.write(DATA, &[0]).unwrap();
-    file.convert(DATA, 4096, Shareability::Private, ConvertMode::Preserve)
+    file.convert(DATA, UNIT, Shareability::Private, ConvertMode::Preserve)
         .unwrap();
     assert!(matches!(
         file.read(DATA, &mut byte),
@@ -97,13 +101,15 @@ fn a_real_mode_guest_writes_shared_memory_and_loses_it_when_private() {
     start_at(&vcpu, CODE);
     // KVM cannot map the revoked page: it hands the write to the VMM (as MMIO) or fails.
     match vcpu.run() {
-        Ok(VcpuExit::MmioWrite(address, data)) => assert_eq!((address, data), (DATA, &[0x42][..])),
+        Ok(VcpuExit::MmioWrite(address, data)) => {
+            assert_eq!((address, data), (DATA, &[0x42][..]))
+        }
         Err(_) => {}
         other => panic!("the guest reached a revoked page: {other:?}"),
     }
 
     // Shared again: the blocked write never landed; the next run's write does.
-    file.convert(DATA, 4096, Shareability::Shared, ConvertMode::Preserve)
+    file.convert(DATA, UNIT, Shareability::Shared, ConvertMode::Preserve)
         .unwrap();
     file.read(DATA, &mut byte).unwrap();
     assert_eq!(

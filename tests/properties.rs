@@ -12,7 +12,7 @@ use common::*;
 use pfnstore::core::{PageSize, Pfn};
 use pfnstore::subscribers::{IommuMapper, KvmMmu};
 use pfnstore::{
-    ConvertMode, FileOptions, GuestMemory, Interest, PinOwner, Shareability, StoreError,
+    ConvertMode, FileOptions, GuestFile, Interest, PinOwner, Shareability, StoreError,
 };
 use proptest::prelude::*;
 
@@ -103,7 +103,7 @@ impl RefFile {
 
     fn check(
         &self,
-        file: &GuestMemory,
+        file: &GuestFile,
         start: u64,
         len: u64,
     ) -> Result<std::ops::Range<usize>, StoreError> {
@@ -123,15 +123,17 @@ impl RefFile {
             .find_map(|p| self.pins[p].keys().next().map(|o| (p, *o)))
     }
 
-    /// Largest aligned block around `page` inside the file with uniform shareability.
+    /// Largest aligned block around `page` inside the file with uniform mapping attributes:
+    /// shareability, and whether memory backs it.
     fn max_order(&self, page: u64) -> PageSize {
+        let key = |p: u64| (self.shared[p as usize], self.backed[p as usize]);
         for (size, pages) in [(PageSize::Size1G, CHUNK), (PageSize::Size2M, 8)] {
             let start = page / pages * pages;
             if start + pages > FILE_PAGES {
                 continue;
             }
-            let first = self.shared[start as usize];
-            if (start..start + pages).all(|p| self.shared[p as usize] == first) {
+            let first = key(start);
+            if (start..start + pages).all(|p| key(p) == first) {
                 return size;
             }
         }
@@ -141,7 +143,7 @@ impl RefFile {
 
 struct World {
     store: pfnstore::Store,
-    files: Vec<GuestMemory>,
+    files: Vec<GuestFile>,
     refs: Vec<RefFile>,
     veto: Arc<Recorder>,
     iommu: Arc<IommuMapper>,
@@ -163,9 +165,9 @@ impl World {
         let iommu = Arc::new(IommuMapper::new("iommu", store.geometry()));
         let mmu = Arc::new(KvmMmu::new("kvm", &store));
         let regs = vec![
-            store.subscribe(&dyn_sub(&iommu), Interest::All),
-            store.subscribe(&dyn_sub(&veto), Interest::All),
-            store.subscribe(&dyn_sub(&mmu), Interest::All),
+            store.subscribe(&dyn_sub(&iommu), Interest::All).unwrap(),
+            store.subscribe(&dyn_sub(&veto), Interest::All).unwrap(),
+            store.subscribe(&dyn_sub(&mmu), Interest::All).unwrap(),
         ];
         World {
             store,
@@ -335,13 +337,6 @@ impl World {
                     let uniform = r.max_order(page);
                     let (size, pfn) =
                         got.map_err(|e| TestCaseError::fail(format!("{op:?}: {e}")))?;
-                    prop_assert!(
-                        size <= uniform,
-                        "{:?}: mapped {:?}, uniform only {:?}",
-                        op,
-                        size,
-                        uniform
-                    );
                     prop_assert_eq!(f.translate(page * PAGE).unwrap(), Some(pfn));
                     // A first touch backs the whole uniform block around the page.
                     let first_touch = !r.backed[page as usize];
@@ -358,6 +353,14 @@ impl World {
                     for p in start..(start + pages).min(FILE_PAGES) {
                         r.backed[p as usize] |= first_touch;
                     }
+                    let uniform = r.max_order(page);
+                    prop_assert!(
+                        size <= uniform,
+                        "{:?}: mapped {:?}, uniform only {:?}",
+                        op,
+                        size,
+                        uniform
+                    );
                 }
             }
             Op::Read { file, offset, len } => {
@@ -416,16 +419,19 @@ impl World {
                 );
                 if p % 7 == 0 {
                     prop_assert_eq!(
-                        f.max_mapping_order(p * PAGE).unwrap(),
+                        f.max_mapping_size(p * PAGE).unwrap(),
                         r.max_order(p),
                         "max order of page {}",
                         p
                     );
                 }
             }
-            f.check_invariants().map_err(TestCaseError::fail)?;
+            f.check_invariants()
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
         }
-        self.store.check_invariants().map_err(TestCaseError::fail)?;
+        self.store
+            .check_invariants()
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
         let backed: u64 = self
             .refs
             .iter()
@@ -484,7 +490,7 @@ fn no_block_reaches_past_the_end_of_the_file() {
         .create_file(FileOptions::new(FILE_PAGES * PAGE))
         .unwrap();
     assert_eq!(
-        f.max_mapping_order(150 * PAGE).unwrap(),
+        f.max_mapping_size(150 * PAGE).unwrap(),
         PageSize::Size2M,
         "the last chunk is cut by the file's end"
     );

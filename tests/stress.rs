@@ -11,7 +11,7 @@ use pfnstore::core::PfnRange;
 use pfnstore::core::testing::XorShift;
 use pfnstore::subscribers::{IommuMapper, KvmMmu};
 use pfnstore::{
-    ConvertMode, FileOptions, GuestMemory, Interest, PinOwner, Shareability, StoreError,
+    ConvertMode, FileOptions, GuestFile, Interest, PinOwner, Shareability, StoreError,
 };
 
 const THREADS: usize = 4;
@@ -37,7 +37,7 @@ fn expected(e: &StoreError) -> bool {
     )
 }
 
-fn work(thread: usize, files: Vec<GuestMemory>, mmu: Arc<KvmMmu>) {
+fn work(thread: usize, files: Vec<GuestFile>, mmu: Arc<KvmMmu>) {
     let mut next = rng(0x5EED + thread as u64 * 7919);
     let owner = PinOwner(thread as u32);
     let mut pins: Vec<(usize, u64, u64)> = Vec::new();
@@ -104,8 +104,8 @@ fn concurrent_files_keep_every_invariant() {
         .collect();
     let iommu = Arc::new(IommuMapper::new("iommu", store.geometry()));
     let mmu = Arc::new(KvmMmu::new("kvm", &store));
-    let _r1 = store.subscribe(&dyn_sub(&iommu), Interest::All);
-    let _r2 = store.subscribe(&dyn_sub(&mmu), Interest::All);
+    let _r1 = store.subscribe(&dyn_sub(&iommu), Interest::All).unwrap();
+    let _r2 = store.subscribe(&dyn_sub(&mmu), Interest::All).unwrap();
 
     std::thread::scope(|s| {
         for (t, file) in own.iter().enumerate() {
@@ -119,7 +119,7 @@ fn concurrent_files_keep_every_invariant() {
     let mut all: Vec<PfnRange> = Vec::new();
     for file in own.iter().chain([&shared_file]) {
         file.check_invariants().unwrap();
-        all.extend(file.extents().into_iter().map(|(_, pfns)| pfns));
+        all.extend(file.extents().unwrap().into_iter().map(|e| PfnRange::from_len(e.pfn, e.len / PAGE).unwrap()));
     }
     all.sort();
     for pair in all.windows(2) {

@@ -68,12 +68,13 @@ impl GuestFile {
         inner.alive()?;
         let end = offset + buf.len() as u64;
         let pieces = inner.pieces(pages, offset, end)?;
-        let mapping = inner.host("reading guest memory")?;
         for piece in pieces {
             let dst = &mut buf[(piece.start - offset) as usize..(piece.end - offset) as usize];
             if piece.backed {
+                let mapping = inner.host("reading guest memory")?;
                 inner.retrying(piece.start, |at| mapping.read(at, dst))?;
             } else {
+                // Unbacked pages read as zeros, with or without host memory.
                 dst.fill(0);
             }
         }
@@ -180,7 +181,7 @@ impl GuestFile {
             .domain
             .store()
             .visit_runs(all.cast(), |run, a| {
-                if a.owner.is_some() {
+                if a.owner == Some(inner.id) {
                     backed.push(run.cast::<PageOffset>());
                 }
                 ControlFlow::Continue(())
@@ -240,7 +241,7 @@ impl GuestFile {
             .domain
             .store()
             .visit_runs(pages.cast(), |run, a| {
-                if a.owner.is_none() {
+                if a.owner != Some(inner.id) {
                     hole = Some(run.start().0);
                     return ControlFlow::Break(());
                 }
@@ -312,7 +313,7 @@ impl FileInner {
                     return ControlFlow::Break(());
                 }
                 let last = PageOffset(run.end().0).byte().min(end);
-                let backed = a.owner.is_some();
+                let backed = a.owner == Some(self.id);
                 match pieces.last_mut() {
                     Some(p) if p.backed == backed && p.end == first => p.end = last,
                     _ => pieces.push(Piece {

@@ -144,7 +144,7 @@ impl FileInner {
         self.domain
             .store()
             .visit_runs(keys, |run, a| {
-                if a.owner.is_none() || a.quarantined.is_some() {
+                if a.owner != Some(self.id) || a.quarantined.is_some() {
                     return ControlFlow::Continue(());
                 }
                 let run = run.cast::<PageOffset>();

@@ -286,7 +286,7 @@ impl GuestFile {
                 runs.push(AttributeRun {
                     range: run.cast(),
                     shareability: a.shareability,
-                    backed: a.owner.is_some(),
+                    backed: a.owner == Some(inner.id),
                     pins: a.pins.clone(),
                     quarantined: a.quarantined,
                 });
@@ -356,7 +356,7 @@ impl GuestFile {
             .domain
             .store()
             .visit_runs(all.cast(), |run, a| {
-                if a.owner.is_some() && !held.holes_in(run.cast()).is_empty() {
+                if a.owner == Some(inner.id) && !held.holes_in(run.cast()).is_empty() {
                     problem = Some(format!("{} is backed but not held", run.cast::<PageOffset>()));
                     return ControlFlow::Break(());
                 }
@@ -472,7 +472,7 @@ impl FileInner {
             .domain
             .store()
             .attributes(Pfn(page.0))
-            .is_ok_and(|a| a.owner.is_some());
+            .is_ok_and(|a| a.owner == Some(self.id));
         if !backed {
             return None;
         }
@@ -485,7 +485,7 @@ impl FileInner {
         };
         let mut pages = 0;
         let _ = self.domain.store().visit_runs(all.cast(), |run, a| {
-            if a.owner.is_some() {
+            if a.owner == Some(self.id) {
                 pages += run.len();
             }
             ControlFlow::Continue(())

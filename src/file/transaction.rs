@@ -389,7 +389,7 @@ impl FileInner {
             .store()
             .visit_runs(granule.cast::<Pfn>(), |run, a| {
                 let run = run.cast::<PageOffset>();
-                if a.owner.is_some() && !changed.iter().any(|c| c.contains_range(&run)) {
+                if a.owner == Some(self.id) && !changed.iter().any(|c| c.contains_range(&run)) {
                     backed = true;
                     return std::ops::ControlFlow::Break(());
                 }

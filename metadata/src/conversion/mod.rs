@@ -53,7 +53,7 @@ mod subscriber;
 mod transaction;
 
 use pfnstore_core::sync::Arc;
-use pfnstore_core::{BlockRun, Geometry, OffsetRange, PageOffset, PageSize, Pfn};
+use pfnstore_core::{BlockRun, Geometry, OffsetRange, PageOffset, PageSize, Pfn, PfnRange};
 
 pub use plan::{MappingPlan, PlanEntry, Runs};
 pub use range_lock::{LockError, RangeGuard, RangeLocks, chunk_hull};
@@ -259,6 +259,10 @@ impl ChangeOutcome {
     }
 }
 
+/// The owner a file's metadata gives the pages past the file's end (its metadata covers
+/// whole chunks). No file has this id.
+pub const PAST_END: FileId = FileId(u32::MAX);
+
 /// A domain's size and the largest block its memory is physically contiguous for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DomainLimits {
@@ -303,6 +307,13 @@ impl ConversionDomain {
         registry: std::sync::Arc<SubscriberRegistry>,
         limits: DomainLimits,
     ) -> Self {
+        // The metadata covers whole chunks: mark the pages past the file's end, so that no
+        // uniform block (and so no plan, no huge mapping) reaches past it. (Unbacked pages
+        // inside the file have no owner; backed ones have the file.)
+        let span_end = store.span().end();
+        if let Ok(tail) = PfnRange::new(Pfn(limits.pages), span_end) {
+            let _ = store.assign_owner(tail, PAST_END);
+        }
         let core = registry.add_domain(file, store, limits.pages, limits.max_block);
         ConversionDomain { core, registry }
     }

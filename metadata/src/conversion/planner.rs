@@ -209,8 +209,9 @@ impl Planner<'_> {
         let geometry = self.geometry();
         let cap = self.core.max_block;
         let mut pending: Option<(PfnRange, MappingAttributes)> = None;
+        let file = self.core.file;
         let mut flush = |run: PfnRange, a: MappingAttributes| {
-            if a.owner.is_none() {
+            if a.owner != Some(file) {
                 return;
             }
             for blocks in geometry.block_runs(run) {

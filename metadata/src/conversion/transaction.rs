@@ -172,7 +172,7 @@ impl ConversionDomain {
             ChangeKind::Punch => {
                 store.visit_runs(pages, |r, a| {
                     refusal = pin_or_quarantine(r, a, false);
-                    collect(r, a.owner.is_some());
+                    collect(r, a.owner == Some(self.core.file));
                     stop_if(refusal.is_some())
                 })?;
                 Edit::Unback
