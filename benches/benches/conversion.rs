@@ -11,8 +11,8 @@ use criterion::{Criterion, criterion_group};
 use pfnstore::core::{Geometry, Pfn};
 use pfnstore::hugetlb::SyntheticSource;
 use pfnstore::{
-    ConversionPlan, ConversionRequest, ConvertMode, FileOptions, GuestMemory, Interest,
-    Invalidation, Registration, Shareability, Store, StoreOptions, Subscriber, UnmapError,
+    Change, ConvertMode, FileOptions, GuestFile, Interest,
+    Registration, Shareability, Store, StoreOptions, Subscriber, UnmapError,
 };
 use pfnstore_benches::workers::Workers;
 
@@ -26,18 +26,21 @@ impl Subscriber for NoOp {
     fn name(&self) -> &str {
         "no-op"
     }
-    fn commit(&self, _: &ConversionRequest, plan: &ConversionPlan) -> Result<(), UnmapError> {
-        black_box(plan.unmap().len());
+    fn unmap(&self, change: &Change<'_>) -> Result<(), UnmapError> {
+        black_box(change.plan.unmap().len());
         Ok(())
     }
-    fn invalidate(&self, _: &Invalidation) -> Result<(), UnmapError> {
+    fn map(&self, change: &Change<'_>) {
+        black_box(change.plan.map().len());
+    }
+    fn restore(&self, _: &Change<'_>) -> Result<(), UnmapError> {
         Ok(())
     }
 }
 
 fn store(chunks: u64, shards: usize) -> Store {
     let source = SyntheticSource::new(Geometry::X86_64, Pfn(1 << 20), chunks).expect("source");
-    Store::synthetic(source, StoreOptions { shards }).expect("store")
+    Store::synthetic(source, StoreOptions::default().with_shards(shards)).expect("store")
 }
 
 fn with_subscribers(store: &Store, n: usize) -> (Vec<Arc<dyn Subscriber>>, Vec<Registration>) {
@@ -46,12 +49,12 @@ fn with_subscribers(store: &Store, n: usize) -> (Vec<Arc<dyn Subscriber>>, Vec<R
         .collect();
     let regs = subs
         .iter()
-        .map(|s| store.subscribe(s, Interest::All))
+        .map(|s| store.subscribe(s, Interest::All).expect("subscribe"))
         .collect();
     (subs, regs)
 }
 
-fn convert_and_back(file: &GuestMemory, offset: u64, len: u64) {
+fn convert_and_back(file: &GuestFile, offset: u64, len: u64) {
     file.convert(offset, len, Shareability::Shared, ConvertMode::Preserve)
         .unwrap();
     file.convert(offset, len, Shareability::Private, ConvertMode::Preserve)

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use pfnstore::core::{Geometry, Pfn};
 use pfnstore::hugetlb::SyntheticSource;
 use pfnstore::{
-    ConversionPlan, ConversionRequest, ConvertMode, FileOptions, Interest, Invalidation,
+    Change, ConvertMode, FileOptions, Interest,
     Shareability, Store, StoreOptions, Subscriber, UnmapError,
 };
 
@@ -17,11 +17,14 @@ impl Subscriber for NoOp {
     fn name(&self) -> &str {
         "no-op"
     }
-    fn commit(&self, _: &ConversionRequest, plan: &ConversionPlan) -> Result<(), UnmapError> {
-        std::hint::black_box(plan.unmap().len());
+    fn unmap(&self, change: &Change<'_>) -> Result<(), UnmapError> {
+        std::hint::black_box(change.plan.unmap().len());
         Ok(())
     }
-    fn invalidate(&self, _: &Invalidation) -> Result<(), UnmapError> {
+    fn map(&self, change: &Change<'_>) {
+        std::hint::black_box(change.plan.map().len());
+    }
+    fn restore(&self, _: &Change<'_>) -> Result<(), UnmapError> {
         Ok(())
     }
 }
@@ -37,9 +40,7 @@ fn main() {
     let source = SyntheticSource::new(Geometry::X86_64, Pfn(1 << 20), threads + 1).expect("source");
     let store = Store::synthetic(
         source,
-        StoreOptions {
-            shards: threads as usize,
-        },
+        StoreOptions::default().with_shards(threads as usize),
     )
     .expect("store");
     let subs: Vec<Arc<dyn Subscriber>> = (0..subscribers)
@@ -47,7 +48,7 @@ fn main() {
         .collect();
     let _regs: Vec<_> = subs
         .iter()
-        .map(|s| store.subscribe(s, Interest::All))
+        .map(|s| store.subscribe(s, Interest::All).expect("subscribe"))
         .collect();
     let files: Vec<_> = (0..threads)
         .map(|_| {
