@@ -71,7 +71,17 @@ impl GuestFile {
             error: None,
         };
         let result = inner.domain.convert_with(pages, to, &mut hooks);
-        inner.finish(result, hooks.error)
+        let outcome = inner.finish(result, hooks.error)?;
+        if outcome.is_noop() {
+            // Nothing to convert; but a restoration that failed earlier (the process out of
+            // memory regions) is retried, so that converting again repairs the host mapping.
+            let _guard = inner
+                .domain
+                .lock_shared(pages)
+                .map_err(|e| inner.context().conversion(e))?;
+            inner.refresh(pages, None, Direction::Both)?;
+        }
+        Ok(outcome)
     }
 
     /// Takes the memory away from `offset..offset + len`: every subscriber unmaps it first,
@@ -355,26 +365,29 @@ impl Punch<'_> {
             _ => out.push(r),
         };
         for range in changed {
-            let widened = range.align_out(granule);
-            if widened == *range {
-                push(*range);
-                continue;
-            }
-            // Only the granules at the two ends are partly punched: they go only if nothing
-            // else of them is backed.
-            let mut at = widened.start();
-            while at < widened.end() {
-                let g = OffsetRange::from_len(at, granule)?;
-                let whole = range.contains_range(&g);
-                if whole || !file.backed_outside(g, changed)? {
+            let (start, end) = (range.start().0, range.end().0);
+            let inner_start = start.div_ceil(granule) * granule;
+            let inner_end = end / granule * granule;
+            // Granules the punch covers whole go; the partly punched ones at the two ends go
+            // only if nothing else of them stays backed.
+            let head = (start % granule != 0).then(|| start / granule * granule);
+            let tail = (end % granule != 0)
+                .then_some(inner_end)
+                .filter(|t| Some(*t) != head);
+            if let Some(h) = head {
+                let g = OffsetRange::from_len(PageOffset(h), granule)?;
+                if !file.backed_outside(g, changed)? {
                     push(g);
                 }
-                at = if whole && at >= range.start() {
-                    // Skip to the last granule.
-                    PageOffset((range.end().0 / granule * granule).max(at.0 + granule))
-                } else {
-                    g.end()
-                };
+            }
+            if inner_start < inner_end {
+                push(OffsetRange::new(PageOffset(inner_start), PageOffset(inner_end))?);
+            }
+            if let Some(t) = tail {
+                let g = OffsetRange::from_len(PageOffset(t), granule)?;
+                if !file.backed_outside(g, changed)? {
+                    push(g);
+                }
             }
         }
         Ok(out)
