@@ -4,6 +4,7 @@
 use std::fmt;
 
 pub mod demo;
+pub mod tour;
 pub mod hugetlb;
 pub mod output;
 pub mod prefault;

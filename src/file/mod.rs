@@ -256,14 +256,11 @@ impl GuestFile {
         let inner = &self.inner;
         inner.alive()?;
         let pages = inner.pages(offset, len)?;
-        let plan = inner.current_plan()?;
-        let geometry = inner.store.geometry();
-        Ok(plan
-            .map()
-            .iter()
-            .filter(|e| e.run.range(&geometry).overlaps(&pages))
-            .copied()
-            .collect())
+        let plan = inner
+            .domain
+            .blocks_in(pages)
+            .map_err(|e| inner.context().metadata(e))?;
+        Ok(plan.map().to_vec())
     }
 
     /// Everything mapped now as one plan (what a subscriber gets as its replay).

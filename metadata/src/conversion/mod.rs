@@ -373,6 +373,13 @@ impl ConversionDomain {
         planner::Planner { core: &self.core }.current()
     }
 
+    /// The backed blocks that intersect `range` as a plan describes them now: what a
+    /// subscriber that maps every block holds there (whole blocks, possibly reaching past
+    /// `range`).
+    pub fn blocks_in(&self, range: OffsetRange) -> Result<MappingPlan, MetadataError> {
+        planner::Planner { core: &self.core }.blocks_in(range.cast())
+    }
+
     /// Converts `range` to `to`: the transaction of the module docs, without hooks.
     pub fn convert(
         &self,

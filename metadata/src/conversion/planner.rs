@@ -144,6 +144,18 @@ impl Planner<'_> {
         Ok(plan)
     }
 
+    /// The backed blocks that intersect `range` as a plan describes them now (whole blocks,
+    /// possibly reaching past `range`).
+    pub(crate) fn blocks_in(&self, range: PfnRange) -> Result<MappingPlan, MetadataError> {
+        let mut plan = MappingPlan::empty(self.geometry());
+        let hull = self
+            .block_before(range.start())?
+            .hull(&self.block_before(range.last())?);
+        self.layout(hull, None, |e| plan.map.push(e))?;
+        plan.region = self.clip(hull);
+        Ok(plan)
+    }
+
     /// Every page of the domain's file.
     fn all(&self) -> Option<PfnRange> {
         PfnRange::from_len(Pfn(0), self.core.pages).ok()
