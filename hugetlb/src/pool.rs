@@ -35,14 +35,16 @@
 //!   still owed) in the same critical section, so pages are never given back twice.
 //! * **The guardian**: a tiny `/bin/sh` process (using `flock(1)` from util-linux), started
 //!   when a reservation grows a pool, that holds the read end of a pipe whose write end stays
-//!   in the owner (close-on-exec, so the VMM's own children do not inherit it). The guardian
+//!   in the owner (close-on-exec, so programs the VMM starts do not inherit it; a child it
+//!   forks without exec does, and the guardian then waits for that child too). The guardian
 //!   holds no other descriptor of the owner (all are made close-on-exec before it starts, the
 //!   memfd already is) and none of its memory (it is a new program), and it runs in its own
-//!   process group, ignoring SIGHUP and SIGINT, so a Ctrl-C aimed at the VMM does not reach
-//!   it. On a normal drop the owner settles its entry and then tells the guardian to stand
+//!   process group, ignoring SIGHUP, SIGINT and SIGTERM, so a Ctrl-C or a service stop aimed
+//!   at the VMM does not end it before it has done its job. On a normal drop the owner settles its entry and then tells the guardian to stand
 //!   down; when the pipe closes without that (the owner died), the guardian settles the entry
 //!   itself, retrying for a while ([`GUARDIAN_PATIENCE`]) if the owner's pages are not free
-//!   yet (the kernel frees a dead process's memory as it tears it down), then exits.
+//!   yet (the kernel frees a dead process's memory as it tears it down), then exits. There is
+//!   one guardian (a `/bin/sh` of a megabyte or two) per growth while it lives.
 //! * **Reconciling**: [`reconcile`] settles the entries of dead processes (a guardian that
 //!   could not be started or ran out of patience). A source with `grow_pool` calls it before
 //!   it reads the pool it may grow; a VMM can call it at start, an administrator through the

@@ -18,6 +18,10 @@ pub const GUARDIAN_PATIENCE: Duration = Duration::from_secs(600);
 /// Started by `/bin/sh -c`: checks for `flock(1)` and starts the guardian proper in the
 /// background (so that it is not the owner's child and never a zombie of it), with the pipe
 /// as its standard input. `$1` is the guardian's script, `$2..$4` its arguments.
+///
+/// The guardian ignores SIGTERM too: a service manager stopping the VMM's whole control group
+/// sends SIGTERM to every process in it, and the guardian should outlive the VMM long enough to
+/// give its pages back (SIGKILL still ends it; what it did not settle stays in the ledger).
 const LAUNCH: &str = r#"
 trap '' HUP INT PIPE
 command -v flock >/dev/null 2>&1 || {
@@ -34,7 +38,7 @@ sh -c "$1" pfnstore-hugetlb-guardian "$2" "$3" "$4" 0<&3 3<&- &
 /// for `$3` seconds while the pages are not free.
 const GUARDIAN: &str = r#"
 lock=$1 entry=$2 patience=$3
-trap '' HUP INT PIPE
+trap '' HUP INT TERM PIPE
 echo "ready $$"
 exec >/dev/null
 word=
