@@ -15,10 +15,10 @@ use pfnstore_hugetlb::{HugetlbSource, Memfd, MemorySource, SyntheticSource};
 use pfnstore_metadata::conversion::{Interest, Registration, Subscriber, SubscriberRegistry};
 use pfnstore_metadata::{FileId, MetadataStore, QuarantineReason, Shareability, Stats};
 
+use crate::StoreError;
 use crate::config::{ConfigError, FileOptions, StoreOptions};
 use crate::file::{FileInner, GuestFile};
 use crate::memory::Memory;
-use crate::StoreError;
 
 /// The backing store a VMM embeds. Cheap to clone (a handle); all methods take `&self` and
 /// may be called from many threads.
@@ -334,7 +334,8 @@ impl Store {
         }
         let a = inner.allocator.stats().total;
         let total_owned: u64 = owned.values().sum();
-        if a.allocated_pages + a.quarantined_pages != total_owned || a.quarantined_pages != quarantined
+        if a.allocated_pages + a.quarantined_pages != total_owned
+            || a.quarantined_pages != quarantined
         {
             return Err(InvariantError(format!(
                 "the allocator has {} pages allocated and {} quarantined; the metadata has {} owned, {} of them quarantined ({} of files that are gone)",
@@ -390,7 +391,9 @@ impl StoreInner {
             .try_for_each(|dirty| self.memory.zero(*dirty));
         if scrubbed.is_err() {
             // Memory that cannot be scrubbed must not be used by anyone.
-            let _ = self.physical.quarantine(allocation.range, QuarantineReason::ScrubFailed);
+            let _ = self
+                .physical
+                .quarantine(allocation.range, QuarantineReason::ScrubFailed);
             let _ = self.physical.assign_owner(allocation.range, file);
             let _ = self.allocator.quarantine(allocation.range);
             return None;
@@ -452,7 +455,11 @@ impl StoreInner {
 
     /// `pfns` (held by a file) must never be reused: an unmap could not be undone, or a
     /// device may still reach them. Pages already quarantined are left as they are.
-    pub(crate) fn quarantine(&self, pfns: PfnRange, reason: QuarantineReason) -> Result<(), StoreError> {
+    pub(crate) fn quarantine(
+        &self,
+        pfns: PfnRange,
+        reason: QuarantineReason,
+    ) -> Result<(), StoreError> {
         let mut fresh: Vec<PfnRange> = Vec::new();
         self.physical
             .visit_runs(pfns, |run, a| {
@@ -481,7 +488,9 @@ impl StoreInner {
 
 impl fmt::Debug for StoreInner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StoreInner").field("geometry", &self.geometry).finish_non_exhaustive()
+        f.debug_struct("StoreInner")
+            .field("geometry", &self.geometry)
+            .finish_non_exhaustive()
     }
 }
 

@@ -4,12 +4,12 @@
 use std::fmt;
 
 pub mod demo;
-pub mod tour;
 pub mod hugetlb;
 pub mod output;
 pub mod prefault;
 pub mod show;
 pub mod status;
+pub mod tour;
 pub mod units;
 
 /// What a command returns: `Ok` once its report is written.

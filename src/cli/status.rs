@@ -6,8 +6,8 @@ use std::io::Write;
 
 use pfnstore::core::{Geometry, PageSize, Pfn};
 use pfnstore::hugetlb::SyntheticSource;
-use pfnstore::{Store, StoreOptions};
 use pfnstore::hugetlb::pool::Sysfs;
+use pfnstore::{Store, StoreOptions};
 
 use super::Outcome;
 use super::show::{Source, block_bytes, indent};
@@ -72,6 +72,10 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
     )?;
     let source = SyntheticSource::new(geometry, Pfn(1 << 20), args.size.0 / chunk.0)?;
     let store = Store::synthetic(source, StoreOptions::default())?;
-    writeln!(out, "memory source:\n{}", indent(&Source(store.source_report()).to_string()))?;
+    writeln!(
+        out,
+        "memory source:\n{}",
+        indent(&Source(store.source_report()).to_string())
+    )?;
     super::tour::show(&store, out)
 }

@@ -6,12 +6,10 @@ use std::io::Write;
 use std::sync::Arc;
 
 use pfnstore::subscribers::{IommuMapper, KvmMmu};
-use pfnstore::{
-    ConvertMode, FileOptions, Interest, MappingPlan, Shareability, Store, Subscriber,
-};
+use pfnstore::{ConvertMode, FileOptions, Interest, MappingPlan, Shareability, Store, Subscriber};
 
 use super::Outcome;
-use super::show::{Plan, block_bytes};
+use super::show::{PageKind, Plan, block_bytes, is_synthetic};
 use super::units::Bytes;
 
 const PAGE: u64 = 4096;
@@ -38,9 +36,17 @@ pub fn run(store: &Store, out: &mut dyn Write) -> Result<Tour, Box<dyn std::erro
         .map(|s| store.subscribe(s, Interest::File(file.id())))
         .collect::<Result<Vec<_>, _>>()?;
     let (block, pfn) = kvm.fault(file.id(), 0, Shareability::Private)?;
+    let report = store.source_report();
+    // What the guest gets is the store's block; what backs it is what the source obtained,
+    // which after a fallback is not what was asked for.
+    let behind = match report.obtained {
+        _ if is_synthetic(report) => "synthetic PFNs, no memory behind them".to_string(),
+        Some(size) => format!("backed by {}", PageKind(size)),
+        None => "backed by memory of an unknown kind".to_string(),
+    };
     writeln!(
         out,
-        "a {} file, all private: a guest fault at offset 0 maps a {} block at {pfn}",
+        "a {} file, all private: a guest fault at offset 0 maps a {} block at {pfn} ({behind})",
         Bytes(file.size()),
         block_bytes(&geometry, block),
     )?;
@@ -63,7 +69,11 @@ pub fn run(store: &Store, out: &mut dyn Write) -> Result<Tour, Box<dyn std::erro
     if store.has_host_memory() {
         let text = b"hello from the host";
         file.write(offset, text)?;
-        writeln!(out, "  the host wrote {} bytes into the shared page", text.len())?;
+        writeln!(
+            out,
+            "  the host wrote {} bytes into the shared page",
+            text.len()
+        )?;
     }
     let back = file.convert(offset, PAGE, Shareability::Private, ConvertMode::Zero)?;
     writeln!(

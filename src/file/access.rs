@@ -132,7 +132,10 @@ impl GuestFile {
             .lock_shared(pages)
             .map_err(|e| inner.context().conversion(e))?;
         inner.alive()?;
-        if let Some(hole) = inner.pieces(pages, offset, offset + len)?.iter().find(|p| !p.backed)
+        if let Some(hole) = inner
+            .pieces(pages, offset, offset + len)?
+            .iter()
+            .find(|p| !p.backed)
         {
             return Err(StoreError::NotBacked {
                 file: inner.id,

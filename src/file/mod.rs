@@ -44,10 +44,10 @@ pub use access::{FileExtent, HostRegion};
 pub use fault::FaultMapping;
 pub use transaction::ConvertMode;
 
+use crate::StoreError;
 use crate::config::FileOptions;
 use crate::error::FileContext;
 use crate::store::{InvariantError, Store, internal};
-use crate::StoreError;
 use extents::Extents;
 use mapping::HostMapping;
 
@@ -354,7 +354,10 @@ impl GuestFile {
             .store()
             .visit_runs(all.cast(), |run, a| {
                 if a.owner == Some(inner.id) && !held.holes_in(run.cast()).is_empty() {
-                    problem = Some(format!("{} is backed but not held", run.cast::<PageOffset>()));
+                    problem = Some(format!(
+                        "{} is backed but not held",
+                        run.cast::<PageOffset>()
+                    ));
                     return ControlFlow::Break(());
                 }
                 ControlFlow::Continue(())
@@ -497,7 +500,10 @@ impl FileInner {
     }
 
     /// The first pinned page of `pages`, if any.
-    pub(crate) fn first_pinned(&self, pages: OffsetRange) -> Result<Option<PageOffset>, StoreError> {
+    pub(crate) fn first_pinned(
+        &self,
+        pages: OffsetRange,
+    ) -> Result<Option<PageOffset>, StoreError> {
         let mut first = None;
         self.domain
             .store()

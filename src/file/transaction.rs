@@ -198,9 +198,10 @@ impl FileInner {
                 });
             };
             let count = pages / geometry.pages(smaller);
-            let mut parts: Vec<_> = pfnstore_core::BlockRun::new(&geometry, offsets.start(), smaller, count)?
-                .blocks(&geometry)
-                .collect();
+            let mut parts: Vec<_> =
+                pfnstore_core::BlockRun::new(&geometry, offsets.start(), smaller, count)?
+                    .blocks(&geometry)
+                    .collect();
             parts.reverse();
             todo.extend(parts);
         }
@@ -320,7 +321,11 @@ impl ChangeHooks for Convert<'_> {
         let file = self.file;
         let result = (|| {
             if self.to == Shareability::Private {
-                file.refresh(self.pages, Some((self.pages, self.to)), Direction::RevokeOnly)?;
+                file.refresh(
+                    self.pages,
+                    Some((self.pages, self.to)),
+                    Direction::RevokeOnly,
+                )?;
             }
             if self.mode == ConvertMode::Zero {
                 let held = file.extents.read().extents_in(self.pages);
@@ -381,7 +386,10 @@ impl Punch<'_> {
                 }
             }
             if inner_start < inner_end {
-                push(OffsetRange::new(PageOffset(inner_start), PageOffset(inner_end))?);
+                push(OffsetRange::new(
+                    PageOffset(inner_start),
+                    PageOffset(inner_end),
+                )?);
             }
             if let Some(t) = tail {
                 let g = OffsetRange::from_len(PageOffset(t), granule)?;
@@ -396,7 +404,11 @@ impl Punch<'_> {
 
 impl FileInner {
     /// Whether a page of `granule` outside `changed` is backed.
-    fn backed_outside(&self, granule: OffsetRange, changed: &[OffsetRange]) -> Result<bool, StoreError> {
+    fn backed_outside(
+        &self,
+        granule: OffsetRange,
+        changed: &[OffsetRange],
+    ) -> Result<bool, StoreError> {
         let mut backed = false;
         self.domain
             .store()

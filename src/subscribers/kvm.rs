@@ -112,7 +112,11 @@ impl KvmMmu {
     }
 
     /// The mapping that covers `page` of `file`: its pages and its table.
-    pub fn mapping_at(&self, file: FileId, page: PageOffset) -> Option<(OffsetRange, Shareability)> {
+    pub fn mapping_at(
+        &self,
+        file: FileId,
+        page: PageOffset,
+    ) -> Option<(OffsetRange, Shareability)> {
         let state = self.state.lock();
         let (&(f, start), &(pages, table)) = state.mappings.range(..=(file, page.0)).next_back()?;
         let range = OffsetRange::from_len(PageOffset(start), pages).ok()?;

@@ -240,12 +240,16 @@ impl ChangeOutcome {
 
     /// The 1G and 2M blocks that lost their uniformity, as runs.
     pub fn splits(&self) -> impl Iterator<Item = BlockRun<PageOffset>> + '_ {
-        self.changes.iter().flat_map(|c| c.splits().map(BlockRun::cast))
+        self.changes
+            .iter()
+            .flat_map(|c| c.splits().map(BlockRun::cast))
     }
 
     /// The 1G and 2M blocks that became uniform, as runs.
     pub fn merges(&self) -> impl Iterator<Item = BlockRun<PageOffset>> + '_ {
-        self.changes.iter().flat_map(|c| c.merges().map(BlockRun::cast))
+        self.changes
+            .iter()
+            .flat_map(|c| c.merges().map(BlockRun::cast))
     }
 
     /// Blocks split, counted one by one.

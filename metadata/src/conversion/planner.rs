@@ -244,10 +244,12 @@ impl Planner<'_> {
             }
             ControlFlow::Continue(())
         };
-        self.core.store.visit_mapping_runs(region, |run, a| match overlay {
-            Some(o) => o.pieces(run, a, &mut piece),
-            None => piece(run, a),
-        })?;
+        self.core
+            .store
+            .visit_mapping_runs(region, |run, a| match overlay {
+                Some(o) => o.pieces(run, a, &mut piece),
+                None => piece(run, a),
+            })?;
         if let Some((r, a)) = pending {
             flush(r, a);
         }

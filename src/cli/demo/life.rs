@@ -106,7 +106,11 @@ pub(super) fn run(
         geometry,
         DmaPolicy::Runs(PageSize::Size2M),
     ));
-    let per_page = Arc::new(IommuMapper::with_policy("per-4k", geometry, DmaPolicy::PerPage));
+    let per_page = Arc::new(IommuMapper::with_policy(
+        "per-4k",
+        geometry,
+        DmaPolicy::PerPage,
+    ));
     let flaky = Arc::new(IommuMapper::new("flaky-device", geometry));
     let vetoer = Arc::new(Vetoer {
         every: 97,
@@ -124,11 +128,22 @@ pub(super) fn run(
         .map(|s| store.subscribe(s, Interest::All))
         .collect::<Result<_, _>>()?;
 
-    let vm_size = (store.capacity() / args.vms / GIB).max(1) * GIB;
+    // Whole GiB each where the store allows, else whole 2 MiB.
+    let share = store.capacity() / args.vms;
+    let unit = if share >= GIB { GIB } else { 2 * MIB };
+    let vm_size = (share / unit * unit).max(2 * MIB);
     let mut rng = XorShift::new(args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut vms = Vec::new();
     for i in 0..args.vms {
-        vms.push(boot(store, &mut outcome, vm_size, args.vcpus, i, &kvm, &mut rng)?);
+        vms.push(boot(
+            store,
+            &mut outcome,
+            vm_size,
+            args.vcpus,
+            i,
+            &kvm,
+            &mut rng,
+        )?);
     }
     writeln!(
         out,
@@ -158,7 +173,15 @@ pub(super) fn run(
     let dirty_after_teardown = after.dirty_pages;
     // The next VM gets what is free (less than the old one's memory by what was quarantined).
     let next_size = (after.free_pages * PAGE / (2 * MIB) * (2 * MIB)).min(vm_size);
-    let next = boot(store, &mut outcome, next_size, args.vcpus, args.vms, &kvm, &mut rng)?;
+    let next = boot(
+        store,
+        &mut outcome,
+        next_size,
+        args.vcpus,
+        args.vms,
+        &kvm,
+        &mut rng,
+    )?;
     let dirty_now = store.stats().allocator.total.dirty_pages;
     outcome.scrubbed_pages = dirty_after_teardown.saturating_sub(dirty_now);
     outcome.reused_reads_zero = reads_zero(store, &next.file, &mut rng, &mut outcome)?;
@@ -205,9 +228,9 @@ fn boot(
     // The guest touches some of its memory: KVM faults.
     for _ in 0..64 {
         let page = rng.below(size / PAGE);
-        outcome
-            .timings
-            .time("KVM fault", || kvm.fault(file.id(), page * PAGE, Shareability::Private))?;
+        outcome.timings.time("KVM fault", || {
+            kvm.fault(file.id(), page * PAGE, Shareability::Private)
+        })?;
     }
     let swiotlb_start = (size / 2) / (2 * MIB) * (2 * MIB);
     let swiotlb_len = (64 * MIB).min(size / 4);
@@ -257,8 +280,7 @@ fn bounce_buffers(
     outcome: &mut Outcome,
 ) -> Result<(), StoreError> {
     let bar = ProgressBar::with_draw_target(Some(args.conversions), ProgressDrawTarget::hidden());
-    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} conversions, {elapsed}")
-    {
+    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} conversions, {elapsed}") {
         bar.set_style(style);
     }
     let started = Instant::now();
@@ -296,7 +318,8 @@ fn bounce_buffers(
                 continue;
             }
             Err(StoreError::UnmapFailed { quarantined, .. }) => {
-                outcome.quarantined_pages += quarantined.iter().map(|(a, b)| (b - a) / PAGE).sum::<u64>();
+                outcome.quarantined_pages +=
+                    quarantined.iter().map(|(a, b)| (b - a) / PAGE).sum::<u64>();
                 flaky.inject(Misbehaviour::none());
                 continue;
             }
@@ -323,24 +346,40 @@ fn bounce_buffers(
             pinned.push_back((which, offset, len));
         }
         back_to_private(outcome, vm, offset, len)?;
-        if pinned.len() > 8 || (i + 1 == args.conversions && !pinned.is_empty()) {
-            while let Some((which, offset, len)) = pinned.pop_front() {
-                let vm = &vms[which];
-                outcome
-                    .timings
-                    .time("unpin", || vm.file.unpin(offset, len, vm.owner))?;
-                back_to_private(outcome, vm, offset, len)?;
-            }
+        if pinned.len() > 8 {
+            release(outcome, vms, &mut pinned)?;
         }
         bar.inc(1);
     }
+    release(outcome, vms, &mut pinned)?;
     bar.finish_and_clear();
+    Ok(())
+}
+
+/// The device lets go of the buffers it pinned; they go back to private.
+fn release(
+    outcome: &mut Outcome,
+    vms: &[Vm],
+    pinned: &mut VecDeque<(usize, u64, u64)>,
+) -> Result<(), StoreError> {
+    while let Some((which, offset, len)) = pinned.pop_front() {
+        let vm = &vms[which];
+        outcome
+            .timings
+            .time("unpin", || vm.file.unpin(offset, len, vm.owner))?;
+        back_to_private(outcome, vm, offset, len)?;
+    }
     Ok(())
 }
 
 /// Converts a bounce buffer back to private, its bytes in place (the guest keeps them):
 /// refused while a device pins it.
-fn back_to_private(outcome: &mut Outcome, vm: &Vm, offset: u64, len: u64) -> Result<(), StoreError> {
+fn back_to_private(
+    outcome: &mut Outcome,
+    vm: &Vm,
+    offset: u64,
+    len: u64,
+) -> Result<(), StoreError> {
     match outcome.timings.time("convert to private", || {
         vm.file
             .convert(offset, len, Shareability::Private, ConvertMode::Zero)

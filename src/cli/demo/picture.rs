@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use plotters::prelude::*;
 use pfnstore::core::PageSize;
 use pfnstore::{MappingPlan, Shareability, Store};
+use plotters::prelude::*;
 
 use super::life::Outcome;
 use crate::cli::tour::Tour;
@@ -121,7 +121,9 @@ fn layout_picture(path: &Path, outcome: &Outcome, store: &Store) -> Result<usize
         let mut x = 0usize;
         while x < columns.len() {
             let state = columns[x];
-            let end = (x..columns.len()).find(|i| columns[*i] != state).unwrap_or(columns.len());
+            let end = (x..columns.len())
+                .find(|i| columns[*i] != state)
+                .unwrap_or(columns.len());
             root.draw(&Rectangle::new(
                 [(x as i32, y), (end as i32, y + ROW as i32 - 2)],
                 state.color().filled(),
@@ -170,7 +172,9 @@ where
     let geometry = plan.geometry();
     let list = if unmap { plan.unmap() } else { plan.map() };
     let span = (window.1 - window.0) as f64;
-    let x_of = |page: u64| ((page.clamp(window.0, window.1) - window.0) as f64 / span * f64::from(WIDTH)) as i32;
+    let x_of = |page: u64| {
+        ((page.clamp(window.0, window.1) - window.0) as f64 / span * f64::from(WIDTH)) as i32
+    };
     for entry in list {
         let color = match entry.shareability {
             Shareability::Shared => State::Shared.color(),
@@ -181,13 +185,19 @@ where
             if r.end().0 <= window.0 || r.start().0 >= window.1 {
                 continue;
             }
-            let (x0, x1) = (x_of(r.start().0), x_of(r.end().0).max(x_of(r.start().0) + 1));
+            let (x0, x1) = (
+                x_of(r.start().0),
+                x_of(r.end().0).max(x_of(r.start().0) + 1),
+            );
             root.draw(&Rectangle::new([(x0, y), (x1, y + 40)], color.filled()))
                 .map_err(draw_error)?;
             // Block boundaries, where they fit.
             if x1 - x0 >= 3 {
-                root.draw(&Rectangle::new([(x0, y), (x1, y + 40)], BLACK.stroke_width(1)))
-                    .map_err(draw_error)?;
+                root.draw(&Rectangle::new(
+                    [(x0, y), (x1, y + 40)],
+                    BLACK.stroke_width(1),
+                ))
+                .map_err(draw_error)?;
             }
         }
     }

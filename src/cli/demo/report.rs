@@ -28,7 +28,11 @@ fn quantile(samples: &[u64], q: f64) -> u64 {
 
 pub(super) fn print(store: &Store, outcome: &Outcome, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "== report")?;
-    writeln!(out, "{:<28} {:>9} {:>10} {:>10}", "operation", "count", "median", "p99")?;
+    writeln!(
+        out,
+        "{:<28} {:>9} {:>10} {:>10}",
+        "operation", "count", "median", "p99"
+    )?;
     for (what, samples) in &outcome.timings.0 {
         let mut sorted = samples.clone();
         sorted.sort_unstable();
@@ -93,7 +97,11 @@ pub(super) fn print(store: &Store, outcome: &Outcome, out: &mut dyn Write) -> st
     if outcome.problems.is_empty() {
         writeln!(out, "reference subscribers: every plan was exact")?;
     } else {
-        writeln!(out, "reference subscribers found problems: {:?}", outcome.problems)?;
+        writeln!(
+            out,
+            "reference subscribers found problems: {:?}",
+            outcome.problems
+        )?;
     }
     Ok(())
 }
