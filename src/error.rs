@@ -254,6 +254,13 @@ pub enum StoreError {
         /// The file.
         file: FileId,
     },
+    /// The store is being handed over to another process: it takes no operation until the
+    /// receiver confirmed (then [`StoreError::HandedOver`]) or failed (then it is live again).
+    #[error("the store is being handed over to another process")]
+    HandoverInProgress,
+    /// The store was handed over to another process, which owns its memory now.
+    #[error("the store was handed over to another process")]
+    HandedOver,
     /// No open file has this id.
     #[error("{file} is not an open file of this store")]
     NoSuchFile {

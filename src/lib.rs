@@ -81,6 +81,8 @@ pub use pfnstore_metadata::{FileId, PinOwner, QuarantineReason, Shareability};
 mod config;
 mod error;
 mod file;
+mod gate;
+// pub mod handover; (waits for the memory layer's source records)
 mod memory;
 mod store;
 pub mod subscribers;

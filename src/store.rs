@@ -18,6 +18,7 @@ use pfnstore_metadata::{FileId, MetadataStore, QuarantineReason, Shareability, S
 use crate::StoreError;
 use crate::config::{ConfigError, FileOptions, StoreOptions};
 use crate::file::{FileInner, GuestFile};
+use crate::gate::{Gate, Ops};
 use crate::memory::Memory;
 
 /// The backing store a VMM embeds. Cheap to clone (a handle); all methods take `&self` and
@@ -37,6 +38,9 @@ pub(crate) struct StoreInner {
     pub(crate) registry: Arc<SubscriberRegistry>,
     files: Mutex<FileTable>,
     capacity_pages: u64,
+    gate: Gate,
+    /// Store-level operations under way (file creation, subscription).
+    ops: Ops,
 }
 
 #[derive(Default)]
@@ -99,6 +103,19 @@ impl Store {
     /// ([`MemorySource::memfd`]), the store reads and writes its bytes (scrubbing, the files'
     /// host mappings); without one it manages PFNs only and refuses byte access.
     pub fn new(source: Box<dyn MemorySource>, options: StoreOptions) -> Result<Store, StoreError> {
+        // A fresh source's memory was zeroed by the kernel (hugetlb) or has no bytes at all
+        // (synthetic): clean either way.
+        Store::assemble(source, options, false, 0)
+    }
+
+    /// A store over `source` with every chunk free, `dirty` or clean, the next file id
+    /// `next_file` (a handover's receiver rebuilds on top of this).
+    pub(crate) fn assemble(
+        source: Box<dyn MemorySource>,
+        options: StoreOptions,
+        dirty: bool,
+        next_file: u32,
+    ) -> Result<Store, StoreError> {
         options.validate()?;
         let geometry = source.geometry();
         let chunks = source.chunks().to_vec();
@@ -111,9 +128,7 @@ impl Store {
         let physical = MetadataStore::new(geometry, span).map_err(internal)?;
         let mut capacity_pages = 0;
         for chunk in &chunks {
-            // A fresh source's memory was zeroed by the kernel (hugetlb) or has no bytes at all
-            // (synthetic): clean either way.
-            allocator.add_chunk(chunk.base, false).map_err(internal)?;
+            allocator.add_chunk(chunk.base, dirty).map_err(internal)?;
             physical
                 .add_chunk(chunk.base, Shareability::Private)
                 .map_err(internal)?;
@@ -126,8 +141,13 @@ impl Store {
                 allocator,
                 physical,
                 registry: Arc::new(SubscriberRegistry::new()),
-                files: Mutex::new(FileTable::default()),
+                files: Mutex::new(FileTable {
+                    next: next_file,
+                    open: BTreeMap::new(),
+                }),
                 capacity_pages,
+                gate: Gate::default(),
+                ops: Ops::default(),
             }),
         })
     }
@@ -167,6 +187,7 @@ impl Store {
     /// Creates a guest-memory file. Refused with [`StoreError::FileTooLarge`] if it is larger
     /// than the store (unless [`FileOptions::overcommit`]) or than the metadata can describe.
     pub fn create_file(&self, options: FileOptions) -> Result<GuestFile, StoreError> {
+        let _op = self.inner.gate.enter(&self.inner.ops)?;
         let id = {
             let mut files = self.inner.files.lock();
             let id = FileId(files.next);
@@ -205,6 +226,7 @@ impl Store {
         subscriber: &Arc<dyn Subscriber>,
         interest: Interest,
     ) -> Result<Registration, StoreError> {
+        let _op = self.inner.gate.enter(&self.inner.ops)?;
         if let Interest::File(id) = interest
             && self.file(id).is_none()
         {
@@ -378,6 +400,33 @@ impl StoreInner {
         self.capacity_pages
     }
 
+    pub(crate) fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// The allocator, for the handover's snapshot and rebuild only.
+    pub(crate) fn allocator(&self) -> &Allocator {
+        &self.allocator
+    }
+
+    /// The physical metadata, for the handover's snapshot and rebuild only.
+    pub(crate) fn physical(&self) -> &MetadataStore {
+        &self.physical
+    }
+
+    /// The id the next file gets.
+    pub(crate) fn next_file_id(&self) -> u32 {
+        self.files.lock().next
+    }
+
+    /// Puts a rebuilt file in the table (a handover's receiver), with the id it had.
+    pub(crate) fn reopen_file(&self, id: FileId, inner: &Arc<FileInner>, size: u64) {
+        self.files
+            .lock()
+            .open
+            .insert(id, (Arc::downgrade(inner), size));
+    }
+
     /// Takes `pages` aligned to `align` for `file`, scrubbing whatever was dirty, and records
     /// `file` as the holder. `None` when no such run is free.
     pub(crate) fn take(&self, file: FileId, pages: u64, align: u64) -> Option<Taken> {
@@ -479,6 +528,30 @@ impl StoreInner {
     /// Which file holds `pfns` (all of them), per the physical metadata.
     pub(crate) fn holder_of(&self, pfns: PfnRange) -> Result<Option<FileId>, StoreError> {
         self.physical.owner_of(pfns).map_err(internal)
+    }
+
+    /// Closes the gate and waits until the store is at rest: no store or file operation
+    /// under way.
+    pub(crate) fn close_gate(&self) -> Result<(), StoreError> {
+        self.gate.close()?;
+        // Files are opened (put in the table) before anything runs on them, and creating one
+        // is a store operation: once those are drained, the table lists every file that may
+        // have an operation under way.
+        self.gate.drain(&self.ops);
+        for file in self.open_files() {
+            self.gate.drain(file.ops());
+        }
+        Ok(())
+    }
+
+    /// The files open now.
+    pub(crate) fn open_files(&self) -> Vec<Arc<FileInner>> {
+        self.files
+            .lock()
+            .open
+            .values()
+            .filter_map(|(f, _)| f.upgrade())
+            .collect()
     }
 
     pub(crate) fn file_closed(&self, id: FileId) {

@@ -102,6 +102,7 @@
 mod backing;
 mod config;
 mod error;
+pub mod fd_passing;
 mod file_mapping;
 mod guest_copy;
 mod host_view;

@@ -61,7 +61,7 @@ impl GuestFile {
         mode: ConvertMode,
     ) -> Result<ChangeOutcome, StoreError> {
         let inner = &self.inner;
-        inner.alive()?;
+        let _op = inner.enter()?;
         let pages = inner.pages(offset, len)?;
         let mut hooks = Convert {
             file: inner,
@@ -100,7 +100,7 @@ impl FileInner {
     /// Backs the unbacked pages of `pages`, widened to whole granules of the source (clipped
     /// to the file).
     pub(crate) fn populate(&self, pages: OffsetRange) -> Result<ChangeOutcome, StoreError> {
-        self.alive()?;
+        let _op = self.enter()?;
         let granule = self.store.inner.memory().granule();
         let widened = pages.align_out(granule);
         let end = widened.end().0.min(self.size_pages);
@@ -116,9 +116,7 @@ impl FileInner {
 
     /// Unbacks `pages`; `dying` lets a file being destroyed or dropped do it.
     pub(crate) fn punch(&self, pages: OffsetRange, dying: bool) -> Result<(), StoreError> {
-        if !dying {
-            self.alive()?;
-        }
+        let _op = if dying { None } else { Some(self.enter()?) };
         let mut hooks = Punch {
             file: self,
             dying,
