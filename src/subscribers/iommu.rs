@@ -173,7 +173,7 @@ impl IommuMapper {
                 continue;
             }
             let key = (file, range.start().0);
-            if let Some(existing) = overlapping(state, file, *range).first() {
+            if let Some(existing) = first_overlapping(state, file, *range) {
                 state.violations.push(format!(
                     "{}: map of {range} over the existing mapping {existing} of {file}",
                     self.name
@@ -225,6 +225,15 @@ fn change_key(change: &Change<'_>) -> (FileId, u64) {
         .region()
         .map_or(change.range.start(), |r| r.start());
     (change.file, first.0)
+}
+
+/// A mapping of `file` that overlaps `range`, if any, in one lookup (this is every map call's
+/// check): mappings are disjoint, so the last one that starts before `range` ends overlaps it
+/// if any does.
+fn first_overlapping(state: &State, file: FileId, range: OffsetRange) -> Option<OffsetRange> {
+    let (&(f, start), &pages) = state.mappings.range(..(file, range.end().0)).next_back()?;
+    let m = OffsetRange::from_len(PageOffset(start), pages).ok()?;
+    (f == file && m.overlaps(&range)).then_some(m)
 }
 
 fn overlapping(state: &State, file: FileId, range: OffsetRange) -> Vec<OffsetRange> {
