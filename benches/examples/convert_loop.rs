@@ -1,15 +1,22 @@
-//! A tight loop of 4K convert-and-back in a uniform 1G, for profilers (`perf record`,
+//! A tight loop of 4K convert-and-back in a private file, for profilers (`perf record`,
 //! `valgrind --tool=callgrind`) and for checking how disjoint files scale:
-//! `cargo run --release -p pfnstore-benches --example convert_loop -- [pairs] [threads] [subscribers]`.
+//!
+//! ```text
+//! cargo run --release -p pfnstore-benches --example convert_loop -- \
+//!     [pairs] [threads] [subscribers] [synthetic|ordinary|hugetlb] [file MiB]
+//! ```
+//!
+//! Defaults: 1,000,000 pairs, 1 thread, 3 no-op subscribers, synthetic memory, 1024 MiB files.
+//! `ordinary` is ordinary 4 KiB memory with each file's host mapping; `hugetlb` real 1 GiB
+//! pages (root; the pool is grown by at most 2 GiB and given back at exit), host mapping too.
+//! Each thread converts page 1000 of its own file to shared and back.
 
 use std::sync::Arc;
 
-use pfnstore::core::{Geometry, Pfn};
-use pfnstore::hugetlb::SyntheticSource;
 use pfnstore::{
-    Change, ConvertMode, FileOptions, Interest,
-    Shareability, Store, StoreOptions, Subscriber, UnmapError,
+    Change, ConvertMode, FileOptions, Interest, Shareability, Store, Subscriber, UnmapError,
 };
+use pfnstore_benches::stores::{self, GIB};
 
 struct NoOp;
 
@@ -30,19 +37,29 @@ impl Subscriber for NoOp {
 }
 
 fn main() {
-    let arg = |i: usize, default: u64| {
-        std::env::args()
-            .nth(i)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or(default)
-    };
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |i: usize, default: u64| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
     let (pairs, threads, subscribers) = (arg(1, 1_000_000), arg(2, 1), arg(3, 3));
-    let source = SyntheticSource::new(Geometry::X86_64, Pfn(1 << 20), threads + 1).expect("source");
-    let store = Store::synthetic(
-        source,
-        StoreOptions::default().with_shards(threads as usize),
-    )
-    .expect("store");
+    let source = args.get(4).map_or("synthetic", String::as_str);
+    let file_bytes = arg(5, 1024) << 20;
+    let files_gib = (threads * file_bytes).div_ceil(GIB);
+    let shards = threads as usize;
+    // Held until the end: the hugetlb store gives its pages back when dropped.
+    let mut _hugetlb = None;
+    let store: Store = match source {
+        "synthetic" => stores::synthetic(files_gib + 1, shards),
+        "ordinary" => stores::ordinary(files_gib, shards).unwrap_or_else(|e| exit_skip(&e)),
+        "hugetlb" => {
+            let s = stores::hugetlb_1g(files_gib, shards).unwrap_or_else(|e| exit_skip(&e));
+            let store = s.store.clone();
+            _hugetlb = Some(s);
+            store
+        }
+        other => {
+            eprintln!("unknown source {other:?}: synthetic, ordinary or hugetlb");
+            std::process::exit(2);
+        }
+    };
     let subs: Vec<Arc<dyn Subscriber>> = (0..subscribers)
         .map(|_| Arc::new(NoOp) as Arc<dyn Subscriber>)
         .collect();
@@ -53,29 +70,20 @@ fn main() {
     let files: Vec<_> = (0..threads)
         .map(|_| {
             store
-                .create_file(FileOptions::new(1 << 30).populated())
+                .create_file(FileOptions::new(file_bytes).populated())
                 .expect("file")
         })
         .collect();
+    let page = 4096 * 1000 % file_bytes;
     let start = std::time::Instant::now();
     std::thread::scope(|s| {
         for file in &files {
             s.spawn(move || {
                 for _ in 0..pairs {
-                    file.convert(
-                        4096 * 1000,
-                        4096,
-                        Shareability::Shared,
-                        ConvertMode::Preserve,
-                    )
-                    .expect("convert");
-                    file.convert(
-                        4096 * 1000,
-                        4096,
-                        Shareability::Private,
-                        ConvertMode::Preserve,
-                    )
-                    .expect("convert");
+                    file.convert(page, 4096, Shareability::Shared, ConvertMode::Preserve)
+                        .expect("convert");
+                    file.convert(page, 4096, Shareability::Private, ConvertMode::Preserve)
+                        .expect("convert");
                 }
             });
         }
@@ -84,6 +92,12 @@ fn main() {
     let per = elapsed / pairs as u32;
     let rate = (pairs * threads) as f64 / elapsed.as_secs_f64();
     println!(
-        "{threads} thread(s), {subscribers} subscriber(s): {per:?} per pair per thread, {rate:.0} pairs/s in all"
+        "{source}, {} MiB files, {threads} thread(s), {subscribers} subscriber(s): {per:?} per pair per thread, {rate:.0} pairs/s in all",
+        file_bytes >> 20
     );
+}
+
+fn exit_skip(reason: &str) -> ! {
+    println!("skipped: {reason}");
+    std::process::exit(0);
 }
