@@ -9,6 +9,10 @@
 //!   the pool cannot be grown), the last three with the file's host mapping. The metadata-only
 //!   figure to compare with is `metadata/convert_4k_and_back_in_private_1g` (the metadata
 //!   bench);
+//! * `conversion/host mapping: protect one unit read-write and back/...`: the host mapping's
+//!   part of the above, alone: `FileMapping::protect` of one protection unit (2 MiB of ordinary
+//!   memory, a 1 GiB hugetlb page) to read-write and back, on a bare mapping of the store's
+//!   memfd;
 //! * `conversion/disjoint files, ...`: each thread converts 4K in its own file, on one and on
 //!   two threads, time per pair (the ratio of the two is the scaling).
 //!
@@ -18,6 +22,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{BenchmarkGroup, Criterion, criterion_group, measurement::WallTime};
+use pfnstore::hugetlb::{FileMapping, HugePageSize, Protection};
 use pfnstore::{
     Change, ConvertMode, FileOptions, GuestFile, Interest, Registration, Shareability, Store,
     Subscriber, UnmapError,
@@ -107,6 +112,39 @@ fn end_to_end(
     });
 }
 
+/// One `FileMapping::protect` of a protection unit to read-write and one back to none, on a
+/// bare mapping of `store`'s memfd laid out as a file's (the unit inside one mapped extent where
+/// the memory allows): the host mapping's share of a convert-and-back, whose protection rule
+/// changes one unit each way.
+fn protect_pair(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, store: &Store) {
+    let file = store.create_file(FileOptions::new(PAGE)).expect("file");
+    let unit = file.stats().protection_unit;
+    drop(file);
+    let memfd = store.memfd().expect("a store with host memory has a memfd");
+    let align = match memfd.page_size() {
+        HugePageSize::Base4K => HugePageSize::Huge2M,
+        huge => huge,
+    };
+    let (len, at) = if 3 * unit <= memfd.len() {
+        (3 * unit, unit)
+    } else {
+        (unit, 0)
+    };
+    let mapping = FileMapping::reserve(len, align).expect("reserve");
+    mapping
+        .map(0, memfd.fd(), 0, len, Protection::None)
+        .expect("map the memfd");
+    group.bench_function(
+        format!("host mapping: protect one unit read-write and back/{name}"),
+        |b| {
+            b.iter(|| {
+                mapping.protect(at, unit, Protection::ReadWrite).unwrap();
+                mapping.protect(at, unit, Protection::None).unwrap();
+            })
+        },
+    );
+}
+
 fn end_to_end_rows(group: &mut BenchmarkGroup<'_, WallTime>) {
     let synthetic = stores::synthetic(2, 1);
     end_to_end(group, "synthetic, 1 GiB file", &synthetic, GIB);
@@ -127,6 +165,7 @@ fn end_to_end_rows(group: &mut BenchmarkGroup<'_, WallTime>) {
                 &ordinary,
                 2 * MIB,
             );
+            protect_pair(group, "ordinary 4K memory, 2 MiB unit", &ordinary);
         }
         Err(why) => println!("skipped: end-to-end on ordinary memory: {why}"),
     }
@@ -139,6 +178,7 @@ fn end_to_end_rows(group: &mut BenchmarkGroup<'_, WallTime>) {
                 &hugetlb,
                 GIB,
             );
+            protect_pair(group, "real 1G hugetlb, 1 GiB unit", &hugetlb);
         }
         Err(why) => println!("skipped: end-to-end on real 1 GiB hugetlb: {why}"),
     }
