@@ -5,4 +5,5 @@
 //! that they are built once, tested, and shared by the benches.
 
 pub mod metadata_baselines;
+pub mod stores;
 pub mod workers;

@@ -46,7 +46,10 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
     if args.restore {
         let settled = reconcile(&sysfs)?;
         if settled.is_empty() {
-            writeln!(out, "nothing to give back: no pool growth of a dead pfnstore process")?;
+            writeln!(
+                out,
+                "nothing to give back: no pool growth of a dead pfnstore process"
+            )?;
         }
         for s in settled {
             writeln!(

@@ -154,7 +154,7 @@ impl<'a> Reader<'a> {
         }
         Ok(n as usize)
     }
-    fn malformed(&self, what: impl Into<String>) -> HandoverError {
+    pub(crate) fn malformed(&self, what: impl Into<String>) -> HandoverError {
         HandoverError::Malformed {
             at: self.at as u64,
             what: what.into(),

@@ -6,7 +6,7 @@ use pfnstore_core::sync::Mutex;
 use pfnstore_core::{Geometry, OffsetRange, PAGE_SIZE, PageOffset, PageSize};
 
 use super::{Injected, Misbehaviour};
-use crate::metadata::conversion::{Change, MappingPlan, Subscriber, UnmapError, Veto};
+use crate::metadata::conversion::{Change, Subscriber, UnmapError, Veto};
 use crate::{FileId, Shareability};
 
 /// How a DMA mapper turns plans into IOMMU mappings.
@@ -16,11 +16,14 @@ pub enum DmaPolicy {
     /// for uniform memory, but a 4 KiB conversion inside 1 GiB costs 1,022 map calls.
     Blocks,
     /// One mapping per maximal shared run, cut at every multiple of the boundary (vfio
-    /// type1, which cannot unmap part of a mapping): a conversion remaps at most one window
-    /// of the boundary on each side, and live mappings stay near shared bytes / boundary.
+    /// type1, which cannot unmap part of a mapping). The runs of a *window* (an aligned
+    /// boundary-sized range) depend only on the pages in it, so a change unmaps and maps only
+    /// the windows its pages touch, whatever blocks split or merged around it: it remaps at
+    /// most its own length plus one window on each side, and live mappings stay below the
+    /// shared runs plus shared bytes / boundary.
     Runs(PageSize),
     /// One mapping per shared 4 KiB page (QEMU's and cloud-hypervisor's policy today): the
-    /// reference point. Counted, not stored.
+    /// reference point. A change unmaps and maps only its own pages. Counted, not stored.
     PerPage,
 }
 
@@ -124,27 +127,39 @@ impl IommuMapper {
         self.injected.set(m);
     }
 
-    /// The shared pieces of a plan's unmap or map list, as this mapper maps them.
-    fn pieces(&self, plan: &MappingPlan, unmap: bool) -> Vec<OffsetRange> {
+    /// The shared pieces of a change's unmap or map list, as this mapper maps them.
+    ///
+    /// Blocks are the plan's: a block that splits or merges is unmapped whole. Pages and runs
+    /// are the mapper's own: outside the pages the change asked for, every page keeps its
+    /// attributes, so its page mappings, and the runs of every boundary window it does not
+    /// touch, are the same before and after, and stay mapped.
+    fn pieces(&self, change: &Change<'_>, unmap: bool) -> Vec<OffsetRange> {
+        let plan = change.plan;
         let shared = |s: &Shareability| *s == Shareability::Shared;
+        let list = if unmap { plan.unmap() } else { plan.map() };
+        let g = self.geometry;
         match self.policy {
-            DmaPolicy::Blocks | DmaPolicy::PerPage => {
-                let list = if unmap { plan.unmap() } else { plan.map() };
-                list.iter()
-                    .filter(|e| shared(&e.shareability))
-                    .flat_map(|e| {
-                        let g = self.geometry;
-                        e.run.blocks(&g).map(move |b| b.range(&g))
-                    })
-                    .collect()
-            }
+            DmaPolicy::Blocks => list
+                .iter()
+                .filter(|e| shared(&e.shareability))
+                .flat_map(|e| e.run.blocks(&g).map(move |b| b.range(&g)))
+                .collect(),
+            DmaPolicy::PerPage => list
+                .iter()
+                .filter(|e| shared(&e.shareability))
+                .filter_map(|e| e.run.range(&g).intersection(&change.range))
+                .collect(),
             DmaPolicy::Runs(boundary) => {
                 let runs = if unmap {
                     plan.unmap_runs(boundary)
                 } else {
                     plan.map_runs(boundary)
                 };
-                runs.filter(|(_, s)| shared(s)).map(|(r, _)| r).collect()
+                // Each run lies in one window; the windows the request touches tile this.
+                let touched = change.range.align_out(g.pages(boundary));
+                runs.filter(|(r, s)| shared(s) && r.overlaps(&touched))
+                    .map(|(r, _)| r)
+                    .collect()
             }
         }
     }
@@ -158,7 +173,7 @@ impl IommuMapper {
                 continue;
             }
             let key = (file, range.start().0);
-            if let Some(existing) = overlapping(state, file, *range).first() {
+            if let Some(existing) = first_overlapping(state, file, *range) {
                 state.violations.push(format!(
                     "{}: map of {range} over the existing mapping {existing} of {file}",
                     self.name
@@ -212,6 +227,15 @@ fn change_key(change: &Change<'_>) -> (FileId, u64) {
     (change.file, first.0)
 }
 
+/// A mapping of `file` that overlaps `range`, if any, in one lookup (this is every map call's
+/// check): mappings are disjoint, so the last one that starts before `range` ends overlaps it
+/// if any does.
+fn first_overlapping(state: &State, file: FileId, range: OffsetRange) -> Option<OffsetRange> {
+    let (&(f, start), &pages) = state.mappings.range(..(file, range.end().0)).next_back()?;
+    let m = OffsetRange::from_len(PageOffset(start), pages).ok()?;
+    (f == file && m.overlaps(&range)).then_some(m)
+}
+
 fn overlapping(state: &State, file: FileId, range: OffsetRange) -> Vec<OffsetRange> {
     let mut out = Vec::new();
     if let Some((&(f, start), &pages)) =
@@ -254,8 +278,8 @@ impl Subscriber for IommuMapper {
                     _ => pieces.len() as u64,
                 }
             };
-            let after = self.mappings() - count(self.pieces(change.plan, true))
-                + count(self.pieces(change.plan, false));
+            let after = self.mappings() - count(self.pieces(change, true))
+                + count(self.pieces(change, false));
             if after > budget {
                 return Err(Veto::at(
                     change.range.start(),
@@ -268,7 +292,7 @@ impl Subscriber for IommuMapper {
 
     fn unmap(&self, change: &Change<'_>) -> Result<(), UnmapError> {
         self.injected.on_unmap(change.plan.region())?;
-        let pieces = self.pieces(change.plan, true);
+        let pieces = self.pieces(change, true);
         let mut state = self.state.lock();
         self.remove(&mut state, change.file, &pieces);
         state.unmapped.insert(change_key(change), pieces);
@@ -277,7 +301,7 @@ impl Subscriber for IommuMapper {
 
     fn map(&self, change: &Change<'_>) {
         self.injected.on(super::Callback::Map);
-        let pieces = self.pieces(change.plan, false);
+        let pieces = self.pieces(change, false);
         let mut state = self.state.lock();
         state.unmapped.remove(&change_key(change));
         self.add(&mut state, change.file, &pieces);
@@ -293,5 +317,207 @@ impl Subscriber for IommuMapper {
             .unwrap_or_default();
         self.add(&mut state, change.file, &removed);
         Ok(())
+    }
+}
+
+#[cfg(all(test, not(pfnstore_loom)))]
+mod tests {
+    use std::sync::Arc;
+
+    use pfnstore_core::testing::XorShift;
+    use pfnstore_core::{Geometry, Pfn};
+    use pfnstore_hugetlb::SyntheticSource;
+
+    use super::*;
+    use crate::{ConvertMode, FileOptions, GuestFile, Interest, Store, StoreOptions};
+
+    const GIB_PAGES: u64 = 1 << 18;
+    const MIB2_PAGES: u64 = 512;
+
+    fn store(chunks: u64) -> Store {
+        let source = SyntheticSource::new(Geometry::X86_64, Pfn(1 << 20), chunks).unwrap();
+        Store::synthetic(source, StoreOptions::default().with_shards(1)).unwrap()
+    }
+
+    fn mapper(store: &Store, policy: DmaPolicy) -> (Arc<IommuMapper>, crate::Registration) {
+        let mapper = Arc::new(IommuMapper::with_policy("dma", store.geometry(), policy));
+        let subscriber: Arc<dyn Subscriber> = mapper.clone();
+        let registration = store.subscribe(&subscriber, Interest::All).unwrap();
+        (mapper, registration)
+    }
+
+    fn pages(start: u64, len: u64) -> OffsetRange {
+        OffsetRange::from_len(PageOffset(start), len).unwrap()
+    }
+
+    fn convert(file: &GuestFile, r: OffsetRange, to: Shareability) {
+        file.convert(
+            r.start().byte(),
+            r.len() * PAGE_SIZE,
+            to,
+            ConvertMode::Preserve,
+        )
+        .unwrap();
+    }
+
+    /// The maximal runs of backed shared pages of `file`, cut at every multiple of `boundary`
+    /// pages: what a per-run mapper must hold.
+    fn expected_runs(file: &GuestFile, boundary: u64) -> Vec<OffsetRange> {
+        let mut runs: Vec<OffsetRange> = Vec::new();
+        for run in file.attribute_runs(0, file.size()).unwrap() {
+            if !(run.backed && run.shareability == Shareability::Shared) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(last) if last.end() == run.range.start() => *last = last.hull(&run.range),
+                _ => runs.push(run.range),
+            }
+        }
+        let mut cut = Vec::new();
+        for run in runs {
+            let mut at = run.start().0;
+            while at < run.end().0 {
+                let end = ((at / boundary + 1) * boundary).min(run.end().0);
+                cut.push(pages(at, end - at));
+                at = end;
+            }
+        }
+        cut
+    }
+
+    fn held(mapper: &IommuMapper, file: &GuestFile) -> Vec<OffsetRange> {
+        let state = mapper.state.lock();
+        state
+            .mappings
+            .iter()
+            .filter(|((f, _), _)| *f == file.id())
+            .map(|(&(_, start), &len)| pages(start, len))
+            .collect()
+    }
+
+    fn shared_backed_pages(file: &GuestFile) -> u64 {
+        let mut n = 0;
+        for run in file.attribute_runs(0, file.size()).unwrap() {
+            if run.backed && run.shareability == Shareability::Shared {
+                n += run.range.len();
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn runs_remap_only_the_windows_a_change_touches() {
+        // 4 KiB to private and back inside a shared, uniform 1 GiB: the block splits and
+        // merges, but only the 2 MiB window around the page changes its runs.
+        let store = store(1);
+        let file = store
+            .create_file(FileOptions::new(GIB_PAGES * PAGE_SIZE).shared().populated())
+            .unwrap();
+        let (runs, _r1) = mapper(&store, DmaPolicy::Runs(PageSize::Size2M));
+        let (per_page, _r2) = mapper(&store, DmaPolicy::PerPage);
+        assert_eq!(runs.mappings(), GIB_PAGES / MIB2_PAGES);
+        assert_eq!(per_page.mappings(), GIB_PAGES);
+        let (before_runs, before_pages) = (runs.stats(), per_page.stats());
+
+        let page = pages(1000, 1);
+        convert(&file, page, Shareability::Private);
+        let s = runs.stats();
+        assert_eq!(s.unmap_calls - before_runs.unmap_calls, 1);
+        assert_eq!(
+            s.bytes_unmapped - before_runs.bytes_unmapped,
+            MIB2_PAGES * PAGE_SIZE
+        );
+        assert_eq!(
+            s.map_calls - before_runs.map_calls,
+            2,
+            "the window minus the page"
+        );
+        assert_eq!(
+            s.bytes_mapped - before_runs.bytes_mapped,
+            (MIB2_PAGES - 1) * PAGE_SIZE
+        );
+        let p = per_page.stats();
+        assert_eq!(p.unmap_calls - before_pages.unmap_calls, 1);
+        assert_eq!(p.map_calls, before_pages.map_calls);
+
+        convert(&file, page, Shareability::Shared);
+        let s2 = runs.stats();
+        assert_eq!(s2.unmap_calls - s.unmap_calls, 2);
+        assert_eq!(s2.map_calls - s.map_calls, 1);
+        assert_eq!(s2.bytes_mapped - s.bytes_mapped, MIB2_PAGES * PAGE_SIZE);
+        assert_eq!(held(&runs, &file), expected_runs(&file, MIB2_PAGES));
+        assert_eq!(per_page.stats().map_calls - p.map_calls, 1);
+        assert_eq!(per_page.mappings(), GIB_PAGES);
+        assert!(runs.violations().is_empty(), "{:?}", runs.violations());
+    }
+
+    #[test]
+    fn mappers_stay_exact_and_remap_only_near_the_change_under_random_changes() {
+        let store = store(2);
+        let size = 2 * GIB_PAGES;
+        let file = store
+            .create_file(FileOptions::new(size * PAGE_SIZE).populated())
+            .unwrap();
+        let (blocks, _r0) = mapper(&store, DmaPolicy::Blocks);
+        let (runs_2m, _r1) = mapper(&store, DmaPolicy::Runs(PageSize::Size2M));
+        let (runs_1g, _r2) = mapper(&store, DmaPolicy::Runs(PageSize::Size1G));
+        let (per_page, _r3) = mapper(&store, DmaPolicy::PerPage);
+        let mut rng = XorShift::new(0x1_0aaa_0013);
+        for step in 0..400 {
+            let len = 1 + rng.below(3 * MIB2_PAGES);
+            let r = pages(rng.below(size - len), len);
+            let before = [runs_2m.stats(), runs_1g.stats(), per_page.stats()];
+            match rng.below(10) {
+                0 => file.punch_hole(r.start().byte(), len * PAGE_SIZE).unwrap(),
+                1 => file.populate(r.start().byte(), len * PAGE_SIZE).unwrap(),
+                n => {
+                    let to = if n % 2 == 0 {
+                        Shareability::Shared
+                    } else {
+                        Shareability::Private
+                    };
+                    convert(&file, r, to);
+                }
+            }
+            assert_eq!(
+                held(&runs_2m, &file),
+                expected_runs(&file, MIB2_PAGES),
+                "step {step}"
+            );
+            assert_eq!(
+                held(&runs_1g, &file),
+                expected_runs(&file, GIB_PAGES),
+                "step {step}"
+            );
+            assert_eq!(
+                per_page.mappings(),
+                shared_backed_pages(&file),
+                "step {step}"
+            );
+            // Remapping is bounded by the change: its own windows, no more.
+            for (mapper, before, window) in [
+                (&runs_2m, before[0], MIB2_PAGES),
+                (&runs_1g, before[1], GIB_PAGES),
+                (&per_page, before[2], 1),
+            ] {
+                let touched = r.align_out(window).len() * PAGE_SIZE;
+                let s = mapper.stats();
+                assert!(
+                    s.bytes_unmapped - before.bytes_unmapped <= touched,
+                    "step {step}"
+                );
+                assert!(
+                    s.bytes_mapped - before.bytes_mapped <= touched,
+                    "step {step}"
+                );
+            }
+        }
+        for m in [&blocks, &runs_2m, &runs_1g, &per_page] {
+            assert!(m.violations().is_empty(), "{:?}", m.violations());
+        }
+        file.destroy().unwrap();
+        for m in [&blocks, &runs_2m, &runs_1g, &per_page] {
+            assert_eq!(m.mappings(), 0);
+        }
     }
 }

@@ -56,8 +56,10 @@ fn main() {
         };
         rows.entry(row).or_default().insert(implementation, median);
     }
+    // The first column fits the longest row name.
+    let w = rows.keys().map(String::len).max().unwrap_or(0).max(62);
     println!(
-        "{:<62} {:>12} {:>14} {:>12} {:>8}",
+        "{:<w$} {:>12} {:>14} {:>12} {:>8}",
         "benchmark", "pfnstore", "baseline", "time", "ratio"
     );
     for (row, impls) in rows {
@@ -65,7 +67,7 @@ fn main() {
         let Some((ours_name, ours_time)) = ours else {
             for (name, t) in &impls {
                 println!(
-                    "{row:<62} {:>12} {name:>14} {:>12} {:>8}",
+                    "{row:<w$} {:>12} {name:>14} {:>12} {:>8}",
                     "-",
                     human(*t),
                     "-"
@@ -79,7 +81,7 @@ fn main() {
             .collect();
         if baselines.is_empty() {
             println!(
-                "{row:<62} {:>12} {:>14} {:>12} {:>8}",
+                "{row:<w$} {:>12} {:>14} {:>12} {:>8}",
                 human(ours_time),
                 "-",
                 "-",
@@ -88,7 +90,7 @@ fn main() {
         }
         for (name, t) in baselines {
             println!(
-                "{row:<62} {:>12} {name:>14} {:>12} {:>7.2}x",
+                "{row:<w$} {:>12} {name:>14} {:>12} {:>7.2}x",
                 human(ours_time),
                 human(*t),
                 t / ours_time

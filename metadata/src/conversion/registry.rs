@@ -189,6 +189,9 @@ impl SubscriberRegistry {
                 first_serial,
                 activated: Vec::new(),
             });
+            // Domains created from now on list the entry from their start: their cached
+            // lists (tagged with generation 0 when created) must not look current.
+            self.generation.fetch_add(1, Ordering::SeqCst);
             let domains: Vec<Arc<DomainCore>> = state
                 .domains
                 .iter()
@@ -277,8 +280,10 @@ impl SubscriberRegistry {
             // The generation read under `state` is the one this list belongs to.
             cached.0 = self.generation.load(Ordering::SeqCst);
         }
-        // No allocation without subscribers (an empty Vec does not allocate).
-        let members: Vec<Arc<dyn Subscriber>> = cached.1.iter().filter_map(Weak::upgrade).collect();
+        let mut members = Held::default();
+        for subscriber in cached.1.iter().filter_map(Weak::upgrade) {
+            members.push(subscriber);
+        }
         drop(cached);
         Snapshot {
             domain,
@@ -329,18 +334,54 @@ impl SubscriberRegistry {
 pub struct Snapshot<'a> {
     domain: &'a DomainCore,
     slot: usize,
-    members: Vec<Arc<dyn Subscriber>>,
+    members: Held,
+}
+
+/// Subscribers a snapshot holds without allocating: a store usually has a few (KVM's MMU, an
+/// IOMMU mapper, a vhost-user backend), and an operation should not touch the heap.
+const INLINE_MEMBERS: usize = 4;
+
+/// A snapshot's strong handles, in registration order: inline up to [`INLINE_MEMBERS`], then
+/// on the heap. Every slot below `len` is `Some`.
+#[derive(Debug, Default)]
+struct Held {
+    len: usize,
+    inline: [Option<Arc<dyn Subscriber>>; INLINE_MEMBERS],
+    more: Vec<Option<Arc<dyn Subscriber>>>,
+}
+
+impl Held {
+    fn push(&mut self, subscriber: Arc<dyn Subscriber>) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => *slot = Some(subscriber),
+            None => self.more.push(Some(subscriber)),
+        }
+        self.len += 1;
+    }
+
+    /// The first `n` subscribers.
+    fn first(&self, n: usize) -> impl DoubleEndedIterator<Item = &Arc<dyn Subscriber>> {
+        let n = n.min(self.len);
+        let inline = &self.inline[..n.min(INLINE_MEMBERS)];
+        let more = &self.more[..n.saturating_sub(INLINE_MEMBERS)];
+        inline.iter().chain(more).flatten()
+    }
 }
 
 impl Snapshot<'_> {
     /// The subscribers, in registration order.
-    pub(crate) fn subscribers(&self) -> std::slice::Iter<'_, Arc<dyn Subscriber>> {
-        self.members.iter()
+    pub(crate) fn subscribers(&self) -> impl DoubleEndedIterator<Item = &Arc<dyn Subscriber>> {
+        self.members.first(self.members.len)
+    }
+
+    /// The first `n` subscribers, in registration order.
+    pub(crate) fn first(&self, n: usize) -> impl DoubleEndedIterator<Item = &Arc<dyn Subscriber>> {
+        self.members.first(n)
     }
 
     /// Number of subscribers.
     pub fn len(&self) -> usize {
-        self.members.len()
+        self.members.len
     }
 
     /// Whether nobody is interested.
@@ -394,5 +435,54 @@ impl Drop for Registration {
         if !self.done {
             self.registry.unregister(self.id);
         }
+    }
+}
+
+#[cfg(all(test, not(pfnstore_loom)))]
+mod tests {
+    use pfnstore_core::sync::atomic::{AtomicUsize, Ordering};
+    use pfnstore_core::{Geometry, OffsetRange, PageOffset, Pfn, PfnRange};
+
+    use super::*;
+    use crate::conversion::{ConversionDomain, UnmapError};
+    use crate::{MetadataStore, Shareability};
+
+    #[derive(Default)]
+    struct Counting(AtomicUsize);
+
+    impl Subscriber for Counting {
+        fn name(&self) -> &str {
+            "counting"
+        }
+        fn unmap(&self, _: &Change<'_>) -> Result<(), UnmapError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn map(&self, _: &Change<'_>) {}
+        fn restore(&self, _: &Change<'_>) -> Result<(), UnmapError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_subscriber_registered_before_any_file_hears_of_later_files() {
+        let registry = Arc::new(SubscriberRegistry::new());
+        let counting = Arc::new(Counting::default());
+        let subscriber: Arc<dyn Subscriber> = counting.clone();
+        let _registration = registry.register(&subscriber, Interest::All).unwrap();
+
+        let geometry = Geometry::new(3, 6).unwrap();
+        let store = MetadataStore::new(geometry, PfnRange::new(Pfn(0), Pfn(64)).unwrap()).unwrap();
+        store.add_chunk(Pfn(0), Shareability::Private).unwrap();
+        let domain = ConversionDomain::new(
+            FileId(1),
+            pfnstore_core::sync::Arc::new(store),
+            Arc::clone(&registry),
+        );
+        assert_eq!(domain.subscribers(), 1);
+        let page = OffsetRange::from_len(PageOffset(3), 1).unwrap();
+        let done = domain.convert(page, Shareability::Shared).unwrap();
+        assert_eq!(done.subscribers, 1);
+        assert_eq!(counting.0.load(Ordering::SeqCst), 1);
     }
 }

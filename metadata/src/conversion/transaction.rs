@@ -195,7 +195,7 @@ impl ConversionDomain {
                 Ok(Err(veto)) => veto,
                 Err(panic) => Veto::new(format!("panicked in prepare: {}", panic_message(&*panic))),
             };
-            abort_all(snapshot.subscribers().take(i), change);
+            abort_all(snapshot.first(i), change);
             hooks.rolled_back(change, changed);
             return Err(ConversionError::Vetoed {
                 first_page: veto.first_page.unwrap_or(change.range.start()),
@@ -218,7 +218,7 @@ impl ConversionDomain {
     ) -> Vec<OffsetRange> {
         let region = change.plan.region().unwrap_or(change.range);
         let mut quarantined = Vec::new();
-        for subscriber in snapshot.subscribers().take(asked).rev() {
+        for subscriber in snapshot.first(asked).rev() {
             let failure = match callback::call(|| subscriber.restore(change)) {
                 Ok(Ok(())) => continue,
                 Ok(Err(e)) => e,
@@ -235,7 +235,7 @@ impl ConversionDomain {
                 quarantined.push(range);
             }
         }
-        abort_all(snapshot.subscribers().take(prepared), change);
+        abort_all(snapshot.first(prepared), change);
         quarantined
     }
 
