@@ -86,6 +86,8 @@ mod gate;
 mod memory;
 mod store;
 pub mod subscribers;
+#[cfg(feature = "vm-memory")]
+pub mod vm_memory;
 
 pub use config::{ConfigError, FileOptions, MAX_SHARDS, StoreOptions};
 pub use error::{MemoryError, StoreError};
