@@ -29,6 +29,12 @@ step fmt cargo fmt --all --check
 step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 step docs env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 step tests cargo test --workspace --locked
+# The vm-memory adapter and the example VMM's integration test exist only with the feature
+# (tests/vm_memory.rs, tests/kvm_example.rs; the KVM one reports itself skipped without
+# /dev/kvm). Clippy and the docs see the feature's code here too.
+step clippy-vm-memory cargo clippy -p pfnstore --no-deps --features vm-memory --all-targets --locked -- -D warnings
+step docs-vm-memory env RUSTDOCFLAGS="-D warnings" cargo doc -p pfnstore --features vm-memory --no-deps --locked
+step tests-vm-memory cargo test -p pfnstore --features vm-memory --locked
 # The loom models: the loom-tests crate, plus in-crate models (modules named loom_models) that
 # need private items. LOOM_MAX_PREEMPTIONS bounds the search so the run stays short.
 step loom env RUSTFLAGS="--cfg pfnstore_loom" cargo test --locked --release --target-dir target/loom \
