@@ -11,6 +11,31 @@
 //!
 //! A guest read of a private page finds no slot and exits as MMIO; the VMM answers all ones
 //! (what a read of nothing returns on a bus) and records it, a write is dropped and recorded.
+//! So in this VM a private range is gone for the guest too: without private memory
+//! attributes KVM can map guest memory only through the host's mapping (see README.md, "What
+//! private means"). Each conversion costs what re-registering slots costs (one or two
+//! `KVM_SET_USER_MEMORY_REGION` per slot touched, milliseconds each on this machine, far
+//! more than the store's own work: the report shows both); private attributes would turn that
+//! into a range zap.
+//!
+//! # Handing the store to another process (live update, issue #17)
+//!
+//! The guest could keep running across a handover only with a short pause; what it needs:
+//!
+//! * KVM binds a VM to the process that created it (its ioctls fail in another `mm`), so the
+//!   new process creates a new VM and vCPUs: the old one pauses the vCPUs, saves their state
+//!   and the devices' (the queue's `last_avail`, the pinned window), and the new one restores
+//!   them, as QEMU's CPR does. Guest memory is not copied.
+//! * The store's memfd passed over a Unix socket (`SCM_RIGHTS`) and its state serialised: each
+//!   file's extents (file offset to memfd offset), shareability, pins with their owners,
+//!   quarantine and scrub state. The new process maps the same memfd offsets into new file
+//!   mappings (any address: KVM slots take the new one) and its subscribers get the state as
+//!   a replay, which is how these slots and the vm-memory regions are built here anyway; a
+//!   vhost-user backend keeps its own mapping, since the memfd offsets do not change.
+//! * Ownership of the hugetlb pool pages the old process added: today a source gives them
+//!   back when it is dropped, which must not happen while the new process uses them.
+//! * Pins held by devices (VFIO/iommufd mappings of the memfd) survive only if the device's
+//!   file descriptors go along too.
 
 #[path = "device.rs"]
 pub mod device;
