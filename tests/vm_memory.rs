@@ -469,6 +469,10 @@ fn layouts_that_cannot_work_are_refused() {
         Err(AddressSpaceError::Overlap { first: 0, second }) if second == 4 * MIB
     ));
     assert!(matches!(
+        AddressSpace::<()>::new([(LOW, a.clone()), (HIGH, a.clone())]),
+        Err(AddressSpaceError::FileTwice { file }) if file == a.id()
+    ));
+    assert!(matches!(
         AddressSpace::<()>::new([(GuestAddress(u64::MAX - MIB), a)]),
         Err(AddressSpaceError::AddressOverflow { .. })
     ));
@@ -580,4 +584,66 @@ fn a_snapshot_type_is_a_plain_vm_memory_backend() {
     let snapshot: &PfnstoreMemory = &space.memory();
     assert_eq!(regions(snapshot), 2);
     assert_eq!(snapshot.last_addr(), HIGH.unchecked_add(16 * MIB - 1));
+}
+
+#[test]
+fn the_snapshot_equals_the_backing_after_concurrent_populates_and_punches() {
+    // Two threads populate and punch in two chunks of one file at once (each change's
+    // callbacks rebuild the snapshot while the other's may be under way); at the end the
+    // snapshot's regions are exactly the file's backed extents.
+    let source = HugetlbSource::new(HugetlbConfig {
+        bytes: 2 * GIB,
+        page_size: HugePageSize::Base4K,
+        strict: true,
+        numa_node: None,
+        grow_pool: false,
+        prefault: Prefault::None,
+        mlock: false,
+    })
+    .unwrap();
+    let store = Store::from_hugetlb(source, StoreOptions::default().with_shards(2)).unwrap();
+    let file = store
+        .create_file(FileOptions::new(2 * GIB).shared())
+        .unwrap();
+    let space: AddressSpace = AddressSpace::new([(HIGH, file.clone())]).unwrap();
+    std::thread::scope(|s| {
+        for chunk in 0..2u64 {
+            let file = file.clone();
+            s.spawn(move || {
+                let mut rng = pfnstore::core::testing::XorShift::new(0x9e37_79b9 + chunk);
+                for _ in 0..200 {
+                    let offset = chunk * GIB + rng.below(256) * 2 * MIB;
+                    let len = (1 + rng.below(4)) * PAGE * 64;
+                    if rng.below(3) == 0 {
+                        file.punch_hole(offset, len).unwrap();
+                    } else {
+                        file.populate(offset, len).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let mem = space.memory();
+    let regions: Vec<(u64, u64, u64)> = mem
+        .iter()
+        .map(|r| {
+            (
+                r.start_addr().0 - HIGH.0,
+                r.len(),
+                r.file_offset().unwrap().start(),
+            )
+        })
+        .collect();
+    let extents: Vec<(u64, u64, u64)> = file
+        .extents()
+        .unwrap()
+        .iter()
+        .map(|e| (e.offset, e.len, e.memfd_offset))
+        .collect();
+    assert!(!extents.is_empty());
+    assert_eq!(regions, extents);
+    for (offset, _, _) in &regions {
+        mem.write_obj(0x77u8, HIGH.unchecked_add(*offset)).unwrap();
+    }
+    store.check_invariants().unwrap();
 }

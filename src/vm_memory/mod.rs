@@ -52,7 +52,8 @@
 //!   [`GuestFile::host_view_address`]: every byte shared, backed, not quarantined, and
 //!   accessible in the file's host mapping. The check takes the store's shared range lock, so
 //!   it is ordered with conversions: it sees the state before a conversion or after it, never
-//!   the middle, and waits (briefly) for a conversion of the same chunk under way. Shareability
+//!   the middle, and waits (briefly) for a conversion of the same chunk under way (what an
+//!   access does after its check is below). Shareability
 //!   changes often and in small pieces, and the store already holds it exactly; a copy kept up
 //!   to date by a subscriber would be a second truth that can only lag.
 //! * **Why `GuestMemoryBackend`, not the new permission API.** vm-memory 0.18 renamed the old
@@ -74,7 +75,7 @@
 //! `io::ErrorKind` is `PermissionDenied` for private and quarantined memory, `WouldBlock` when
 //! called from inside a subscriber callback on the pages being changed.
 //!
-//! # Slices taken before a conversion
+//! # Slices and accesses across a conversion
 //!
 //! A [`VolatileSlice`] is an address and a length: once handed out, the store cannot take it
 //! back. If its memory converts to private (or is punched) while the device still holds it:
@@ -88,10 +89,15 @@
 //!   **still reaches the now-private bytes**: only the API check guards partly private units,
 //!   and a slice is past it.
 //!
-//! So a device must not keep slices across a point where the guest may convert: take them
-//! per request (as virtio devices do), or pin what it holds for longer
-//! ([`AddressSpace::pin`]): a conversion or punch-hole of a pinned page then fails with
-//! [`StoreError::Pinned`] naming the pin's owner and offset, before anything changes.
+//! The same holds, with a window of a few instructions, for every access: vm-memory's
+//! `read_obj`, `write_obj` and `read_slice` take a slice (the check) and then copy, and the
+//! store's lock is not held across the copy (vm-memory has no hook after it). An access that
+//! races with a conversion of the same page is done before it, refused after it, or lands in
+//! the middle with the consequences above. The guest does not convert memory it handed to a
+//! device while the device may use it (a virtio driver does not); a device that cannot rely
+//! on that, or keeps slices between requests, pins what it uses ([`AddressSpace::pin`]): a
+//! conversion or punch-hole of a pinned page then fails with [`StoreError::Pinned`] naming the
+//! pin's owner and offset, before anything changes.
 //!
 //! `get_host_address` is checked like `get_slice` (one byte): a raw pointer is for reading
 //! and writing. A VMM that registers whole regions with the kernel uses the file's
@@ -172,6 +178,12 @@ pub enum AddressSpaceError {
         base: u64,
         /// Its size.
         size: u64,
+    },
+    /// The same file twice (one file is one memory region).
+    #[error("{file} is placed twice")]
+    FileTwice {
+        /// The file.
+        file: crate::FileId,
     },
     /// A request that is not inside one file of the address space.
     #[error("{addr:#x}..+{len:#x} is not inside one file of the address space")]

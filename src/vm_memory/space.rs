@@ -92,6 +92,11 @@ impl<B: RegionBitmap> AddressSpace<B> {
                 punching: Vec::new(),
             });
         }
+        let mut ids: Vec<FileId> = placed.iter().map(|p| p.file.id()).collect();
+        ids.sort_unstable();
+        if let Some(twice) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(AddressSpaceError::FileTwice { file: twice[0] });
+        }
         placed.sort_by_key(|p| p.base);
         for pair in placed.windows(2) {
             if pair[0].base + pair[0].file.size() > pair[1].base {
