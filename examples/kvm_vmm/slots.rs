@@ -85,7 +85,6 @@ impl KvmSlots {
         let host = file
             .host_mapping()
             .expect("a file with host memory")
-            .addr
             .as_ptr() as u64;
         self.state.lock().unwrap().files.insert(
             file.id(),

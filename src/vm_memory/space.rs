@@ -311,7 +311,7 @@ impl<B: RegionBitmap> Placed<B> {
         let host = self
             .file
             .host_mapping()
-            .map_or(0, |h| h.addr.as_ptr() as usize + offset as usize);
+            .map_or(0, |h| h.as_ptr() as usize + offset as usize);
         let bitmap = B::with_len(len as usize);
         if dirty {
             bitmap.mark_dirty(0, len as usize);
