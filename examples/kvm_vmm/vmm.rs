@@ -32,8 +32,9 @@
 //!   mappings (any address: KVM slots take the new one) and its subscribers get the state as
 //!   a replay, which is how these slots and the vm-memory regions are built here anyway; a
 //!   vhost-user backend keeps its own mapping, since the memfd offsets do not change.
-//! * Ownership of the hugetlb pool pages the old process added: today a source gives them
-//!   back when it is dropped, which must not happen while the new process uses them.
+//! * Ownership of the hugetlb pool pages the old process added (its pool ledger entry and
+//!   guardian): a source gives its growth back when it ends, which must not happen while the
+//!   new process uses the pages.
 //! * Pins held by devices (VFIO/iommufd mappings of the memfd) survive only if the device's
 //!   file descriptors go along too.
 
