@@ -29,6 +29,15 @@ step fmt cargo fmt --all --check
 step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 step docs env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 step tests cargo test --workspace --locked
+# The vm-memory adapter and the example VMM exist only with the `vm-memory` feature: clippy
+# and the docs of that code, then its tests (tests/vm_memory.rs; tests/kvm_example.rs, which
+# runs examples/kvm_vmm and reports itself skipped without /dev/kvm) and the module's doc
+# example. Only those targets, so that the summary does not count the package's other tests
+# twice.
+step clippy-vm-memory cargo clippy -p pfnstore --no-deps --features vm-memory --all-targets --locked -- -D warnings
+step docs-vm-memory env RUSTDOCFLAGS="-D warnings" cargo doc -p pfnstore --features vm-memory --no-deps --locked
+step tests-vm-memory cargo test -p pfnstore --features vm-memory --locked --test vm_memory --test kvm_example
+step doctests-vm-memory cargo test -p pfnstore --features vm-memory --locked --doc -- vm_memory
 # The loom models: the loom-tests crate, plus in-crate models (modules named loom_models) that
 # need private items. LOOM_MAX_PREEMPTIONS bounds the search so the run stays short.
 step loom env RUSTFLAGS="--cfg pfnstore_loom" cargo test --locked --release --target-dir target/loom \

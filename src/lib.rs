@@ -33,6 +33,30 @@
 //!
 //! See ARCHITECTURE.md for the layering.
 //!
+//! ## What private means
+//!
+//! "Private" is pfnstore's own guarantee in this process, not the kernel's or the CPU's:
+//!
+//! * where a whole protection unit of a file's host mapping is private (the memfd's page, at
+//!   least 2 MiB: 1 GiB on 1 GiB hugetlb pages), the unit is removed from the mapping
+//!   (`PROT_NONE`): a host access faults, and KVM cannot map it for the guest either;
+//! * everywhere else private pages are refused by the API only ([`GuestFile::read`],
+//!   [`GuestFile::write`], [`GuestFile::host_view_address`], [`GuestFile::fault`], and the
+//!   vm-memory adapter of the `vm-memory` feature): an address or slice taken before a page
+//!   became private still reaches it while its unit holds a shared page, unless the holder
+//!   pinned it ([`GuestFile::pin`]), which makes the conversion fail instead;
+//! * the bytes stay ordinary memory of the store's memfd, reachable through any other mapping
+//!   of it (a process the memfd is handed to, too), and are neither encrypted nor isolated.
+//!
+//! Kernel-enforced privacy needs guest_memfd private memory attributes
+//! (`KVM_SET_MEMORY_ATTRIBUTES` with `KVM_MEMORY_ATTRIBUTE_PRIVATE`, or
+//! `KVM_SET_MEMORY_ATTRIBUTES2` on the guest_memfd in the in-place conversion series) on a VM
+//! type that supports them (TDX, SEV-SNP, pKVM, CCA): the guest's private memory then comes
+//! from a guest_memfd the host cannot map. A KVM that offers guest_memfd only with the `MMAP`
+//! and `INIT_SHARED` flags and no private attributes (the one pfnstore is tested on) cannot
+//! give a guest memory the host cannot reach. README.md, "What private means", has the
+//! details.
+//!
 //! ## Example
 //!
 //! A store over synthetic memory (a hugetlb one is built with [`Store::from_hugetlb`]), one
@@ -86,6 +110,8 @@ mod gate;
 mod memory;
 mod store;
 pub mod subscribers;
+#[cfg(feature = "vm-memory")]
+pub mod vm_memory;
 
 pub use config::{ConfigError, FileOptions, MAX_SHARDS, StoreOptions};
 pub use error::{MemoryError, StoreError};
