@@ -12,14 +12,22 @@
 //!
 //! # A KVM memory slot over a lazily backed file
 //!
-//! The protocol [`a_kvm_slot_over_a_lazily_backed_file_exits_to_the_vmm_which_faults_and_resumes`]
-//! checks: the VMM registers the file's whole [`GuestFile::host_mapping`] as one memory slot
-//! (stable for the file's life). Unbacked pages (and units that are wholly private) are
-//! inaccessible in it, so a guest access to them cannot be satisfied by KVM's MMU: `KVM_RUN`
-//! returns to the VMM with `EFAULT` (`KVM_EXIT_MEMORY_FAULT` naming the guest physical address
-//! where the kernel reports it), the guest's instruction not executed. The VMM calls
-//! [`GuestFile::fault`] (or `populate`, or `convert` for a shared access to a private page)
-//! for that offset and runs the vCPU again; the instruction is retried and lands.
+//! The protocol that
+//! `a_kvm_slot_over_a_lazily_backed_file_exits_to_the_vmm_which_faults_and_resumes` checks:
+//! the VMM registers the file's whole [`GuestFile::host_mapping`] as one memory slot (stable
+//! for the file's life). Unbacked pages (and units that are wholly private) are inaccessible
+//! in it, so KVM cannot map them for the guest, and the access comes back to the VMM:
+//!
+//! * where the vCPU runs the instruction itself, `KVM_RUN` fails with `EFAULT`
+//!   (`KVM_EXIT_MEMORY_FAULT` with the guest physical address where the kernel reports it)
+//!   and the instruction has not executed: the VMM calls [`GuestFile::fault`] (or `populate`;
+//!   `convert` for a shared access to a private page) for that offset and runs the vCPU again,
+//!   which retries the instruction;
+//! * where KVM emulates the instruction (real mode without unrestricted guest, nested or PVM
+//!   hosts such as this test machine's `kvm_pvm`), the failed access is handed to the VMM as
+//!   MMIO at an address inside the slot: the VMM backs the page the same way and completes the
+//!   access itself (a write through [`GuestFile::write`], a read through [`GuestFile::read`]
+//!   into the exit's data) before running the vCPU again.
 
 mod common;
 
@@ -278,6 +286,8 @@ fn a_zero_conversion_zeroes_only_after_every_subscriber_unmapped() {
     let page = 3 * PAGE;
     let data = tagged_bytes(0x7E, page, PAGE);
     file.write(page, &data).unwrap();
+    let neighbour = tagged_bytes(0x7F, page + PAGE, PAGE);
+    file.write(page + PAGE, &neighbour).unwrap();
     let witness = Arc::new(ZeroWitness {
         memfd: memfd_file(&store),
         memfd_offset: memfd_offset_of(&file, page).unwrap(),
@@ -305,10 +315,13 @@ fn a_zero_conversion_zeroes_only_after_every_subscriber_unmapped() {
     let mut back = vec![0xFFu8; PAGE as usize];
     file.read(page, &mut back).unwrap();
     assert!(back.iter().all(|b| *b == 0));
-    // The neighbours kept their bytes.
-    let mut next = vec![0u8; 8];
+    // Only the converted page was zeroed.
+    let mut next = vec![0u8; PAGE as usize];
     file.read(page + PAGE, &mut next).unwrap();
-    assert_eq!(next, vec![0u8; 8], "never written");
+    assert!(
+        next == neighbour,
+        "the ZERO conversion reached the next page"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -458,7 +471,7 @@ fn access_to_revoked_and_quarantined_pages_through_the_api_is_typed() {
         assert_not_internal(file.fault(7 * PAGE, Shareability::Shared), "fault"),
         StoreError::PrivateAccess { offset: o, .. } if o == 7 * PAGE
     ));
-    // Quarantined: the API names it, in a revoked unit or an open one.
+    // A quarantined page in a unit that is open (shared pages around it): the API names it.
     let mapper = Arc::new(IommuMapper::new("iommu", store.geometry()));
     let _reg = store.subscribe(&dyn_sub(&mapper), Interest::All).unwrap();
     file.convert(M2, M2, Shareability::Shared, ConvertMode::Preserve)
@@ -699,7 +712,7 @@ fn memory_private_from_creation_is_revoked_from_the_host_mapping() {
     assert!(populated.host_revoked(0).unwrap());
     assert!(kernel_maps_memfd(&populated, 0));
     assert!(!kernel_readable(&populated, 0));
-    // A private write of the VMM is refused whatever the path.
+    // The VMM's reads of private memory are refused by the API as well.
     assert!(matches!(
         populated.read(0, &mut [0u8; 8]),
         Err(StoreError::PrivateAccess { .. })
@@ -1000,11 +1013,14 @@ thread_local! {
     static IN_CALLBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// From inside `unmap` of a conversion of its file, converts a page of another file (once per
-/// call: not from a callback that its own nested conversion causes).
+/// From inside `unmap` of a conversion of its file, converts page 0 of another file (once per
+/// call: not from a callback that its own nested conversion causes). On its first call with a
+/// rendezvous set, it waits there for the other thread's subscriber before and after its
+/// nested conversion: both threads then hold their own file's range while asking for the
+/// other's.
 struct CrossConverter {
     other: GuestFile,
-    page: u64,
+    rendezvous: Mutex<Option<Arc<std::sync::Barrier>>>,
     results: Mutex<Vec<Result<(), StoreError>>>,
 }
 
@@ -1017,14 +1033,22 @@ impl Subscriber for CrossConverter {
             return Ok(());
         }
         IN_CALLBACK.set(true);
-        let to = match self.other.shareability(self.page) {
+        let rendezvous = self.rendezvous.lock().unwrap().take();
+        if let Some(barrier) = &rendezvous {
+            barrier.wait();
+        }
+        let to = match self.other.shareability(0) {
             Ok(Shareability::Shared) => Shareability::Private,
             _ => Shareability::Shared,
         };
         let result = self
             .other
-            .convert(self.page, PAGE, to, ConvertMode::Preserve)
+            .convert(0, PAGE, to, ConvertMode::Preserve)
             .map(drop);
+        if let Some(barrier) = &rendezvous {
+            // Neither lets go of its own range before both asked for the other's.
+            barrier.wait();
+        }
         IN_CALLBACK.set(false);
         self.results.lock().unwrap().push(result);
         Ok(())
@@ -1037,6 +1061,16 @@ impl Subscriber for CrossConverter {
 
 #[test]
 fn cross_file_conversions_from_callbacks_on_two_threads_never_hang() {
+    // Everything, registrations included, lives on the watched thread: if it hangs, the test
+    // fails without waiting for anything the hung threads hold.
+    with_watchdog(
+        "two threads converting across files",
+        WATCHDOG,
+        cross_file_conversions,
+    );
+}
+
+fn cross_file_conversions() {
     let store = shuffled_store(&[1, 0, 3, 2], 2);
     let a = store
         .create_file(FileOptions::new(M2).shared().populated())
@@ -1046,12 +1080,12 @@ fn cross_file_conversions_from_callbacks_on_two_threads_never_hang() {
         .unwrap();
     let on_a = Arc::new(CrossConverter {
         other: b.clone(),
-        page: PAGE,
+        rendezvous: Mutex::new(None),
         results: Mutex::new(Vec::new()),
     });
     let on_b = Arc::new(CrossConverter {
         other: a.clone(),
-        page: PAGE,
+        rendezvous: Mutex::new(None),
         results: Mutex::new(Vec::new()),
     });
     let _ra = store
@@ -1064,15 +1098,22 @@ fn cross_file_conversions_from_callbacks_on_two_threads_never_hang() {
     a.convert(0, PAGE, Shareability::Private, ConvertMode::Preserve)
         .unwrap();
     assert_eq!(*on_a.results.lock().unwrap(), vec![Ok(())]);
-    assert_eq!(b.shareability(PAGE).unwrap(), Shareability::Private);
+    assert_eq!(b.shareability(0).unwrap(), Shareability::Private);
     on_a.results.lock().unwrap().clear();
-    // Two threads, each converting its file while the other's callback converts into it.
+    // Two threads, each converting page 0 of its file while the other's callback converts
+    // page 0 of it; in the first round both callbacks meet before their nested conversion, so
+    // each thread holds its own file's range and asks for the other's (a deadlock if either
+    // waited).
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    *on_a.rendezvous.lock().unwrap() = Some(Arc::clone(&barrier));
+    *on_b.rendezvous.lock().unwrap() = Some(barrier);
     const ROUNDS: usize = 300;
-    let outer = with_watchdog("two threads converting across files", WATCHDOG, {
+    let outer = {
         let (a, b) = (a.clone(), b.clone());
-        move || {
+        {
             let run = |file: GuestFile| {
                 std::thread::spawn(move || {
+                    // Round 0 converts to shared: page 0 of both files is private now.
                     (0..ROUNDS)
                         .map(|i| {
                             let to = if i % 2 == 0 {
@@ -1090,7 +1131,7 @@ fn cross_file_conversions_from_callbacks_on_two_threads_never_hang() {
             all.extend(tb.join().unwrap());
             all
         }
-    });
+    };
     assert!(
         outer.iter().all(Result::is_ok),
         "an outer conversion (not in a callback) may wait, never fail: {:?}",
@@ -1098,7 +1139,14 @@ fn cross_file_conversions_from_callbacks_on_two_threads_never_hang() {
     );
     for sub in [&on_a, &on_b] {
         let results = sub.results.lock().unwrap();
-        assert!(!results.is_empty());
+        assert!(
+            matches!(
+                results.first(),
+                Some(Err(StoreError::WouldBlock { offset: 0, .. }))
+            ),
+            "the first round's nested conversion must be told it would block: {:?}",
+            results.first()
+        );
         for r in results.iter() {
             assert!(
                 matches!(r, Ok(()) | Err(StoreError::WouldBlock { .. })),
@@ -1168,6 +1216,14 @@ impl Subscriber for SameChunk {
 
 #[test]
 fn a_callback_may_read_fault_pin_and_write_disjoint_pages_of_its_own_chunk() {
+    with_watchdog(
+        "a conversion whose callbacks touch their own chunk",
+        WATCHDOG,
+        callbacks_touching_their_own_chunk,
+    );
+}
+
+fn callbacks_touching_their_own_chunk() {
     let store = shuffled_store(&[1, 0], 1);
     let file = store
         .create_file(FileOptions::new(M2).shared().populated())
@@ -1181,17 +1237,8 @@ fn a_callback_may_read_fault_pin_and_write_disjoint_pages_of_its_own_chunk() {
     let _reg = store
         .subscribe(&dyn_sub(&sub), Interest::File(file.id()))
         .unwrap();
-    with_watchdog(
-        "a conversion whose callbacks touch their own chunk",
-        WATCHDOG,
-        {
-            let file = file.clone();
-            move || {
-                file.convert(0, PAGE, Shareability::Private, ConvertMode::Preserve)
-                    .unwrap()
-            }
-        },
-    );
+    file.convert(0, PAGE, Shareability::Private, ConvertMode::Preserve)
+        .unwrap();
     let results = std::mem::take(&mut *sub.results.lock().unwrap());
     assert_eq!(results.len(), 10, "unmap and map each touched five pages");
     for (what, result) in results {
@@ -1218,6 +1265,27 @@ fn a_callback_may_read_fault_pin_and_write_disjoint_pages_of_its_own_chunk() {
 
 #[test]
 fn a_failed_populate_or_fault_leaves_the_allocators_accounting_unchanged() {
+    // Clean memory (a fresh store): what a failed population took comes back clean.
+    let fresh = shuffled_store(&[1, 0, 3, 2], 1);
+    let squatter = fresh
+        .create_file(FileOptions::new(fresh.capacity() - 100 * PAGE).populated())
+        .unwrap();
+    let before = fresh.stats().allocator.total;
+    assert_eq!((before.free_pages, before.dirty_pages), (100, 0));
+    let big = fresh.create_file(FileOptions::new(2 * M2)).unwrap();
+    assert!(matches!(
+        big.populate(0, 2 * M2),
+        Err(StoreError::OutOfMemory { .. })
+    ));
+    assert_eq!(
+        fresh.stats().allocator.total,
+        before,
+        "a failed populate of clean memory changed the accounting"
+    );
+    drop((big, squatter));
+    fresh.check_invariants().unwrap();
+
+    // Dirty memory: the same, and a fault that falls back keeps only what it backs.
     let store = shuffled_store(&[1, 0, 3, 2], 1);
     let capacity = store.capacity();
     // Every page dirty: used once and given back.
