@@ -560,6 +560,8 @@ fn a_population_needing_more_memory_regions_than_the_budget_is_refused_typed_and
     // A page in the middle of the reservation needs two more regions.
     let populated = file.populate(M2 + 5 * PAGE, PAGE);
     let written = file.write(2 * M2 + 100, b"lost");
+    let created = store.create_file(FileOptions::new(M2)).map(drop);
+    let files = store.stats().files;
     let after = store.stats().allocator.total;
     let stats = file.stats();
     drop(hogs);
@@ -573,6 +575,17 @@ fn a_population_needing_more_memory_regions_than_the_budget_is_refused_typed_and
         after, before,
         "the refused population changed the allocator's accounting"
     );
+    // A new file's mapping is refused too, typed (as the memory layer's region limit: the
+    // file never existed), and nothing of it stays open.
+    assert!(
+        matches!(
+            &created,
+            Err(StoreError::Memory(e))
+                if matches!(e.get(), pfnstore::hugetlb::HugetlbError::MapCountLimit { .. })
+        ),
+        "{created:?}"
+    );
+    assert_eq!(files, 1);
     assert_eq!((stats.backed_pages, stats.mapping_regions), (1, regions));
     assert_eq!(file.translate(M2 + 5 * PAGE).unwrap(), None);
     let mut kept = [0u8; 4];
