@@ -117,7 +117,9 @@ mod tests {
             Err(ConfigError::NoShards)
         );
         assert_eq!(
-            StoreOptions::default().with_shards(usize::MAX / 2).validate(),
+            StoreOptions::default()
+                .with_shards(usize::MAX / 2)
+                .validate(),
             Err(ConfigError::TooManyShards {
                 shards: usize::MAX / 2,
                 max: MAX_SHARDS

@@ -26,7 +26,10 @@ fn quarantined_note(ranges: &[(u64, u64)]) -> String {
             .iter()
             .map(|(a, b)| format!("{a:#x}..{b:#x}"))
             .collect();
-        format!("; could not be restored and are quarantined: {}", list.join(", "))
+        format!(
+            "; could not be restored and are quarantined: {}",
+            list.join(", ")
+        )
     }
 }
 
@@ -196,7 +199,9 @@ pub enum StoreError {
     },
     /// The file's host mapping would need more kernel memory regions (VMAs) than the process
     /// may hold (`vm.max_map_count`): the operation was refused before anything changed.
-    #[error("offset {offset:#x} of {file}: the host mapping would need {regions} memory regions, more than the limit of {limit}")]
+    #[error(
+        "offset {offset:#x} of {file}: the host mapping would need {regions} memory regions, more than the limit of {limit}"
+    )]
     MappingLimit {
         /// The file.
         file: FileId,
@@ -222,7 +227,9 @@ pub enum StoreError {
     },
     /// The operation would have to wait for another thread's change of these pages, and the
     /// calling thread may not wait (it is inside a subscriber callback). Retry later.
-    #[error("offsets {offset:#x}..{end:#x} of {file} are being changed by another operation; a callback may not wait for it")]
+    #[error(
+        "offsets {offset:#x}..{end:#x} of {file} are being changed by another operation; a callback may not wait for it"
+    )]
     WouldBlock {
         /// The file.
         file: FileId,
@@ -247,6 +254,13 @@ pub enum StoreError {
         /// The file.
         file: FileId,
     },
+    /// The store is being handed over to another process: it takes no operation until the
+    /// receiver confirmed (then [`StoreError::HandedOver`]) or failed (then it is live again).
+    #[error("the store is being handed over to another process")]
+    HandoverInProgress,
+    /// The store was handed over to another process, which owns its memory now.
+    #[error("the store was handed over to another process")]
+    HandedOver,
     /// No open file has this id.
     #[error("{file} is not an open file of this store")]
     NoSuchFile {

@@ -81,6 +81,8 @@ pub use pfnstore_metadata::{FileId, PinOwner, QuarantineReason, Shareability};
 mod config;
 mod error;
 mod file;
+mod gate;
+// pub mod handover; (waits for the memory layer's source records)
 mod memory;
 mod store;
 pub mod subscribers;
@@ -93,3 +95,18 @@ pub use file::{
     AttributeRun, ConvertMode, FaultMapping, FileExtent, FileStats, GuestFile, HostRegion,
 };
 pub use store::{InvariantError, Store, StoreStats, WeakStore};
+
+/// The handles a VMM passes between threads are `Send + Sync`: checked at compile time (a
+/// change that loses it fails to build here, not in a user's crate).
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Store>();
+    send_sync::<WeakStore>();
+    send_sync::<GuestFile>();
+    send_sync::<Registration>();
+    send_sync::<StoreError>();
+    send_sync::<ChangeOutcome>();
+    send_sync::<HostRegion>();
+    send_sync::<subscribers::IommuMapper>();
+    send_sync::<subscribers::KvmMmu>();
+};

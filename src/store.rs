@@ -15,10 +15,11 @@ use pfnstore_hugetlb::{HugetlbSource, Memfd, MemorySource, SyntheticSource};
 use pfnstore_metadata::conversion::{Interest, Registration, Subscriber, SubscriberRegistry};
 use pfnstore_metadata::{FileId, MetadataStore, QuarantineReason, Shareability, Stats};
 
+use crate::StoreError;
 use crate::config::{ConfigError, FileOptions, StoreOptions};
 use crate::file::{FileInner, GuestFile};
+use crate::gate::{Gate, Ops};
 use crate::memory::Memory;
-use crate::StoreError;
 
 /// The backing store a VMM embeds. Cheap to clone (a handle); all methods take `&self` and
 /// may be called from many threads.
@@ -37,6 +38,9 @@ pub(crate) struct StoreInner {
     pub(crate) registry: Arc<SubscriberRegistry>,
     files: Mutex<FileTable>,
     capacity_pages: u64,
+    gate: Gate,
+    /// Store-level operations under way (file creation, subscription).
+    ops: Ops,
 }
 
 #[derive(Default)]
@@ -99,6 +103,19 @@ impl Store {
     /// ([`MemorySource::memfd`]), the store reads and writes its bytes (scrubbing, the files'
     /// host mappings); without one it manages PFNs only and refuses byte access.
     pub fn new(source: Box<dyn MemorySource>, options: StoreOptions) -> Result<Store, StoreError> {
+        // A fresh source's memory was zeroed by the kernel (hugetlb) or has no bytes at all
+        // (synthetic): clean either way.
+        Store::assemble(source, options, false, 0)
+    }
+
+    /// A store over `source` with every chunk free, `dirty` or clean, the next file id
+    /// `next_file` (a handover's receiver rebuilds on top of this).
+    pub(crate) fn assemble(
+        source: Box<dyn MemorySource>,
+        options: StoreOptions,
+        dirty: bool,
+        next_file: u32,
+    ) -> Result<Store, StoreError> {
         options.validate()?;
         let geometry = source.geometry();
         let chunks = source.chunks().to_vec();
@@ -111,9 +128,7 @@ impl Store {
         let physical = MetadataStore::new(geometry, span).map_err(internal)?;
         let mut capacity_pages = 0;
         for chunk in &chunks {
-            // A fresh source's memory was zeroed by the kernel (hugetlb) or has no bytes at all
-            // (synthetic): clean either way.
-            allocator.add_chunk(chunk.base, false).map_err(internal)?;
+            allocator.add_chunk(chunk.base, dirty).map_err(internal)?;
             physical
                 .add_chunk(chunk.base, Shareability::Private)
                 .map_err(internal)?;
@@ -126,8 +141,13 @@ impl Store {
                 allocator,
                 physical,
                 registry: Arc::new(SubscriberRegistry::new()),
-                files: Mutex::new(FileTable::default()),
+                files: Mutex::new(FileTable {
+                    next: next_file,
+                    open: BTreeMap::new(),
+                }),
                 capacity_pages,
+                gate: Gate::default(),
+                ops: Ops::default(),
             }),
         })
     }
@@ -167,6 +187,7 @@ impl Store {
     /// Creates a guest-memory file. Refused with [`StoreError::FileTooLarge`] if it is larger
     /// than the store (unless [`FileOptions::overcommit`]) or than the metadata can describe.
     pub fn create_file(&self, options: FileOptions) -> Result<GuestFile, StoreError> {
+        let _op = self.inner.gate.enter(&self.inner.ops)?;
         let id = {
             let mut files = self.inner.files.lock();
             let id = FileId(files.next);
@@ -205,6 +226,7 @@ impl Store {
         subscriber: &Arc<dyn Subscriber>,
         interest: Interest,
     ) -> Result<Registration, StoreError> {
+        let _op = self.inner.gate.enter(&self.inner.ops)?;
         if let Interest::File(id) = interest
             && self.file(id).is_none()
         {
@@ -334,7 +356,8 @@ impl Store {
         }
         let a = inner.allocator.stats().total;
         let total_owned: u64 = owned.values().sum();
-        if a.allocated_pages + a.quarantined_pages != total_owned || a.quarantined_pages != quarantined
+        if a.allocated_pages + a.quarantined_pages != total_owned
+            || a.quarantined_pages != quarantined
         {
             return Err(InvariantError(format!(
                 "the allocator has {} pages allocated and {} quarantined; the metadata has {} owned, {} of them quarantined ({} of files that are gone)",
@@ -377,6 +400,33 @@ impl StoreInner {
         self.capacity_pages
     }
 
+    pub(crate) fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// The allocator, for the handover's snapshot and rebuild only.
+    pub(crate) fn allocator(&self) -> &Allocator {
+        &self.allocator
+    }
+
+    /// The physical metadata, for the handover's snapshot and rebuild only.
+    pub(crate) fn physical(&self) -> &MetadataStore {
+        &self.physical
+    }
+
+    /// The id the next file gets.
+    pub(crate) fn next_file_id(&self) -> u32 {
+        self.files.lock().next
+    }
+
+    /// Puts a rebuilt file in the table (a handover's receiver), with the id it had.
+    pub(crate) fn reopen_file(&self, id: FileId, inner: &Arc<FileInner>, size: u64) {
+        self.files
+            .lock()
+            .open
+            .insert(id, (Arc::downgrade(inner), size));
+    }
+
     /// Takes `pages` aligned to `align` for `file`, scrubbing whatever was dirty, and records
     /// `file` as the holder. `None` when no such run is free.
     pub(crate) fn take(&self, file: FileId, pages: u64, align: u64) -> Option<Taken> {
@@ -390,7 +440,9 @@ impl StoreInner {
             .try_for_each(|dirty| self.memory.zero(*dirty));
         if scrubbed.is_err() {
             // Memory that cannot be scrubbed must not be used by anyone.
-            let _ = self.physical.quarantine(allocation.range, QuarantineReason::ScrubFailed);
+            let _ = self
+                .physical
+                .quarantine(allocation.range, QuarantineReason::ScrubFailed);
             let _ = self.physical.assign_owner(allocation.range, file);
             let _ = self.allocator.quarantine(allocation.range);
             return None;
@@ -452,7 +504,11 @@ impl StoreInner {
 
     /// `pfns` (held by a file) must never be reused: an unmap could not be undone, or a
     /// device may still reach them. Pages already quarantined are left as they are.
-    pub(crate) fn quarantine(&self, pfns: PfnRange, reason: QuarantineReason) -> Result<(), StoreError> {
+    pub(crate) fn quarantine(
+        &self,
+        pfns: PfnRange,
+        reason: QuarantineReason,
+    ) -> Result<(), StoreError> {
         let mut fresh: Vec<PfnRange> = Vec::new();
         self.physical
             .visit_runs(pfns, |run, a| {
@@ -474,6 +530,30 @@ impl StoreInner {
         self.physical.owner_of(pfns).map_err(internal)
     }
 
+    /// Closes the gate and waits until the store is at rest: no store or file operation
+    /// under way.
+    pub(crate) fn close_gate(&self) -> Result<(), StoreError> {
+        self.gate.close()?;
+        // Files are opened (put in the table) before anything runs on them, and creating one
+        // is a store operation: once those are drained, the table lists every file that may
+        // have an operation under way.
+        self.gate.drain(&self.ops);
+        for file in self.open_files() {
+            self.gate.drain(file.ops());
+        }
+        Ok(())
+    }
+
+    /// The files open now.
+    pub(crate) fn open_files(&self) -> Vec<Arc<FileInner>> {
+        self.files
+            .lock()
+            .open
+            .values()
+            .filter_map(|(f, _)| f.upgrade())
+            .collect()
+    }
+
     pub(crate) fn file_closed(&self, id: FileId) {
         self.files.lock().open.remove(&id);
     }
@@ -481,7 +561,9 @@ impl StoreInner {
 
 impl fmt::Debug for StoreInner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StoreInner").field("geometry", &self.geometry).finish_non_exhaustive()
+        f.debug_struct("StoreInner")
+            .field("geometry", &self.geometry)
+            .finish_non_exhaustive()
     }
 }
 

@@ -10,8 +10,7 @@ use pfnstore::core::testing::XorShift;
 use pfnstore::core::{Geometry, PageSize};
 use pfnstore::subscribers::{Callback, IommuMapper, KvmMmu, Misbehaviour};
 use pfnstore::{
-    ChangeKind, ConvertMode, FileOptions, Interest, PinOwner, Shareability,
-    StoreError, Subscriber,
+    ChangeKind, ConvertMode, FileOptions, Interest, PinOwner, Shareability, StoreError, Subscriber,
 };
 
 fn blocks_of(entries: &[pfnstore::PlanEntry], size: PageSize) -> u64 {
@@ -103,7 +102,12 @@ fn a_pinned_page_fails_the_conversion_before_anyone_hears_of_it() {
     recorder.take();
     file.pin(70 * PAGE, 2 * PAGE, PinOwner(7)).unwrap();
     let err = file
-        .convert(64 * PAGE, 64 * PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .convert(
+            64 * PAGE,
+            64 * PAGE,
+            Shareability::Shared,
+            ConvertMode::Preserve,
+        )
         .unwrap_err();
     assert_eq!(
         err,
@@ -120,8 +124,13 @@ fn a_pinned_page_fails_the_conversion_before_anyone_hears_of_it() {
     file.convert(0, 8 * PAGE, Shareability::Shared, ConvertMode::Preserve)
         .unwrap();
     file.unpin(70 * PAGE, 2 * PAGE, PinOwner(7)).unwrap();
-    file.convert(64 * PAGE, 64 * PAGE, Shareability::Shared, ConvertMode::Preserve)
-        .unwrap();
+    file.convert(
+        64 * PAGE,
+        64 * PAGE,
+        Shareability::Shared,
+        ConvertMode::Preserve,
+    )
+    .unwrap();
     assert_eq!(
         file.unpin(70 * PAGE, PAGE, PinOwner(7)).unwrap_err(),
         StoreError::NotPinned {
@@ -182,7 +191,12 @@ fn a_veto_aborts_the_prepared_subscribers_and_changes_nothing() {
         r.take();
     }
     let err = file
-        .convert(8 * PAGE, 8 * PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .convert(
+            8 * PAGE,
+            8 * PAGE,
+            Shareability::Shared,
+            ConvertMode::Preserve,
+        )
         .unwrap_err();
     assert_eq!(
         err,
@@ -226,12 +240,16 @@ fn subscribing_to_a_file_that_is_not_open_is_refused() {
     let r = Recorder::new("r");
     let missing = pfnstore::FileId(id.0 + 7);
     assert_eq!(
-        store.subscribe(&dyn_sub(&r), Interest::File(missing)).unwrap_err(),
+        store
+            .subscribe(&dyn_sub(&r), Interest::File(missing))
+            .unwrap_err(),
         StoreError::NoSuchFile { file: missing }
     );
     file.destroy().unwrap();
     assert_eq!(
-        store.subscribe(&dyn_sub(&r), Interest::File(id)).unwrap_err(),
+        store
+            .subscribe(&dyn_sub(&r), Interest::File(id))
+            .unwrap_err(),
         StoreError::NoSuchFile { file: id }
     );
 }
@@ -246,7 +264,11 @@ fn an_unmap_failure_rolls_back_and_only_what_cannot_be_restored_is_quarantined()
     let iommu = Arc::new(IommuMapper::new("iommu", store.geometry()));
     let _r1 = store.subscribe(&dyn_sub(&healthy), Interest::All).unwrap();
     let _r2 = store.subscribe(&dyn_sub(&iommu), Interest::All).unwrap();
-    assert_eq!(iommu.mappings(), 2, "two uniform chunks, two mappings (replayed)");
+    assert_eq!(
+        iommu.mappings(),
+        2,
+        "two uniform chunks, two mappings (replayed)"
+    );
     // Converting page 3 splits the first chunk; the IOMMU cannot unmap it.
     iommu.inject(Misbehaviour::fail_unmap(pages(3, 4), false));
     let err = file
@@ -290,7 +312,11 @@ fn an_unmap_failure_rolls_back_and_only_what_cannot_be_restored_is_quarantined()
         Err(StoreError::Quarantined { offset, .. }) if offset == 3 * PAGE
     ));
     file.punch_hole(0, 64 * PAGE).unwrap();
-    assert!(healthy.violations().is_empty(), "{:?}", healthy.violations());
+    assert!(
+        healthy.violations().is_empty(),
+        "{:?}",
+        healthy.violations()
+    );
     // A quarantined offset is never backed again.
     assert!(matches!(
         file.populate(0, 64 * PAGE),
@@ -436,7 +462,10 @@ impl Subscriber for Registrar {
     fn prepare(&self, _: &pfnstore::Change<'_>) -> Result<(), pfnstore::Veto> {
         let mut slot = self.outcome.lock().unwrap();
         if slot.is_none() {
-            *slot = Some(self.store.subscribe(&dyn_sub(&self.newcomer), Interest::All));
+            *slot = Some(
+                self.store
+                    .subscribe(&dyn_sub(&self.newcomer), Interest::All),
+            );
         }
         Ok(())
     }
@@ -459,11 +488,16 @@ fn a_registration_from_inside_a_change_of_its_file_is_refused_not_deadlocked() {
         newcomer: Arc::clone(&newcomer),
         outcome: Default::default(),
     });
-    let _reg = store.subscribe(&dyn_sub(&registrar), Interest::All).unwrap();
+    let _reg = store
+        .subscribe(&dyn_sub(&registrar), Interest::All)
+        .unwrap();
     file.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
         .unwrap();
     let outcome = registrar.outcome.lock().unwrap().take().unwrap();
-    assert!(matches!(outcome, Err(StoreError::Reentrant { .. })), "{outcome:?}");
+    assert!(
+        matches!(outcome, Err(StoreError::Reentrant { .. })),
+        "{outcome:?}"
+    );
     assert!(newcomer.events().is_empty());
     let _late = store.subscribe(&dyn_sub(&newcomer), Interest::All).unwrap();
     file.convert(0, PAGE, Shareability::Private, ConvertMode::Preserve)
@@ -532,11 +566,17 @@ fn the_store_holds_subscribers_weakly_so_a_subscriber_may_hold_the_store() {
     // The registration outlives the subscriber: a dropped subscriber is just not called.
     let holder_weak = Arc::downgrade(&holder);
     drop(holder);
-    assert!(holder_weak.upgrade().is_none(), "the store kept the subscriber alive");
+    assert!(
+        holder_weak.upgrade().is_none(),
+        "the store kept the subscriber alive"
+    );
     file.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
         .unwrap();
     drop((registration, file, store));
-    assert!(store_weak.upgrade().is_none(), "a cycle kept the store alive");
+    assert!(
+        store_weak.upgrade().is_none(),
+        "a cycle kept the store alive"
+    );
 }
 
 #[test]
@@ -544,8 +584,13 @@ fn shareability_belongs_to_offsets_not_memory() {
     let store = synthetic(tiny(), 2, 1);
     let file = store.create_file(FileOptions::new(64 * PAGE)).unwrap();
     // Converting unbacked offsets is recorded and holds when memory arrives.
-    file.convert(8 * PAGE, 8 * PAGE, Shareability::Shared, ConvertMode::Preserve)
-        .unwrap();
+    file.convert(
+        8 * PAGE,
+        8 * PAGE,
+        Shareability::Shared,
+        ConvertMode::Preserve,
+    )
+    .unwrap();
     assert_eq!(file.translate(8 * PAGE).unwrap(), None);
     file.populate(0, 64 * PAGE).unwrap();
     assert!(file.translate(8 * PAGE).unwrap().is_some());
@@ -572,8 +617,10 @@ fn punch_hole_unmaps_then_frees_dirty_memory_and_maps_what_is_left() {
     let before = store.stats().allocator.total;
     file.punch_hole(16 * PAGE, 8 * PAGE).unwrap();
     let events = recorder.events();
-    let [Event::Unmap(ChangeKind::Punch, plan), Event::Map(ChangeKind::Punch, _)] =
-        events.as_slice()
+    let [
+        Event::Unmap(ChangeKind::Punch, plan),
+        Event::Map(ChangeKind::Punch, _),
+    ] = events.as_slice()
     else {
         panic!("unmap then map expected: {events:?}")
     };
@@ -591,8 +638,10 @@ fn punch_hole_unmaps_then_frees_dirty_memory_and_maps_what_is_left() {
     recorder.take();
     file.populate(16 * PAGE, 8 * PAGE).unwrap();
     let events = recorder.events();
-    let [Event::Unmap(ChangeKind::Populate, _), Event::Map(ChangeKind::Populate, plan)] =
-        events.as_slice()
+    let [
+        Event::Unmap(ChangeKind::Populate, _),
+        Event::Map(ChangeKind::Populate, plan),
+    ] = events.as_slice()
     else {
         panic!("a populate notification expected: {events:?}")
     };
@@ -666,8 +715,13 @@ fn bad_input_is_typed_and_changes_nothing() {
         StoreError::Empty { offset: 0 }
     );
     assert_eq!(
-        file.convert(60 * PAGE, 8 * PAGE, Shareability::Shared, ConvertMode::Preserve)
-            .unwrap_err(),
+        file.convert(
+            60 * PAGE,
+            8 * PAGE,
+            Shareability::Shared,
+            ConvertMode::Preserve
+        )
+        .unwrap_err(),
         StoreError::BeyondEnd {
             file: id,
             offset: 64 * PAGE,
@@ -708,7 +762,10 @@ fn bad_input_is_typed_and_changes_nothing() {
     assert_eq!(huge.stats().backed_pages, 0);
     let total = store.stats().allocator.total;
     assert_eq!(total.allocated_pages, 0);
-    assert_eq!(total.dirty_pages, dirty_before, "a failed populate changes no accounting");
+    assert_eq!(
+        total.dirty_pages, dirty_before,
+        "a failed populate changes no accounting"
+    );
     assert_eq!(file.stats().metadata.nodes, 1);
     store.check_invariants().unwrap();
 }
@@ -722,9 +779,7 @@ fn a_failed_populate_gives_dirty_memory_back_dirty() {
     first.punch_hole(0, 64 * PAGE).unwrap();
     let before = store.stats().allocator.total;
     assert_eq!(before.dirty_pages, 64);
-    let second = store
-        .create_file(FileOptions::new(128 * PAGE))
-        .unwrap();
+    let second = store.create_file(FileOptions::new(128 * PAGE)).unwrap();
     assert!(matches!(
         second.populate(0, 128 * PAGE),
         Err(StoreError::OutOfMemory { .. })
@@ -743,7 +798,10 @@ fn destroy_closes_the_file_for_every_handle() {
     let other = file.clone();
     let id = file.id();
     file.destroy().unwrap();
-    assert_eq!(other.translate(0).unwrap_err(), StoreError::Destroyed { file: id });
+    assert_eq!(
+        other.translate(0).unwrap_err(),
+        StoreError::Destroyed { file: id }
+    );
     assert_eq!(
         other.populate(0, PAGE).unwrap_err(),
         StoreError::Destroyed { file: id }
@@ -758,7 +816,10 @@ fn destroy_closes_the_file_for_every_handle() {
         other.fault(0, Shareability::Private).unwrap_err(),
         StoreError::Destroyed { file: id }
     );
-    assert_eq!(other.clone().destroy().unwrap_err(), StoreError::Destroyed { file: id });
+    assert_eq!(
+        other.clone().destroy().unwrap_err(),
+        StoreError::Destroyed { file: id }
+    );
     assert_eq!(store.stats().files, 0);
     assert!(store.file(id).is_none());
     assert_eq!(store.stats().allocator.total.allocated_pages, 0);
@@ -774,7 +835,11 @@ fn faults_report_the_largest_mappable_block() {
     let (size, _) = mmu
         .fault(file.id(), 5 * PAGE, Shareability::Private)
         .unwrap();
-    assert_eq!(size, PageSize::Size1G, "backed lazily as one chunk and mapped huge");
+    assert_eq!(
+        size,
+        PageSize::Size1G,
+        "backed lazily as one chunk and mapped huge"
+    );
     assert!(matches!(
         file.fault(5 * PAGE, Shareability::Shared),
         Err(StoreError::PrivateAccess { offset, .. }) if offset == 5 * PAGE
@@ -782,15 +847,21 @@ fn faults_report_the_largest_mappable_block() {
     file.convert(9 * PAGE, PAGE, Shareability::Shared, ConvertMode::Preserve)
         .unwrap();
     assert_eq!(
-        mmu.fault(file.id(), 9 * PAGE, Shareability::Shared).unwrap().0,
+        mmu.fault(file.id(), 9 * PAGE, Shareability::Shared)
+            .unwrap()
+            .0,
         PageSize::Size4K
     );
     assert_eq!(
-        mmu.fault(file.id(), 10 * PAGE, Shareability::Private).unwrap().0,
+        mmu.fault(file.id(), 10 * PAGE, Shareability::Private)
+            .unwrap()
+            .0,
         PageSize::Size4K
     );
     assert_eq!(
-        mmu.fault(file.id(), 20 * PAGE, Shareability::Private).unwrap().0,
+        mmu.fault(file.id(), 20 * PAGE, Shareability::Private)
+            .unwrap()
+            .0,
         PageSize::Size2M
     );
     assert!(matches!(
@@ -836,8 +907,13 @@ fn sixteen_gib_with_one_percent_shared_costs_the_iommu_one_mapping_per_block() {
         shared.insert(rng.below(total));
     }
     for &page in &shared {
-        file.convert(page * PAGE, PAGE, Shareability::Shared, ConvertMode::Preserve)
-            .unwrap();
+        file.convert(
+            page * PAGE,
+            PAGE,
+            Shareability::Shared,
+            ConvertMode::Preserve,
+        )
+        .unwrap();
     }
     let blocks = file.mapped_blocks(0, 16 * GIB).unwrap();
     let shared_blocks: u64 = blocks
@@ -879,14 +955,14 @@ fn dropping_a_file_with_live_pins_quarantines_only_the_pinned_memory() {
     assert_eq!(store.stats().files, 0);
     store.check_invariants().unwrap();
     // Everything but the two quarantined pages can be backed again, never those.
-    let again = store
-        .create_file(FileOptions::new(126 * PAGE))
-        .unwrap();
+    let again = store.create_file(FileOptions::new(126 * PAGE)).unwrap();
     again.populate(0, 126 * PAGE).unwrap();
     assert!(
-        again.extents().unwrap().iter().all(|e| {
-            e.pfn.0 > pinned_pfn.0 + 1 || e.pfn.0 + e.len / PAGE <= pinned_pfn.0
-        }),
+        again
+            .extents()
+            .unwrap()
+            .iter()
+            .all(|e| { e.pfn.0 > pinned_pfn.0 + 1 || e.pfn.0 + e.len / PAGE <= pinned_pfn.0 }),
         "quarantined memory was reused"
     );
     assert_eq!(store.stats().allocator.total.free_pages, 0);

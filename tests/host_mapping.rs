@@ -56,7 +56,6 @@ const WATCHDOG: Duration = Duration::from_secs(30);
 fn base(file: &GuestFile) -> usize {
     file.host_mapping()
         .expect("a store with host memory")
-        .addr
         .as_ptr() as usize
 }
 
@@ -1663,8 +1662,8 @@ fn a_2gib_file_is_one_contiguous_host_mapping_whose_inaccessible_parts_follow_th
         .create_file(FileOptions::new(2 * GIB).shared().populated())
         .unwrap();
     let region = file.host_mapping().unwrap();
-    let start = region.addr.as_ptr() as usize;
-    assert!(region.len >= 2 * GIB);
+    let start = region.as_ptr() as usize;
+    assert!(region.len() >= 2 * GIB);
     assert_eq!(start % M2 as usize, 0, "aligned for transparent huge pages");
     // One address range, mapping the memfd at the extents' offsets all the way.
     for offset in [0, GIB - PAGE, GIB, 2 * GIB - PAGE] {
@@ -1765,7 +1764,7 @@ fn a_kvm_slot_over_a_lazily_backed_file_exits_to_the_vmm_which_faults_and_resume
         slot: 0,
         guest_phys_addr: 0,
         memory_size: file.size(),
-        userspace_addr: region.addr.as_ptr() as u64,
+        userspace_addr: region.as_ptr() as u64,
         flags: 0,
     };
     // SAFETY: the slot is the file's whole host mapping, which lives as long as the file; the

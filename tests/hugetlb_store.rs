@@ -273,7 +273,7 @@ fn shuffled_2m_store(test: &str, order: &[u64]) -> Option<ShuffledHugeStore> {
 }
 
 fn base_of(file: &GuestFile) -> usize {
-    file.host_mapping().unwrap().addr.as_ptr() as usize
+    file.host_mapping().unwrap().as_ptr() as usize
 }
 
 fn kernel_readable_at(file: &GuestFile, offset: u64) -> bool {
@@ -473,8 +473,8 @@ fn a_2gib_file_on_2m_hugetlb_pages_is_one_contiguous_host_mapping() {
         extents.len()
     );
     let region = file.host_mapping().unwrap();
-    let base = region.addr.as_ptr() as usize;
-    assert!(region.len >= 2 * GIB);
+    let base = region.as_ptr() as usize;
+    assert!(region.len() >= 2 * GIB);
     assert_eq!(base % M2 as usize, 0);
     assert_eq!(
         file.host_view_address(0, 2 * GIB).unwrap().as_ptr() as usize,

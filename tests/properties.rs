@@ -11,9 +11,7 @@ use std::sync::Arc;
 use common::*;
 use pfnstore::core::{PageSize, Pfn};
 use pfnstore::subscribers::{IommuMapper, KvmMmu};
-use pfnstore::{
-    ConvertMode, FileOptions, GuestFile, Interest, PinOwner, Shareability, StoreError,
-};
+use pfnstore::{ConvertMode, FileOptions, GuestFile, Interest, PinOwner, Shareability, StoreError};
 use proptest::prelude::*;
 
 const FILE_PAGES: u64 = 160; // two and a half chunks of the tiny geometry

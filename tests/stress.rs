@@ -10,9 +10,7 @@ use common::*;
 use pfnstore::core::PfnRange;
 use pfnstore::core::testing::XorShift;
 use pfnstore::subscribers::{IommuMapper, KvmMmu};
-use pfnstore::{
-    ConvertMode, FileOptions, GuestFile, Interest, PinOwner, Shareability, StoreError,
-};
+use pfnstore::{ConvertMode, FileOptions, GuestFile, Interest, PinOwner, Shareability, StoreError};
 
 const THREADS: usize = 4;
 const OPS: usize = 20_000;
@@ -119,7 +117,12 @@ fn concurrent_files_keep_every_invariant() {
     let mut all: Vec<PfnRange> = Vec::new();
     for file in own.iter().chain([&shared_file]) {
         file.check_invariants().unwrap();
-        all.extend(file.extents().unwrap().into_iter().map(|e| PfnRange::from_len(e.pfn, e.len / PAGE).unwrap()));
+        all.extend(
+            file.extents()
+                .unwrap()
+                .into_iter()
+                .map(|e| PfnRange::from_len(e.pfn, e.len / PAGE).unwrap()),
+        );
     }
     all.sort();
     for pair in all.windows(2) {

@@ -11,8 +11,8 @@ use criterion::{Criterion, criterion_group};
 use pfnstore::core::{Geometry, Pfn};
 use pfnstore::hugetlb::SyntheticSource;
 use pfnstore::{
-    Change, ConvertMode, FileOptions, GuestFile, Interest,
-    Registration, Shareability, Store, StoreOptions, Subscriber, UnmapError,
+    Change, ConvertMode, FileOptions, GuestFile, Interest, Registration, Shareability, Store,
+    StoreOptions, Subscriber, UnmapError,
 };
 use pfnstore_benches::workers::Workers;
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use pfnstore::core::{Geometry, Pfn};
 use pfnstore::hugetlb::SyntheticSource;
 use pfnstore::{
-    Change, ConvertMode, FileOptions, Interest,
-    Shareability, Store, StoreOptions, Subscriber, UnmapError,
+    Change, ConvertMode, FileOptions, Interest, Shareability, Store, StoreOptions, Subscriber,
+    UnmapError,
 };
 
 struct NoOp;

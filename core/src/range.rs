@@ -239,13 +239,23 @@ impl fmt::Display for PfnRange {
 
 impl fmt::Debug for OffsetRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "OffsetRange({:#x}..{:#x})", self.start.byte(), self.end.byte())
+        write!(
+            f,
+            "OffsetRange({:#x}..{:#x})",
+            self.start.byte(),
+            self.end.byte()
+        )
     }
 }
 
 impl fmt::Display for OffsetRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "offsets {:#x}..{:#x}", self.start.byte(), self.end.byte())
+        write!(
+            f,
+            "offsets {:#x}..{:#x}",
+            self.start.byte(),
+            self.end.byte()
+        )
     }
 }
 

@@ -99,6 +99,7 @@ impl MemfdFile {
 
     /// Allocates the pages of `len` bytes at `offset` (fallocate, mode 0): taken from the pool
     /// now for hugetlb, so that no later touch of them can find the pool empty.
+    #[cfg_attr(pfnstore_loom, allow(dead_code))] // used by `testing`, which loom builds leave out
     pub(crate) fn allocate(&self, offset: u64, len: u64) -> Result<(), HugetlbError> {
         let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return Err(HugetlbError::os(

@@ -28,6 +28,38 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 const WORD: usize = 8;
 
+/// How a byte range splits into words: a partial word before the first whole one, the whole
+/// words, a partial word after them. A range inside one word is all `head`.
+struct Split {
+    /// Bytes before the first whole word (a partial word).
+    head: usize,
+    /// Whole aligned words after the head.
+    words: usize,
+    /// Bytes after the last whole word (a partial word).
+    tail: usize,
+}
+
+impl Split {
+    fn of(start: usize, len: usize) -> Split {
+        let to_boundary = start.next_multiple_of(WORD) - start;
+        if len <= to_boundary || len - to_boundary < WORD {
+            // No whole word: at most two partial words, handled as head (and tail).
+            let head = len.min(to_boundary);
+            return Split {
+                head,
+                words: 0,
+                tail: len - head,
+            };
+        }
+        let rest = len - to_boundary;
+        Split {
+            head: to_boundary,
+            words: rest / WORD,
+            tail: rest % WORD,
+        }
+    }
+}
+
 /// Reads `dst.len()` bytes of guest memory at `src` into `dst`.
 ///
 /// # Safety
@@ -37,15 +69,35 @@ const WORD: usize = 8;
 /// other than through this module while the call runs.
 pub(crate) unsafe fn read(src: *const u8, dst: &mut [u8]) {
     let start = src as usize;
-    let end = start + dst.len();
-    let mut word = start & !(WORD - 1);
+    let split = Split::of(start, dst.len());
+    let (head, rest) = dst.split_at_mut(split.head);
+    let (middle, tail) = rest.split_at_mut(split.words * WORD);
+    // SAFETY: the words read here and below are 8-aligned and cover only bytes the caller
+    // vouched for, widened to their words (caller's contract).
+    unsafe { read_partial(start, head) };
+    let first = start + split.head;
+    for (i, out) in middle.chunks_exact_mut(WORD).enumerate() {
+        // SAFETY: as above; `first` is 8-aligned here.
+        out.copy_from_slice(&unsafe { load(first + i * WORD) }.to_ne_bytes());
+    }
+    // SAFETY: as above.
+    unsafe { read_partial(first + split.words * WORD, tail) };
+}
+
+/// Reads `dst.len()` bytes at `at`, which lie within one or two words, word by word.
+///
+/// # Safety
+///
+/// As for [`read`].
+unsafe fn read_partial(at: usize, dst: &mut [u8]) {
+    let end = at + dst.len();
+    let mut word = at & !(WORD - 1);
     while word < end {
-        // SAFETY: `word` is 8-aligned and, by the caller's contract, mapped readable and only
-        // accessed atomically with 8-byte accesses while we run.
+        // SAFETY: forwarded to the caller.
         let value = unsafe { load(word) }.to_ne_bytes();
-        let lo = word.max(start);
+        let lo = word.max(at);
         let hi = (word + WORD).min(end);
-        dst[lo - start..hi - start].copy_from_slice(&value[lo - word..hi - word]);
+        dst[lo - at..hi - at].copy_from_slice(&value[lo - word..hi - word]);
         word += WORD;
     }
 }
@@ -77,8 +129,16 @@ enum Fill<'a> {
     Zero,
 }
 
-impl Fill<'_> {
-    /// The bytes `at..at + out.len()` of what is written, into `out`.
+impl<'a> Fill<'a> {
+    /// The part `at..at + len` of what is written.
+    fn part(self, at: usize, len: usize) -> Fill<'a> {
+        match self {
+            Fill::Bytes(b) => Fill::Bytes(&b[at..at + len]),
+            Fill::Zero => Fill::Zero,
+        }
+    }
+
+    /// Its bytes `at..at + out.len()`, into `out`.
     fn take(self, at: usize, out: &mut [u8]) {
         match self {
             Fill::Bytes(b) => out.copy_from_slice(&b[at..at + out.len()]),
@@ -95,33 +155,62 @@ impl Fill<'_> {
 /// As for [`write`].
 unsafe fn store(dst: *mut u8, len: usize, fill: Fill<'_>) {
     let start = dst as usize;
-    let end = start + len;
-    let mut word = start & !(WORD - 1);
+    let split = Split::of(start, len);
+    // SAFETY: the words written here and below are 8-aligned and cover only bytes the caller
+    // vouched for, widened to their words (caller's contract).
+    unsafe { store_partial(start, split.head, fill.part(0, split.head)) };
+    let first = start + split.head;
+    match fill.part(split.head, split.words * WORD) {
+        Fill::Bytes(bytes) => {
+            for (i, word) in bytes.chunks_exact(WORD).enumerate() {
+                let value = u64::from_ne_bytes(word.try_into().expect("8-byte chunks"));
+                // SAFETY: as above; `first` is 8-aligned here.
+                unsafe { atomic(first + i * WORD) }.store(value, Ordering::Relaxed);
+            }
+        }
+        Fill::Zero => {
+            for i in 0..split.words {
+                // SAFETY: as above.
+                unsafe { atomic(first + i * WORD) }.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+    let tail_at = split.head + split.words * WORD;
+    // SAFETY: as above.
+    unsafe {
+        store_partial(
+            first + split.words * WORD,
+            split.tail,
+            fill.part(tail_at, split.tail),
+        )
+    };
+}
+
+/// Stores `len` bytes of `fill` at `at`, within one or two words, each by compare-exchange.
+///
+/// # Safety
+///
+/// As for [`write`].
+unsafe fn store_partial(at: usize, len: usize, fill: Fill<'_>) {
+    let end = at + len;
+    let mut word = at & !(WORD - 1);
     while word < end {
-        let lo = word.max(start);
+        let lo = word.max(at);
         let hi = (word + WORD).min(end);
-        if hi - lo == WORD {
-            let mut bytes = [0u8; WORD];
-            fill.take(lo - start, &mut bytes);
-            // SAFETY: `word` is 8-aligned, mapped writable, accessed only through 8-byte
-            // atomics meanwhile (caller's contract).
-            unsafe { atomic(word) }.store(u64::from_ne_bytes(bytes), Ordering::Relaxed);
-        } else {
-            // SAFETY: as above.
-            let cell = unsafe { atomic(word) };
-            let mut seen = cell.load(Ordering::Relaxed);
-            loop {
-                let mut bytes = seen.to_ne_bytes();
-                fill.take(lo - start, &mut bytes[lo - word..hi - word]);
-                match cell.compare_exchange_weak(
-                    seen,
-                    u64::from_ne_bytes(bytes),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => break,
-                    Err(now) => seen = now,
-                }
+        // SAFETY: forwarded to the caller.
+        let cell = unsafe { atomic(word) };
+        let mut seen = cell.load(Ordering::Relaxed);
+        loop {
+            let mut bytes = seen.to_ne_bytes();
+            fill.take(lo - at, &mut bytes[lo - word..hi - word]);
+            match cell.compare_exchange_weak(
+                seen,
+                u64::from_ne_bytes(bytes),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(now) => seen = now,
             }
         }
         word += WORD;

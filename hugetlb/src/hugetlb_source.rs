@@ -9,7 +9,7 @@ use pfnstore_core::{Geometry, Pfn};
 
 use crate::backing::{self, MemfdFile};
 use crate::pagemap::{Pagemap, Resolution};
-use crate::pool::{PoolId, PoolReservation, Sysfs};
+use crate::pool::{self, PoolId, PoolReservation, Sysfs};
 use crate::report::{LadderStep, StepFailure, StepKind, Timings};
 use crate::{
     Chunk, ChunkIndex, ChunkLocation, HostMapping, HostView, HugePageSize, HugetlbConfig,
@@ -205,6 +205,67 @@ impl HugetlbSource {
         HostView::from_memfd(Memfd::owned(&self.memfd, self.report.bytes))
     }
 
+    /// Checks that every chunk's huge page is still at the PFN the source recorded, reading
+    /// `/proc/self/pagemap` again; the first chunk found elsewhere is named in
+    /// [`HugetlbError::PfnMoved`]. Sources with synthetic PFNs have nothing to check, and pages
+    /// punched out (and not written since) are skipped: they have no frame.
+    ///
+    /// See the crate docs on migration: the kernel can move a hugetlb page (compaction, memory
+    /// offlining, a contiguous allocation) while its virtual mappings stay valid, and a PFN
+    /// read earlier is then stale. A page written again after a punch-hole is also a new page.
+    pub fn verify_pfns(&self) -> Result<(), HugetlbError> {
+        if self.report.pfn_kind != Some(PfnKind::Real) {
+            return Ok(());
+        }
+        let pagemap = Pagemap::open()?;
+        let page = self.page_size;
+        // Holding the holes' read lock keeps pages from being punched while they are checked.
+        let holes = self.memfd.holes.read();
+        for (i, chunk) in self.chunks.iter().enumerate() {
+            if holes.contains(&(chunk.memfd_offset / page.bytes())) {
+                continue;
+            }
+            let host = chunk
+                .host
+                .expect("a chunk with real PFNs is mapped by its source");
+            // The source's own mapping may no longer map the page (punched and written again
+            // through a view): map it again, which allocates nothing for a page the file has.
+            // SAFETY: MADV_POPULATE_READ only faults pages of our own mapping of this chunk in
+            // for reading; it changes no memory, and the page is not a hole (checked above,
+            // under the lock), so no page is allocated.
+            let rc = unsafe {
+                libc::madvise(host.as_ptr().cast(), host.len(), libc::MADV_POPULATE_READ)
+            };
+            if rc != 0 {
+                return Err(HugetlbError::os(
+                    "MADV_POPULATE_READ",
+                    page,
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            match pagemap.resolve(host.as_ptr() as usize, host.len(), page, chunk.memfd_offset)? {
+                Resolution::Real(now) if now.first() == Some(&chunk.base) => {}
+                Resolution::Real(now) => {
+                    return Err(HugetlbError::PfnMoved {
+                        chunk: i,
+                        memfd_offset: chunk.memfd_offset,
+                        recorded: chunk.base,
+                        now: now.first().copied().unwrap_or(Pfn(0)),
+                    });
+                }
+                Resolution::Hidden => {
+                    return Err(HugetlbError::PfnKindChanged {
+                        was: Some(PfnKind::Real),
+                        now: PfnKind::Synthetic {
+                            reason: SyntheticReason::PagemapHidden,
+                        },
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Obtains `bytes` more of the source's page size at the end of the memfd.
     fn grow_bytes(&mut self, bytes: u64) -> Result<Range<usize>, HugetlbError> {
         let old_len = self.report.bytes;
@@ -362,6 +423,11 @@ fn grow_pool_if_asked(
         page_size,
         node: config.numa_node,
     };
+    if config.grow_pool {
+        // Pages dead processes left in the pool go back before it is measured (best effort:
+        // an unreadable ledger shows up when the growth is recorded).
+        let _ = pool::reconcile(sysfs);
+    }
     let counts = sysfs.read_pool(id)?;
     step.pool_before = Some(counts);
     let needed = bytes / page_size.bytes();

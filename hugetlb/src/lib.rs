@@ -35,14 +35,54 @@
 //!
 //! [`pool`] reads the system-wide and per-node pools in sysfs. A source grows a pool only if
 //! `grow_pool` is set, by what is missing, through a [`pool::PoolReservation`] that gives
-//! back exactly the added pages when the source is dropped (after its memory is unmapped).
+//! back the added pages when the source is dropped (after its memory is unmapped). Pools are
+//! shared with every other process, so every read-modify-write holds a lock all pfnstore
+//! processes honour (`flock` on `/run/pfnstore/hugetlb-pool.lock`), and giving back takes only
+//! what was added and is free now. A growth also outlives its owner's death (SIGKILL, an OOM
+//! kill, `std::process::exit`): it is written to a ledger under `/run/pfnstore` and watched by
+//! a guardian process that gives it back when the owner dies, and [`pool::reconcile`] settles
+//! what is left over. The [`pool`] docs tell the protocol.
 //!
-//! ## The host view
+//! ## PFNs are a snapshot: hugetlb page migration
 //!
-//! [`HugetlbSource::map_view`] maps the memfd a second time: a [`HostView`] that the facade
-//! reads and writes through bounds-checked calls, restricts per huge page
-//! ([`HostView::protect`], mprotect) and gives memory back through
-//! ([`HostView::punch_hole`], `fallocate(PUNCH_HOLE)`), so that the facade needs no `unsafe`.
+//! A chunk's PFN is read from pagemap once. On kernels with hugepage migration (x86-64 and
+//! arm64 have it) the kernel may later *move* a hugetlb page to another frame: contiguous-range
+//! allocation (`alloc_contig_range`, which growing a 1 GiB pool or a CMA allocation uses, and
+//! which since Linux 5.16 migrates in-use hugetlb pages out of its way), memory offlining
+//! (hot-unplug, `ZONE_MOVABLE`), soft-offlining of a page with corrected memory errors, and
+//! NUMA calls such as `move_pages`/`mbind(MPOL_MF_MOVE)` by anyone allowed to. The virtual
+//! mappings stay valid
+//! (the data moves with them), so nothing faults, but a PFN recorded earlier then names a
+//! frame the memory no longer occupies: a device programmed with it (DMA, an IOMMU mapping
+//! made from PFNs rather than from the virtual address) or a confidential-computing RMP/PAMT
+//! entry would be stale. `mlock` does not prevent migration (hugetlb pages are never swapped
+//! anyway); a long-term pin (`FOLL_LONGTERM`, as VFIO and iommufd take when they map the
+//! virtual address) does, after first moving the page out of movable memory. pfnstore does not
+//! pin pages itself; [`HugetlbSource::verify_pfns`] re-reads pagemap and names the first chunk
+//! whose frame changed ([`HugetlbError::PfnMoved`]), for callers (such as live update) that
+//! must know the PFNs are still true. A page punched out and written again is also a new frame.
+//!
+//! ## Host mappings: views and file mappings
+//!
+//! [`MemorySource::memfd`] gives a source's memfd ([`Memfd`]: descriptor, page size,
+//! length), for mappings the VMM makes of it:
+//!
+//! * A [`HostView`] ([`HostView::from_memfd`], or [`HugetlbSource::map_view`]) maps the whole
+//!   memfd a second time, for the store's own accesses: bounds-checked reads and writes,
+//!   restriction per huge page ([`HostView::protect`], mprotect) and giving memory back
+//!   ([`HostView::punch_hole`], `fallocate(PUNCH_HOLE)`), so that the facade needs no
+//!   `unsafe`.
+//! * A [`FileMapping`] is one contiguous virtual range per guest-memory file, stable for the
+//!   file's life (a KVM memory slot, a vhost-user region): an aligned, inaccessible
+//!   reservation into which the file's extents are mapped from the memfd in any order, and
+//!   unmapped or revoked again, with every access checked against what is mapped there.
+//!
+//! Both copy guest bytes with relaxed 8-byte atomics only (partial words by compare-exchange),
+//! never plain `memcpy`: guest memory is written concurrently by the guest, devices and other
+//! threads, and a racing non-atomic copy would be a data race. Every mapping and protection
+//! boundary is a kernel memory region, limited by `vm.max_map_count`; file mappings count
+//! theirs against a [`VmaBudget`] and refuse a change that would exceed it before making it
+//! ([`HugetlbError::MapCountLimit`], also what an `ENOMEM` of `mprotect` becomes).
 //!
 //! ## Prefaulting: why threads
 //!
@@ -53,13 +93,16 @@
 //! command measures both side by side). `MADV_POPULATE_WRITE` also reports failures, where
 //! `MAP_POPULATE` silently leaves pages unpopulated; the pagemap check catches those.
 //!
-//! ## Testing on the real pools
+//! ## Testing
 //!
-//! [`testing`] holds the lock and helpers every test that resizes a hugetlb pool uses.
+//! [`testing`] holds the lock and helpers every test that resizes a hugetlb pool uses, and
+//! [`testing::ShuffledSource`], a source whose memfd holds its chunks in another order than
+//! their PFNs (as real hugetlb pages are), for tests that must not assume memfd order.
 
 mod backing;
 mod config;
 mod error;
+pub mod fd_passing;
 mod file_mapping;
 mod guest_copy;
 mod host_view;

@@ -8,7 +8,47 @@
 //! `surplus_hugepages` pages above `nr_hugepages` from overcommit.
 //!
 //! pfnstore never changes a pool silently: only [`PoolReservation`] writes `nr_hugepages`,
-//! and it gives back exactly what it added when dropped.
+//! and it gives back what it added, and only that, when dropped.
+//!
+//! ## Other processes
+//!
+//! A pool is shared by every process of the machine. Each read-modify-write of a pool by
+//! pfnstore holds an advisory lock that all pfnstore processes (and their guardians) honour:
+//! `flock(2)` on [`POOL_LOCK_FILE`] in the *run directory*, `/run/pfnstore` ([`RUN_DIR`]), or
+//! `$TMPDIR/pfnstore` when `/run` is not writable (a process that may not write `/run` is not
+//! root and cannot resize pools either, so the two never need to meet). Giving pages back
+//! never assumes the pool is as it was left: a reservation shrinks the pool by what it added
+//! *and what is still free and unreserved now*, so it never takes pages that others added and
+//! use; what it could not give back yet stays owed (see below).
+//!
+//! ## Surviving the owner's death
+//!
+//! A process killed without unwinding (SIGKILL, an OOM kill, `std::process::exit`) drops
+//! nothing, so the pool would stay grown. (Surplus pages, which the kernel frees by itself,
+//! are no answer: this kernel refuses `nr_overcommit_hugepages` for 1 GiB pages.) So every
+//! growth is written down and watched:
+//!
+//! * **The ledger**: one file per growth in `<run directory>/`[`LEDGER_DIR`], named
+//!   `<pid>.<start time>.<n>` and holding the pool's sysfs directory and the pages owed.
+//!   Whoever gives pages back (the owner, its guardian, [`reconcile`]) does so under the
+//!   pool lock, only while the entry exists, and removes the entry (or lowers it to what is
+//!   still owed) in the same critical section, so pages are never given back twice.
+//! * **The guardian**: a tiny `/bin/sh` process (using `flock(1)` from util-linux), started
+//!   when a reservation grows a pool, that holds the read end of a pipe whose write end stays
+//!   in the owner (close-on-exec, so programs the VMM starts do not inherit it; a child it
+//!   forks without exec does, and the guardian then waits for that child too). The guardian
+//!   holds no other descriptor of the owner (all are made close-on-exec before it starts, the
+//!   memfd already is) and none of its memory (it is a new program), and it runs in its own
+//!   process group, ignoring SIGHUP, SIGINT and SIGTERM, so a Ctrl-C or a service stop aimed
+//!   at the VMM does not end it before it has done its job. On a normal drop the owner settles its entry and then tells the guardian to stand
+//!   down; when the pipe closes without that (the owner died), the guardian settles the entry
+//!   itself, retrying for a while ([`GUARDIAN_PATIENCE`]) if the owner's pages are not free
+//!   yet (the kernel frees a dead process's memory as it tears it down), then exits. There is
+//!   one guardian (a `/bin/sh` of a megabyte or two) per growth while it lives.
+//! * **Reconciling**: [`reconcile`] settles the entries of dead processes (a guardian that
+//!   could not be started or ran out of patience). A source with `grow_pool` calls it before
+//!   it reads the pool it may grow; a VMM can call it at start, an administrator through the
+//!   CLI (`pfnstore hugetlb --restore`).
 
 use std::fmt;
 use std::io;
@@ -16,6 +56,26 @@ use std::path::{Path, PathBuf};
 
 use crate::error::hint;
 use crate::{HugePageSize, HugetlbError};
+
+mod guardian;
+mod ledger;
+mod lock;
+mod reservation;
+
+pub use guardian::GUARDIAN_PATIENCE;
+pub use ledger::{Settled, ledger_entries, reconcile};
+pub use lock::PoolLock;
+pub use reservation::PoolReservation;
+
+/// The run directory of pfnstore processes on a real system (falling back to
+/// `$TMPDIR/pfnstore` when it cannot be created).
+pub const RUN_DIR: &str = "/run/pfnstore";
+
+/// The pool lock's file in the run directory.
+pub const POOL_LOCK_FILE: &str = "hugetlb-pool.lock";
+
+/// The ledger's directory in the run directory.
+pub const LEDGER_DIR: &str = "hugetlb-ledger";
 
 /// One pool: a huge page size, system-wide or on one NUMA node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,11 +136,13 @@ pub struct PoolStatus {
 }
 
 /// Where sysfs and procfs are: `/sys` and `/proc` on a real system, a directory tree in
-/// tests of the parsing.
+/// tests of the parsing; and the run directory that holds the pool lock and the ledger.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sysfs {
     sys: PathBuf,
     proc: PathBuf,
+    /// `None`: [`RUN_DIR`] or its fallback.
+    run: Option<PathBuf>,
 }
 
 impl Default for Sysfs {
@@ -90,17 +152,52 @@ impl Default for Sysfs {
 }
 
 impl Sysfs {
-    /// The running system's `/sys` and `/proc`.
+    /// The running system's `/sys` and `/proc`, and [`RUN_DIR`].
     pub fn system() -> Sysfs {
-        Sysfs::at("/sys", "/proc")
+        Sysfs {
+            sys: "/sys".into(),
+            proc: "/proc".into(),
+            run: None,
+        }
     }
 
-    /// Trees rooted elsewhere (tests).
+    /// Trees rooted elsewhere (tests), with the run directory `pfnstore-run` next to `sys`, so
+    /// that a fake tree's lock and ledger are its own.
     pub fn at(sys: impl Into<PathBuf>, proc: impl Into<PathBuf>) -> Sysfs {
+        let sys = sys.into();
+        let run = sys.parent().unwrap_or(Path::new("/")).join("pfnstore-run");
         Sysfs {
-            sys: sys.into(),
+            sys,
             proc: proc.into(),
+            run: Some(run),
         }
+    }
+
+    /// The same trees with the run directory `run`.
+    pub fn with_run_dir(mut self, run: impl Into<PathBuf>) -> Sysfs {
+        self.run = Some(run.into());
+        self
+    }
+
+    /// The run directory (created if missing): the one given, or [`RUN_DIR`], or
+    /// `$TMPDIR/pfnstore` when that cannot be created.
+    pub fn run_dir(&self) -> Result<PathBuf, HugetlbError> {
+        let create = |dir: PathBuf| {
+            std::fs::create_dir_all(&dir)
+                .map(|()| dir.clone())
+                .map_err(|e| io_error(&dir, e, hint::ROOT))
+        };
+        match &self.run {
+            Some(dir) => create(dir.clone()),
+            None => create(PathBuf::from(RUN_DIR))
+                .or_else(|_| create(std::env::temp_dir().join("pfnstore"))),
+        }
+    }
+
+    /// Takes the pool lock (see the module docs), blocking until no other pfnstore process
+    /// holds it.
+    pub fn lock_pools(&self) -> Result<PoolLock, HugetlbError> {
+        PoolLock::acquire(&self.run_dir()?.join(POOL_LOCK_FILE))
     }
 
     /// The directory of a pool.
@@ -152,18 +249,7 @@ impl Sysfs {
 
     /// The counters of one pool.
     pub fn read_pool(&self, id: PoolId) -> Result<PoolCounts, HugetlbError> {
-        let dir = self.pool_dir(id)?;
-        let read = |name: &str| read_u64(&dir.join(name));
-        Ok(PoolCounts {
-            total: read("nr_hugepages")?,
-            free: read("free_hugepages")?,
-            reserved: if id.node.is_none() {
-                read("resv_hugepages")?
-            } else {
-                0
-            },
-            surplus: read("surplus_hugepages")?,
-        })
+        read_counts(&self.pool_dir(id)?)
     }
 
     /// Every pool of the sizes pfnstore uses: the system-wide ones, then each node's.
@@ -187,11 +273,11 @@ impl Sysfs {
     }
 
     /// Sets a pool's `nr_hugepages` and returns what the kernel made of it (it may give fewer
-    /// pages than asked when memory is fragmented).
+    /// pages than asked when memory is fragmented). This takes no lock: [`PoolReservation`]
+    /// holds the pool lock around its reads and writes, which is what keeps pfnstore
+    /// processes from undoing each other's changes.
     pub fn write_total(&self, id: PoolId, total: u64) -> Result<u64, HugetlbError> {
-        let path = self.pool_dir(id)?.join("nr_hugepages");
-        std::fs::write(&path, format!("{total}\n")).map_err(|e| io_error(&path, e, hint::ROOT))?;
-        read_u64(&path)
+        write_total_in(&self.pool_dir(id)?, total)
     }
 
     /// Asks the kernel to compact all memory (`/proc/sys/vm/compact_memory`), so that freed
@@ -252,7 +338,7 @@ impl Sysfs {
     }
 }
 
-fn io_error(path: &Path, e: io::Error, hint: &'static str) -> HugetlbError {
+pub(crate) fn io_error(path: &Path, e: io::Error, hint: &'static str) -> HugetlbError {
     HugetlbError::Sysfs {
         path: path.to_path_buf(),
         problem: e.to_string(),
@@ -261,7 +347,27 @@ fn io_error(path: &Path, e: io::Error, hint: &'static str) -> HugetlbError {
     }
 }
 
-fn read_u64(path: &Path) -> Result<u64, HugetlbError> {
+/// The counters of the pool whose sysfs directory is `dir` (per-node pools have no
+/// `resv_hugepages`: 0 there).
+pub(crate) fn read_counts(dir: &Path) -> Result<PoolCounts, HugetlbError> {
+    let read = |name: &str| read_u64(&dir.join(name));
+    let resv = dir.join("resv_hugepages");
+    Ok(PoolCounts {
+        total: read("nr_hugepages")?,
+        free: read("free_hugepages")?,
+        reserved: if resv.exists() { read_u64(&resv)? } else { 0 },
+        surplus: read("surplus_hugepages")?,
+    })
+}
+
+/// Writes `nr_hugepages` of the pool in `dir`; returns what the kernel made of it.
+pub(crate) fn write_total_in(dir: &Path, total: u64) -> Result<u64, HugetlbError> {
+    let path = dir.join("nr_hugepages");
+    std::fs::write(&path, format!("{total}\n")).map_err(|e| io_error(&path, e, hint::ROOT))?;
+    read_u64(&path)
+}
+
+pub(crate) fn read_u64(path: &Path) -> Result<u64, HugetlbError> {
     let text = std::fs::read_to_string(path).map_err(|e| io_error(path, e, hint::ROOT))?;
     text.trim().parse().map_err(|_| HugetlbError::Sysfs {
         path: path.to_path_buf(),
@@ -271,158 +377,18 @@ fn read_u64(path: &Path) -> Result<u64, HugetlbError> {
     })
 }
 
-/// What a [`PoolReservation`] puts back when dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Restore {
-    /// Take away the pages that were added (others may have changed the pool meanwhile;
-    /// their changes stay).
-    Subtract(u64),
-    /// Set the pool back to this total.
-    Total(u64),
-}
-
-/// A change to a pool's size that is undone when this guard is dropped, also when a test
-/// panics: the guard is how sources grow a pool (`grow_pool`) and how tests set pools up.
-///
-/// Tests that change pools share a system-wide resource with every other test binary; they
-/// hold [`crate::testing::hugetlb_lock`] while a reservation lives.
-#[derive(Debug)]
-#[must_use = "the pool is restored when the reservation is dropped"]
-pub struct PoolReservation {
-    sysfs: Sysfs,
-    id: PoolId,
-    restore: Restore,
-}
-
-impl PoolReservation {
-    /// Grows the pool by `pages`. If the kernel gives fewer, memory is compacted once and the
-    /// rest asked for again (a 1 GiB page needs 1 GiB of contiguous free memory, and page cache
-    /// or a build's memory can leave free memory too scattered for it); if it still gives
-    /// fewer, what it gave is taken back and the answer is [`HugetlbError::PoolGrowShort`]:
-    /// nothing is left behind.
-    pub fn grow(sysfs: &Sysfs, id: PoolId, pages: u64) -> Result<PoolReservation, HugetlbError> {
-        let before = sysfs.read_pool(id)?.total;
-        let wanted = before.saturating_add(pages);
-        let mut got = sysfs.write_total(id, wanted)?;
-        if got < wanted && sysfs.compact_memory() {
-            got = sysfs.write_total(id, wanted)?;
-        }
-        if got < wanted {
-            let added = got.saturating_sub(before);
-            if added > 0 {
-                // Best effort: the short grow is the error to report, and a failing write
-                // here would fail the same way the caller's next attempt does.
-                let _ = sysfs.write_total(id, before);
-            }
-            return Err(HugetlbError::PoolGrowShort {
-                page_size: id.page_size,
-                node: id.node,
-                asked: pages,
-                got: added,
-            });
-        }
-        Ok(PoolReservation {
-            sysfs: sysfs.clone(),
-            id,
-            restore: Restore::Subtract(got - before),
-        })
-    }
-
-    /// Sets the pool to exactly `total` pages (growing or shrinking it) and puts the old total
-    /// back on drop. Returns the reservation and the total the kernel actually set.
-    pub fn set_total(
-        sysfs: &Sysfs,
-        id: PoolId,
-        total: u64,
-    ) -> Result<(PoolReservation, u64), HugetlbError> {
-        let before = sysfs.read_pool(id)?.total;
-        let got = sysfs.write_total(id, total)?;
-        Ok((
-            PoolReservation {
-                sysfs: sysfs.clone(),
-                id,
-                restore: Restore::Total(before),
-            },
-            got,
-        ))
-    }
-
-    /// The pool this reservation changed.
-    pub fn pool(&self) -> PoolId {
-        self.id
-    }
-
-    /// Pages added by [`PoolReservation::grow`] (0 for [`PoolReservation::set_total`]).
-    pub fn added(&self) -> u64 {
-        match self.restore {
-            Restore::Subtract(n) => n,
-            Restore::Total(_) => 0,
-        }
-    }
-
-    fn restore(&self) -> Result<(), HugetlbError> {
-        let target = match self.restore {
-            Restore::Subtract(n) => self.sysfs.read_pool(self.id)?.total.saturating_sub(n),
-            Restore::Total(t) => t,
-        };
-        self.sysfs.write_total(self.id, target).map(drop)
-    }
-}
-
-impl Drop for PoolReservation {
-    fn drop(&mut self) {
-        if let Err(e) = self.restore() {
-            // Drop cannot return the error; say loudly that the pool was left changed.
-            eprintln!("pfnstore-hugetlb: could not restore the {}: {e}", self.id);
-        }
-    }
-}
+#[cfg(test)]
+pub(crate) mod fake;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A fake /sys and /proc with one node and both pools.
-    fn fake_tree(name: &str) -> (PathBuf, Sysfs) {
-        let root =
-            std::env::temp_dir().join(format!("pfnstore-hugetlb-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let sys = root.join("sys");
-        let proc = root.join("proc");
-        for (dir, resv) in [
-            ("kernel/mm/hugepages/hugepages-1048576kB", true),
-            ("kernel/mm/hugepages/hugepages-2048kB", true),
-            (
-                "devices/system/node/node0/hugepages/hugepages-1048576kB",
-                false,
-            ),
-            (
-                "devices/system/node/node0/hugepages/hugepages-2048kB",
-                false,
-            ),
-        ] {
-            let d = sys.join(dir);
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("nr_hugepages"), "4\n").unwrap();
-            std::fs::write(d.join("free_hugepages"), "3\n").unwrap();
-            std::fs::write(d.join("surplus_hugepages"), "0\n").unwrap();
-            if resv {
-                std::fs::write(d.join("resv_hugepages"), "1\n").unwrap();
-            }
-        }
-        std::fs::create_dir_all(sys.join("devices/system/node/node2")).unwrap();
-        std::fs::create_dir_all(&proc).unwrap();
-        std::fs::write(
-            proc.join("meminfo"),
-            "MemTotal:       24610996 kB\nMemFree: 1 kB\n",
-        )
-        .unwrap();
-        (root, Sysfs::at(sys, proc))
-    }
+    use fake::FakeTree;
 
     #[test]
     fn reads_pools_nodes_and_memtotal_from_a_tree() {
-        let (root, sysfs) = fake_tree("read");
+        let tree = FakeTree::new("read");
+        let sysfs = tree.sysfs();
         assert_eq!(sysfs.numa_nodes().unwrap(), vec![0, 2]);
         assert!(sysfs.check_node(2).is_ok());
         assert!(matches!(
@@ -446,61 +412,12 @@ mod tests {
         assert_eq!(global.counts.available(), 2);
         assert_eq!(pools[2].counts.reserved, 0);
         assert_eq!(sysfs.mem_total().unwrap(), 24610996 << 10);
-        std::fs::remove_dir_all(root).unwrap();
-    }
-
-    #[test]
-    fn reservation_restores_what_it_added() {
-        let (root, sysfs) = fake_tree("restore");
-        let id = PoolId {
-            page_size: HugePageSize::Huge1G,
-            node: None,
-        };
-        {
-            let r = PoolReservation::grow(&sysfs, id, 2).unwrap();
-            assert_eq!(r.added(), 2);
-            assert_eq!(sysfs.read_pool(id).unwrap().total, 6);
-            // Someone else grows the pool meanwhile: their page stays.
-            sysfs.write_total(id, 7).unwrap();
-        }
-        assert_eq!(sysfs.read_pool(id).unwrap().total, 5);
-        {
-            let (_r, got) = PoolReservation::set_total(&sysfs, id, 0).unwrap();
-            assert_eq!(got, 0);
-        }
-        assert_eq!(sysfs.read_pool(id).unwrap().total, 5);
-        std::fs::remove_dir_all(root).unwrap();
-    }
-
-    #[test]
-    fn compaction_is_triggered_through_proc_and_only_for_a_short_grow() {
-        let (root, sysfs) = fake_tree("short");
-        let id = PoolId {
-            page_size: HugePageSize::Huge1G,
-            node: None,
-        };
-        // Without the trigger (no /proc/sys/vm) compaction reports that it did not happen.
-        // (A fake tree's nr_hugepages takes any value, so the short grow itself is exercised
-        // only by the real-hugetlb tests, when the kernel is short of contiguous memory.)
-        assert!(!sysfs.compact_memory());
-        std::fs::create_dir_all(root.join("proc/sys/vm")).unwrap();
-        assert!(sysfs.compact_memory());
-        assert_eq!(
-            std::fs::read_to_string(root.join("proc/sys/vm/compact_memory")).unwrap(),
-            "1\n"
-        );
-        // A grow the fake kernel grants in full needs no compaction and keeps its pages.
-        std::fs::remove_file(root.join("proc/sys/vm/compact_memory")).unwrap();
-        let r = PoolReservation::grow(&sysfs, id, 1).unwrap();
-        assert_eq!(r.added(), 1);
-        assert!(!root.join("proc/sys/vm/compact_memory").exists());
-        drop(r);
-        std::fs::remove_dir_all(root).unwrap();
     }
 
     #[test]
     fn garbage_in_sysfs_is_a_typed_error_naming_the_file() {
-        let (root, sysfs) = fake_tree("garbage");
+        let tree = FakeTree::new("garbage");
+        let sysfs = tree.sysfs();
         let id = PoolId {
             page_size: HugePageSize::Huge2M,
             node: Some(0),
@@ -518,6 +435,5 @@ mod tests {
             }),
             Err(HugetlbError::NoPool { .. })
         ));
-        std::fs::remove_dir_all(root).unwrap();
     }
 }

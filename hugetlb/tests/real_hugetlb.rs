@@ -738,3 +738,205 @@ fn os_refusals_are_typed_errors_with_hints() {
     assert_eq!(counts(HugePageSize::Huge2M), before);
     assert_eq!(leftovers(), 0);
 }
+
+/// The environment variable that makes `guardian_child` the child of a death test: the page
+/// size (`1G` or `2M`), the pages to ask for, and how to die (`kill`: wait for SIGKILL;
+/// `exit`: `std::process::exit` without dropping anything), as `1G:1:kill`.
+const GUARDIAN_CHILD: &str = "PFNSTORE_GUARDIAN_CHILD";
+
+/// The child of the death tests (run in a child process by them, never on its own): grows the
+/// pool through a source, says how much, and dies as told without dropping the source. It does
+/// not take the hugetlb lock: its parent holds it for it.
+#[test]
+#[ignore = "run in a child process by the pool_growth_is_given_back_* tests"]
+fn guardian_child() {
+    let spec = std::env::var(GUARDIAN_CHILD).expect("run by a death test");
+    let parts: Vec<&str> = spec.split(':').collect();
+    let page_size = match parts[0] {
+        "1G" => HugePageSize::Huge1G,
+        _ => HugePageSize::Huge2M,
+    };
+    let pages: u64 = parts[1].parse().unwrap();
+    let source = HugetlbSource::new(config(pages * page_size.bytes(), page_size)).unwrap();
+    println!("grown {}", source.pool_pages_added());
+    if parts[2] == "exit" {
+        std::process::exit(0);
+    }
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// A child process that is killed if the test fails before it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `guardian_child` in a child process that grows the pool of `page_size` and dies
+/// (`how`), and checks that the pool returns to its size before, with nothing left owed.
+fn pool_growth_is_given_back_when_the_owner_dies(test: &str, page_size: HugePageSize, how: &str) {
+    use std::io::BufRead;
+    let Some(_lock) = require(test, &[page_size]) else {
+        return;
+    };
+    let before = counts(page_size);
+    // The child asks for one page more than is free, so that it must grow the pool.
+    let pages = before.available() + 1;
+    if pages * page_size.bytes() > 2 * GIB {
+        pfnstore_core::testing::skip(
+            test,
+            &format!(
+                "{} {page_size} pages are free; the test would take more than 2 GiB",
+                pages - 1
+            ),
+        );
+        return;
+    }
+    let mut child = KillOnDrop(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "guardian_child", "--ignored", "--nocapture"])
+            .args(["--test-threads", "1"])
+            .env(
+                GUARDIAN_CHILD,
+                format!(
+                    "{}:{pages}:{how}",
+                    if page_size == HugePageSize::Huge1G {
+                        "1G"
+                    } else {
+                        "2M"
+                    }
+                ),
+            )
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id();
+    let mut lines = std::io::BufReader::new(child.0.stdout.take().unwrap()).lines();
+    // libtest prints the test's name on the same line.
+    let grown: u64 = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.split_once("grown ")
+                .map(|(_, n)| n.trim().parse().unwrap())
+        })
+        .expect("the child grew the pool");
+    assert!(grown >= 1, "the child had to grow the pool");
+    if how == "kill" {
+        assert_eq!(counts(page_size).total, before.total + grown);
+        child.0.kill().unwrap();
+    }
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.success(), how == "exit", "{status}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while counts(page_size) != before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool stayed at {} (was {before})",
+            counts(page_size)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let owed: Vec<_> = pfnstore_hugetlb::pool::ledger_entries(&Sysfs::system())
+        .unwrap()
+        .into_iter()
+        .filter(|e| {
+            e.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("{pid}."))
+        })
+        .collect();
+    assert!(owed.is_empty(), "left in the ledger: {owed:?}");
+}
+
+#[test]
+fn pool_growth_is_given_back_when_the_owner_is_sigkilled_1g() {
+    pool_growth_is_given_back_when_the_owner_dies(
+        "pool_growth_is_given_back_when_the_owner_is_sigkilled_1g",
+        HugePageSize::Huge1G,
+        "kill",
+    );
+}
+
+#[test]
+fn pool_growth_is_given_back_when_the_owner_is_sigkilled_2m() {
+    pool_growth_is_given_back_when_the_owner_dies(
+        "pool_growth_is_given_back_when_the_owner_is_sigkilled_2m",
+        HugePageSize::Huge2M,
+        "kill",
+    );
+}
+
+#[test]
+fn pool_growth_is_given_back_when_the_owner_exits_without_dropping() {
+    pool_growth_is_given_back_when_the_owner_dies(
+        "pool_growth_is_given_back_when_the_owner_exits_without_dropping",
+        HugePageSize::Huge2M,
+        "exit",
+    );
+}
+
+/// A page that leaves its frame is caught by `verify_pfns`: punch a source's first page,
+/// make sure its old frame is taken by someone else, and write the page again (a new frame).
+#[test]
+fn verify_pfns_names_the_chunk_whose_frame_changed() {
+    let test = "verify_pfns_names_the_chunk_whose_frame_changed";
+    let Some(_lock) = require(test, &[HugePageSize::Huge2M]) else {
+        return;
+    };
+    let before = counts(HugePageSize::Huge2M);
+    {
+        let source = HugetlbSource::new(config(2 * MIB2, HugePageSize::Huge2M)).unwrap();
+        source.verify_pfns().unwrap();
+        let old = source.chunks()[0].base;
+        // One free page besides the one the punch frees.
+        let _extra =
+            PoolReservation::grow(&Sysfs::system(), pool(HugePageSize::Huge2M), 1).unwrap();
+        let view = source.map_view().unwrap();
+        view.punch_hole(0, MIB2).unwrap();
+        source.verify_pfns().unwrap(); // a hole is skipped
+        let free = counts(HugePageSize::Huge2M).available();
+        if free > 16 {
+            pfnstore_core::testing::skip(
+                test,
+                &format!("{free} free 2M pages; would take them all"),
+            );
+            return;
+        }
+        // Take every free page, then free one that is not the punched page's old frame.
+        let blocker = HugetlbSource::new(HugetlbConfig {
+            grow_pool: false,
+            ..config(free * MIB2, HugePageSize::Huge2M)
+        })
+        .unwrap();
+        let other = blocker
+            .chunks()
+            .iter()
+            .find(|c| c.base != old)
+            .expect("two free pages, one of them not the old frame");
+        let new = other.base;
+        blocker
+            .map_view()
+            .unwrap()
+            .punch_hole(other.memfd_offset, MIB2)
+            .unwrap();
+        view.write(0, b"again").unwrap();
+        match source.verify_pfns() {
+            Err(HugetlbError::PfnMoved {
+                chunk: 0,
+                memfd_offset: 0,
+                recorded,
+                now,
+            }) => assert_eq!((recorded, now), (old, new)),
+            other => panic!("expected PfnMoved of chunk 0, got {other:?}"),
+        }
+    }
+    assert_eq!(counts(HugePageSize::Huge2M), before);
+}

@@ -86,10 +86,10 @@ pub mod conversion;
 mod error;
 mod fast_convert;
 mod inline_vec;
+mod layout;
 #[cfg(all(test, pfnstore_loom))]
 mod loom_models;
 mod packed;
-mod layout;
 pub mod reference;
 mod share_plane;
 mod stats;

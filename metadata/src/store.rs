@@ -14,8 +14,8 @@ use crate::layout::{BlockLayout, RunCollector};
 use crate::share_plane::{PlaneShape, SharePlane};
 use crate::summary::{MANAGED, SummaryLayout};
 use crate::{
-    Attributes, FileId, MappingAttributes, MappingChange, MetadataError, PinOwner, QuarantineReason, Shareability,
-    Stats, Transition,
+    Attributes, FileId, MappingAttributes, MappingChange, MetadataError, PinOwner,
+    QuarantineReason, Shareability, Stats, Transition,
 };
 
 /// The most chunk slots a store allocates (64 MiB of slots; 4 PiB of memory in 1G chunks).

@@ -191,7 +191,10 @@ impl Harness {
                 continue;
             };
             prop_assert_eq!(self.store.ranges(chunk), self.model.ranges(chunk));
-            prop_assert_eq!(self.store.block_layout(chunk), self.model.block_layout(chunk));
+            prop_assert_eq!(
+                self.store.block_layout(chunk),
+                self.model.block_layout(chunk)
+            );
         }
         prop_assert_eq!(self.store.ranges(span), self.model.ranges(span));
         let probes: Vec<Pfn> = if self.exhaustive {

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use pfnstore_core::{Geometry, OffsetRange, PageOffset, PageSize, Pfn, PfnRange};
 use pfnstore_metadata::conversion::{
-    Change, ConversionDomain, ConversionError, DomainLimits, Interest, MappingPlan,
-    Registration, Subscriber, SubscriberRegistry, UnmapError, Veto,
+    Change, ConversionDomain, ConversionError, DomainLimits, Interest, MappingPlan, Registration,
+    Subscriber, SubscriberRegistry, UnmapError, Veto,
 };
 use pfnstore_metadata::{FileId, MetadataError, MetadataStore, PinOwner, Shareability};
 use proptest::prelude::*;
@@ -100,12 +100,15 @@ impl Mapper {
             if tolerate_present && held.get(&s) == Some(&(e, sh)) {
                 continue;
             }
-            let overlap = held.range(..e).next_back().is_some_and(|(_, (end, _))| *end > s);
+            let overlap = held
+                .range(..e)
+                .next_back()
+                .is_some_and(|(_, (end, _))| *end > s);
             if overlap {
-                self.violations
-                    .lock()
-                    .unwrap()
-                    .push(format!("{}: map {s}..{e} overlaps a held mapping", self.name));
+                self.violations.lock().unwrap().push(format!(
+                    "{}: map {s}..{e} overlaps a held mapping",
+                    self.name
+                ));
             }
             held.insert(s, (e, sh));
         }
@@ -147,7 +150,10 @@ impl Subscriber for Mapper {
     fn unmap(&self, change: &Change<'_>) -> Result<(), UnmapError> {
         self.events.lock().unwrap().push("unmap");
         if let Some((fail, _)) = *self.fail_unmap.lock().unwrap()
-            && change.plan.region().is_some_and(|region| region.overlaps(&fail))
+            && change
+                .plan
+                .region()
+                .is_some_and(|region| region.overlaps(&fail))
         {
             return Err(UnmapError {
                 range: fail,
@@ -199,7 +205,8 @@ struct Fixture {
 fn fixture(pages: u64, initial: Shareability, max_block: PageSize) -> Fixture {
     let g = geometry();
     let span_pages = pages.div_ceil(g.chunk_pages()) * g.chunk_pages();
-    let store = Arc::new(MetadataStore::new(g, PfnRange::new(Pfn(0), Pfn(span_pages)).unwrap()).unwrap());
+    let store =
+        Arc::new(MetadataStore::new(g, PfnRange::new(Pfn(0), Pfn(span_pages)).unwrap()).unwrap());
     for base in (0..span_pages).step_by(g.chunk_pages() as usize) {
         store.add_chunk(Pfn(base), initial).unwrap();
     }
@@ -231,13 +238,21 @@ fn a_4k_conversion_inside_a_backed_chunk_is_one_unmap_and_five_map_runs() {
     f.domain.populate_with(r(0, 64), &mut ()).unwrap();
     let kvm = Mapper::new("kvm", Policy::Blocks);
     let _reg = subscribe(&f, &kvm);
-    assert_eq!(kvm.held.lock().unwrap().len(), 1, "the replay maps the one chunk block");
+    assert_eq!(
+        kvm.held.lock().unwrap().len(),
+        1,
+        "the replay maps the one chunk block"
+    );
     let done = f.domain.convert(r(20, 21), Shareability::Shared).unwrap();
     assert_eq!(done.plan.unmap().len(), 1);
     assert_eq!(done.plan.unmap_blocks(), 1);
     assert_eq!(done.plan.map().len(), 5);
     assert_eq!(done.plan.map_blocks(), 7 + 8);
-    assert_eq!(done.split_blocks(), 2, "the chunk and the page's middle block split");
+    assert_eq!(
+        done.split_blocks(),
+        2,
+        "the chunk and the page's middle block split"
+    );
     let back = f.domain.convert(r(20, 21), Shareability::Private).unwrap();
     assert_eq!(back.plan.map_blocks(), 1, "merged back at once");
     assert_eq!(back.merged_blocks(), 2);
@@ -311,7 +326,10 @@ fn an_unmap_failure_rolls_back_and_restores_the_others() {
     let _a = subscribe(&f, &healthy);
     let _b = subscribe(&f, &failing);
     *failing.fail_unmap.lock().unwrap() = Some((r(40, 41), false));
-    let err = f.domain.convert(r(8, 16), Shareability::Shared).unwrap_err();
+    let err = f
+        .domain
+        .convert(r(8, 16), Shareability::Shared)
+        .unwrap_err();
     match err {
         ConversionError::UnmapFailed {
             subscriber,
@@ -352,14 +370,20 @@ fn a_failed_restore_is_quarantined_without_changing_the_mapping_shape() {
     let _a = subscribe(&f, &healthy);
     let _b = subscribe(&f, &failing);
     *failing.fail_unmap.lock().unwrap() = Some((r(40, 48), true));
-    let err = f.domain.convert(r(8, 16), Shareability::Shared).unwrap_err();
+    let err = f
+        .domain
+        .convert(r(8, 16), Shareability::Shared)
+        .unwrap_err();
     let ConversionError::UnmapFailed { quarantined, .. } = err else {
         panic!("{err:?}")
     };
     assert_eq!(quarantined, vec![r(40, 48)]);
     assert!(f.store.attributes(Pfn(42)).unwrap().quarantined.is_some());
     // The healthy subscriber's 1G block is still exactly what the next plan unmaps.
-    assert_eq!(f.domain.max_mapping_order(PageOffset(0)).unwrap(), PageSize::Size1G);
+    assert_eq!(
+        f.domain.max_mapping_order(PageOffset(0)).unwrap(),
+        PageSize::Size1G
+    );
     *failing.fail_unmap.lock().unwrap() = None;
     let done = f.domain.punch_with(r(0, 8), &mut ()).unwrap();
     assert_eq!(done.plan.unmap_blocks(), 1);
@@ -386,7 +410,9 @@ fn a_veto_aborts_the_prepared_ones_and_changes_nothing() {
     let _b = subscribe(&f, &second);
     *second.veto.lock().unwrap() = true;
     let err = f.domain.convert(r(5, 6), Shareability::Shared).unwrap_err();
-    assert!(matches!(err, ConversionError::Vetoed { first_page, .. } if first_page == PageOffset(5)));
+    assert!(
+        matches!(err, ConversionError::Vetoed { first_page, .. } if first_page == PageOffset(5))
+    );
     assert_eq!(*first.events.lock().unwrap(), ["prepare", "abort"]);
     assert_eq!(*second.events.lock().unwrap(), ["prepare"]);
 }
@@ -397,14 +423,19 @@ fn pinned_pages_refuse_before_anyone_hears() {
     f.domain.populate_with(r(0, 64), &mut ()).unwrap();
     let m = Mapper::new("m", Policy::Blocks);
     let _reg = subscribe(&f, &m);
-    f.store.pin(PfnRange::new(Pfn(9), Pfn(10)).unwrap(), PinOwner(3)).unwrap();
+    f.store
+        .pin(PfnRange::new(Pfn(9), Pfn(10)).unwrap(), PinOwner(3))
+        .unwrap();
     for result in [
         f.domain.convert(r(0, 16), Shareability::Shared).map(drop),
         f.domain.punch_with(r(0, 16), &mut ()).map(drop),
     ] {
         assert!(matches!(
             result,
-            Err(ConversionError::Metadata(MetadataError::Pinned { first_pfn: Pfn(9), owner: PinOwner(3) }))
+            Err(ConversionError::Metadata(MetadataError::Pinned {
+                first_pfn: Pfn(9),
+                owner: PinOwner(3)
+            }))
         ));
     }
     assert!(m.events.lock().unwrap().is_empty());
@@ -428,7 +459,10 @@ fn a_dropped_subscriber_is_no_longer_called_and_the_store_holds_it_weakly() {
 fn subscribing_to_a_missing_file_is_an_error() {
     let f = fixture(64, Shareability::Private, PageSize::Size1G);
     let s: Arc<dyn Subscriber> = Mapper::new("m", Policy::Blocks);
-    let err = f.registry.register(&s, Interest::File(FileId(99))).unwrap_err();
+    let err = f
+        .registry
+        .register(&s, Interest::File(FileId(99)))
+        .unwrap_err();
     assert_eq!(err, ConversionError::NoSuchFile { file: FileId(99) });
     assert_eq!(f.registry.len(), 0);
 }
@@ -475,7 +509,11 @@ fn run_case(pages: u64, max_block: PageSize, ops: Vec<Op>) -> Result<(), TestCas
     let kvm = Mapper::new("kvm", Policy::Blocks);
     let vfio = Mapper::new("vfio", Policy::SharedRuns(PageSize::Size2M));
     let flaky = Mapper::new("flaky", Policy::Blocks);
-    let _r = [subscribe(&f, &kvm), subscribe(&f, &vfio), subscribe(&f, &flaky)];
+    let _r = [
+        subscribe(&f, &kvm),
+        subscribe(&f, &vfio),
+        subscribe(&f, &flaky),
+    ];
     let mut model = vec![
         Page {
             shared: false,
@@ -498,18 +536,25 @@ fn run_case(pages: u64, max_block: PageSize, ops: Vec<Op>) -> Result<(), TestCas
                 let result = f.domain.convert(r(0, 1), Shareability::Shared);
                 let expect_noop = model[0].shared || model[0].pins > 0 || model[0].quarantined;
                 if !expect_noop {
-                    prop_assert!(matches!(result, Err(ConversionError::Vetoed { .. })), "{result:?}");
+                    prop_assert!(
+                        matches!(result, Err(ConversionError::Vetoed { .. })),
+                        "{result:?}"
+                    );
                 }
             }
             Op::Pin(s, e) => {
                 let keys = PfnRange::new(Pfn(s), Pfn(e)).unwrap();
                 f.store.pin(keys, PinOwner(1)).unwrap();
-                model[s as usize..e as usize].iter_mut().for_each(|p| p.pins += 1);
+                model[s as usize..e as usize]
+                    .iter_mut()
+                    .for_each(|p| p.pins += 1);
             }
             Op::Unpin(s, e) => {
                 let keys = PfnRange::new(Pfn(s), Pfn(e)).unwrap();
                 if f.store.unpin(keys, PinOwner(1)).is_ok() {
-                    model[s as usize..e as usize].iter_mut().for_each(|p| p.pins -= 1);
+                    model[s as usize..e as usize]
+                        .iter_mut()
+                        .for_each(|p| p.pins -= 1);
                 }
             }
             Op::Convert(s, e, _) | Op::Populate(s, e) | Op::Punch(s, e) => {
@@ -517,7 +562,11 @@ fn run_case(pages: u64, max_block: PageSize, ops: Vec<Op>) -> Result<(), TestCas
                 let slice = &mut model[s as usize..e as usize];
                 let result = match op {
                     Op::Convert(..) => {
-                        let to = if shared { Shareability::Shared } else { Shareability::Private };
+                        let to = if shared {
+                            Shareability::Shared
+                        } else {
+                            Shareability::Private
+                        };
                         f.domain.convert(r(s, e), to).map(drop)
                     }
                     Op::Populate(..) => f.domain.populate_with(r(s, e), &mut ()).map(drop),
@@ -539,7 +588,9 @@ fn run_case(pages: u64, max_block: PageSize, ops: Vec<Op>) -> Result<(), TestCas
                             }
                         }
                     }
-                    Err(ConversionError::Metadata(_)) => prop_assert!(refused, "{op:?}: {result:?}"),
+                    Err(ConversionError::Metadata(_)) => {
+                        prop_assert!(refused, "{op:?}: {result:?}")
+                    }
                     Err(ConversionError::Vetoed { .. }) => {}
                     Err(ConversionError::UnmapFailed { quarantined, .. }) => {
                         for q in quarantined {
@@ -556,12 +607,20 @@ fn run_case(pages: u64, max_block: PageSize, ops: Vec<Op>) -> Result<(), TestCas
         // The metadata agrees with the model, page by page.
         for (i, p) in model.iter().enumerate() {
             let a = f.store.attributes(Pfn(i as u64)).unwrap();
-            prop_assert_eq!(a.shareability == Shareability::Shared, p.shared, "page {}", i);
+            prop_assert_eq!(
+                a.shareability == Shareability::Shared,
+                p.shared,
+                "page {}",
+                i
+            );
             prop_assert_eq!(a.owner.is_some(), p.backed, "page {}", i);
             prop_assert_eq!(a.quarantined.is_some(), p.quarantined, "page {}", i);
         }
         // Every subscriber that was not told about a failed restore holds exactly the layout.
-        let restore_failed = model.iter().zip(&before).any(|(a, b)| a.quarantined != b.quarantined);
+        let restore_failed = model
+            .iter()
+            .zip(&before)
+            .any(|(a, b)| a.quarantined != b.quarantined);
         for m in [&kvm, &vfio, &flaky] {
             let violations = m.violations.lock().unwrap().clone();
             prop_assert!(violations.is_empty(), "{:?}", violations);
@@ -569,7 +628,12 @@ fn run_case(pages: u64, max_block: PageSize, ops: Vec<Op>) -> Result<(), TestCas
                 // The failing one cannot restore; drop its view (it would resync).
                 *m.held.lock().unwrap() = m.expected(&f.domain);
             }
-            prop_assert_eq!(&*m.held.lock().unwrap(), &m.expected(&f.domain), "{}", m.name);
+            prop_assert_eq!(
+                &*m.held.lock().unwrap(),
+                &m.expected(&f.domain),
+                "{}",
+                m.name
+            );
         }
         f.store.check_invariants().map_err(TestCaseError::fail)?;
     }

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use pfnstore::hugetlb::HugePageSize;
 use pfnstore::hugetlb::plan::plan;
-use pfnstore::hugetlb::pool::Sysfs;
+use pfnstore::hugetlb::pool::{Sysfs, reconcile};
 
 use super::Outcome;
 use super::show::{PageKind, Rung};
@@ -22,6 +22,11 @@ pub struct Args {
     /// Plan for this NUMA node's pools (a node this machine has).
     #[arg(long, value_name = "NODE", value_parser = existing_numa_node)]
     pub numa_node: Option<u32>,
+    /// Give back pool pages that pfnstore processes grew and that died without giving them
+    /// back (the guardian normally does this; this settles what it could not, e.g. after a
+    /// reboot of the guardian's host or when it gave up), then print the pools.
+    #[arg(long)]
+    pub restore: bool,
 }
 
 /// clap value parser: a NUMA node number that exists here.
@@ -38,6 +43,28 @@ fn existing_numa_node(text: &str) -> Result<u32, String> {
 /// Prints the pools, the checks and the plan.
 pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
     let sysfs = Sysfs::system();
+    if args.restore {
+        let settled = reconcile(&sysfs)?;
+        if settled.is_empty() {
+            writeln!(out, "nothing to give back: no pool growth of a dead pfnstore process")?;
+        }
+        for s in settled {
+            writeln!(
+                out,
+                "gave back {} of {} pages grown by process {} in {} ({})",
+                s.given_back,
+                s.owed,
+                s.pid,
+                s.pool_dir.display(),
+                if s.given_back == s.owed {
+                    "settled"
+                } else {
+                    "the rest is in use and stays owed"
+                }
+            )?;
+        }
+        writeln!(out)?;
+    }
     print_pools(&sysfs, out)?;
     print_plan(&sysfs, args.size, args.numa_node, out)
 }

@@ -9,6 +9,7 @@ pub mod output;
 pub mod prefault;
 pub mod show;
 pub mod status;
+pub mod tour;
 pub mod units;
 
 /// What a command returns: `Ok` once its report is written.

@@ -212,6 +212,15 @@ impl fmt::Display for Plan<'_> {
     }
 }
 
+/// `text` indented by two spaces, line by line.
+pub fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("  {l}\n"))
+        .collect::<String>()
+        .trim_end()
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,12 +4,13 @@
 
 use std::io::Write;
 
-use pfnstore::StoreOptions;
-use pfnstore::core::{Geometry, PageSize};
+use pfnstore::core::{Geometry, PageSize, Pfn};
+use pfnstore::hugetlb::SyntheticSource;
 use pfnstore::hugetlb::pool::Sysfs;
+use pfnstore::{Store, StoreOptions};
 
 use super::Outcome;
-use super::show::block_bytes;
+use super::show::{Source, block_bytes, indent};
 use super::units::{self, Bytes, GIB, SizeLimit};
 
 /// Arguments of `pfnstore status`.
@@ -67,7 +68,14 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
     writeln!(out)?;
     writeln!(
         out,
-        "== what a store does (synthetic memory; `pfnstore demo --hugetlb` uses real 1 GiB pages)"
+        "== what a store does (synthetic memory; `pfnstore demo` runs VMs on real memory)"
     )?;
-    super::demo::run(&super::demo::Args::synthetic(args.size), out)
+    let source = SyntheticSource::new(geometry, Pfn(1 << 20), args.size.0 / chunk.0)?;
+    let store = Store::synthetic(source, StoreOptions::default())?;
+    writeln!(
+        out,
+        "memory source:\n{}",
+        indent(&Source(store.source_report()).to_string())
+    )?;
+    super::tour::show(&store, out)
 }

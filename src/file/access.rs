@@ -32,19 +32,25 @@ pub struct FileExtent {
 /// The file's host mapping: one contiguous range of the file's size (rounded up to the
 /// source's page), stable for the file's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct HostRegion {
-    /// The first byte (file offset 0).
-    pub addr: NonNull<u8>,
-    /// Bytes mapped (at least the file's size).
-    pub len: u64,
+    /// The first byte's address (kept as a number: the region grants no access by itself).
+    addr: usize,
+    len: u64,
 }
 
-// SAFETY: `HostRegion` is an address and a length, handed to the kernel (a memory slot, a
-// DMA map); it grants no access by itself, and the mapping it names lives as long as the file.
-unsafe impl Send for HostRegion {}
-// SAFETY: as for `Send`: nothing is reachable through a shared `&HostRegion`.
-unsafe impl Sync for HostRegion {}
+impl HostRegion {
+    /// The first byte (file offset 0), for handing to the kernel (a KVM memory slot, a DMA
+    /// map). Dereferencing it bypasses the store's checks.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+
+    /// Bytes mapped (at least the file's size).
+    #[allow(clippy::len_without_is_empty)] // never empty
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+}
 
 /// A piece of an access: bytes `start..end` of the file, backed or not.
 #[derive(Clone, Copy)]
@@ -59,7 +65,7 @@ impl GuestFile {
     /// touched must be shared and not quarantined; unbacked pages read as zeros.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         let inner = &self.inner;
-        inner.alive()?;
+        let _op = inner.enter()?;
         let pages = inner.byte_pages(offset, buf.len() as u64)?;
         let _guard = inner
             .domain
@@ -86,7 +92,7 @@ impl GuestFile {
     /// host memory refuses before anything changes).
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
         let inner = &self.inner;
-        inner.alive()?;
+        let _op = inner.enter()?;
         let pages = inner.byte_pages(offset, data.len() as u64)?;
         let end = offset + data.len() as u64;
         loop {
@@ -124,7 +130,7 @@ impl GuestFile {
     /// subscribe and unmap on the store's plans, as KVM and VFIO do.
     pub fn host_view_address(&self, offset: u64, len: u64) -> Result<NonNull<u8>, StoreError> {
         let inner = &self.inner;
-        inner.alive()?;
+        let _op = inner.enter()?;
         let pages = inner.byte_pages(offset, len)?;
         let mapping = inner.host("handing guest memory to the kernel")?;
         let _guard = inner
@@ -132,7 +138,10 @@ impl GuestFile {
             .lock_shared(pages)
             .map_err(|e| inner.context().conversion(e))?;
         inner.alive()?;
-        if let Some(hole) = inner.pieces(pages, offset, offset + len)?.iter().find(|p| !p.backed)
+        if let Some(hole) = inner
+            .pieces(pages, offset, offset + len)?
+            .iter()
+            .find(|p| !p.backed)
         {
             return Err(StoreError::NotBacked {
                 file: inner.id,
@@ -158,7 +167,7 @@ impl GuestFile {
     pub fn host_mapping(&self) -> Option<HostRegion> {
         let mapping = self.inner.mapping.as_ref()?;
         Some(HostRegion {
-            addr: NonNull::new(mapping.as_ptr())?,
+            addr: mapping.as_ptr() as usize,
             len: mapping.len(),
         })
     }
@@ -171,7 +180,7 @@ impl GuestFile {
     /// The backed memory of the file, by offset: where each piece lies in the memfd.
     pub fn extents(&self) -> Result<Vec<FileExtent>, StoreError> {
         let inner = &self.inner;
-        inner.alive()?;
+        let _op = inner.enter()?;
         let Some(all) = inner.all_pages() else {
             return Ok(Vec::new());
         };
@@ -217,7 +226,7 @@ impl GuestFile {
     /// a unit that holds no shared page.
     pub fn host_revoked(&self, offset: u64) -> Result<bool, StoreError> {
         let inner = &self.inner;
-        inner.alive()?;
+        let _op = inner.enter()?;
         let page = inner.page(offset)?;
         let Some(mapping) = &inner.mapping else {
             return Ok(false);
@@ -229,7 +238,7 @@ impl GuestFile {
     /// punch-holes of pinned pages fail until they are unpinned. The pages must be backed.
     pub fn pin(&self, offset: u64, len: u64, owner: PinOwner) -> Result<(), StoreError> {
         let inner = &self.inner;
-        inner.alive()?;
+        let _op = inner.enter()?;
         let pages = inner.pages(offset, len)?;
         let _guard = inner
             .domain
@@ -265,7 +274,7 @@ impl GuestFile {
     /// Drops one pin of `owner` on `offset..offset + len`.
     pub fn unpin(&self, offset: u64, len: u64, owner: PinOwner) -> Result<(), StoreError> {
         let inner = &self.inner;
-        inner.alive()?;
+        let _op = inner.enter()?;
         let pages = inner.pages(offset, len)?;
         let _guard = inner
             .domain

@@ -109,7 +109,10 @@ impl Extents {
 
     /// Records that `extent.offsets` (which must hold nothing) is held by `extent.pfns()`.
     pub(crate) fn insert(&mut self, extent: Extent) {
-        debug_assert!(self.extents_in(extent.offsets).is_empty(), "offsets already held");
+        debug_assert!(
+            self.extents_in(extent.offsets).is_empty(),
+            "offsets already held"
+        );
         self.held_pages += extent.offsets.len();
         self.by_start.insert(extent.offsets.start().0, extent);
     }
@@ -146,7 +149,11 @@ impl Extents {
 
     /// The largest block around `offset` that one extent holds with PFNs aligned like the
     /// offsets, i.e. that could be mapped with one page-table entry of that size.
-    pub(crate) fn contiguous_order(&self, geometry: &Geometry, offset: PageOffset) -> Option<PageSize> {
+    pub(crate) fn contiguous_order(
+        &self,
+        geometry: &Geometry,
+        offset: PageOffset,
+    ) -> Option<PageSize> {
         let extent = self.extent_at(offset)?;
         let pfn = extent.pfn_of(offset);
         for size in PageSize::LARGEST_FIRST {
@@ -210,9 +217,18 @@ mod tests {
         b.insert(ext(0, 64, 128)); // chunk-aligned PFNs: a whole chunk block
         b.insert(ext(64, 72, 203)); // misaligned PFNs: 4K only
         b.insert(ext(72, 80, 208)); // 8-aligned: a mid block
-        assert_eq!(b.contiguous_order(&g, PageOffset(5)), Some(PageSize::Size1G));
-        assert_eq!(b.contiguous_order(&g, PageOffset(65)), Some(PageSize::Size4K));
-        assert_eq!(b.contiguous_order(&g, PageOffset(75)), Some(PageSize::Size2M));
+        assert_eq!(
+            b.contiguous_order(&g, PageOffset(5)),
+            Some(PageSize::Size1G)
+        );
+        assert_eq!(
+            b.contiguous_order(&g, PageOffset(65)),
+            Some(PageSize::Size4K)
+        );
+        assert_eq!(
+            b.contiguous_order(&g, PageOffset(75)),
+            Some(PageSize::Size2M)
+        );
         assert_eq!(b.contiguous_order(&g, PageOffset(90)), None);
     }
 }

@@ -32,7 +32,7 @@ impl GuestFile {
     /// an exit to the VMM, which may convert.
     pub fn fault(&self, offset: u64, access: Shareability) -> Result<FaultMapping, StoreError> {
         let inner = &self.inner;
-        inner.alive()?;
+        let _op = inner.enter()?;
         let page = inner.page(offset)?;
         let geometry = inner.store.geometry();
         loop {

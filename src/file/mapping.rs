@@ -40,7 +40,11 @@ pub(crate) struct HostMapping {
 impl HostMapping {
     /// Reserves the mapping of a file of `pages` pages over memory of `granule` pages per
     /// memfd page.
-    pub(crate) fn new(pages: u64, granule: u64, geometry: &Geometry) -> Result<HostMapping, StoreError> {
+    pub(crate) fn new(
+        pages: u64,
+        granule: u64,
+        geometry: &Geometry,
+    ) -> Result<HostMapping, StoreError> {
         let align = match granule * PAGE_SIZE {
             b if b >= HugePageSize::Huge1G.bytes() => HugePageSize::Huge1G,
             b if b >= HugePageSize::Huge2M.bytes() => HugePageSize::Huge2M,
@@ -48,7 +52,9 @@ impl HostMapping {
             // with the host's transparent huge pages.
             _ => HugePageSize::Huge2M,
         };
-        let unit = granule.max((2 << 20) / PAGE_SIZE).min(geometry.chunk_pages().max(granule));
+        let unit = granule
+            .max((2 << 20) / PAGE_SIZE)
+            .min(geometry.chunk_pages().max(granule));
         let bytes = pages.div_ceil(granule) * granule * PAGE_SIZE;
         Ok(HostMapping {
             map: FileMapping::reserve(bytes, align)?,
@@ -217,4 +223,3 @@ impl FileInner {
         }
     }
 }
-

@@ -25,6 +25,7 @@
 mod access;
 mod extents;
 mod fault;
+// mod handover;
 mod mapping;
 mod transaction;
 
@@ -44,10 +45,11 @@ pub use access::{FileExtent, HostRegion};
 pub use fault::FaultMapping;
 pub use transaction::ConvertMode;
 
+use crate::StoreError;
 use crate::config::FileOptions;
 use crate::error::FileContext;
+use crate::gate::{Entered, Ops, Phase};
 use crate::store::{InvariantError, Store, internal};
-use crate::StoreError;
 use extents::Extents;
 use mapping::HostMapping;
 
@@ -109,6 +111,8 @@ pub(crate) struct FileInner {
     extents: RwLock<Extents>,
     mapping: Option<HostMapping>,
     destroyed: AtomicBool,
+    /// Operations under way (see [`crate::gate`]).
+    ops: Ops,
 }
 
 impl GuestFile {
@@ -181,6 +185,7 @@ impl GuestFile {
             extents: RwLock::new(Extents::default()),
             mapping,
             destroyed: AtomicBool::new(false),
+            ops: Ops::default(),
         });
         open(&inner);
         let file = GuestFile { inner };
@@ -209,7 +214,7 @@ impl GuestFile {
     /// backs it, `None` otherwise).
     pub fn attributes(&self, offset: u64) -> Result<Attributes, StoreError> {
         let inner = &self.inner;
-        inner.alive()?;
+        let _op = inner.enter()?;
         let page = inner.page(offset)?;
         inner
             .domain
@@ -226,7 +231,7 @@ impl GuestFile {
     /// The frame behind byte `offset`, if memory backs it.
     pub fn translate(&self, offset: u64) -> Result<Option<Pfn>, StoreError> {
         let inner = &self.inner;
-        inner.alive()?;
+        let _op = inner.enter()?;
         let page = inner.page(offset)?;
         Ok(inner.backed_pfn(page))
     }
@@ -236,7 +241,7 @@ impl GuestFile {
     /// [`GuestFile::fault`]; lock-free for uniform chunks).
     pub fn max_mapping_size(&self, offset: u64) -> Result<PageSize, StoreError> {
         let inner = &self.inner;
-        inner.alive()?;
+        let _op = inner.enter()?;
         let page = inner.page(offset)?;
         inner
             .domain
@@ -254,21 +259,18 @@ impl GuestFile {
     /// subscriber that maps everything holds there.
     pub fn mapped_blocks(&self, offset: u64, len: u64) -> Result<Vec<PlanEntry>, StoreError> {
         let inner = &self.inner;
-        inner.alive()?;
+        let _op = inner.enter()?;
         let pages = inner.pages(offset, len)?;
-        let plan = inner.current_plan()?;
-        let geometry = inner.store.geometry();
-        Ok(plan
-            .map()
-            .iter()
-            .filter(|e| e.run.range(&geometry).overlaps(&pages))
-            .copied()
-            .collect())
+        let plan = inner
+            .domain
+            .blocks_in(pages)
+            .map_err(|e| inner.context().metadata(e))?;
+        Ok(plan.map().to_vec())
     }
 
     /// Everything mapped now as one plan (what a subscriber gets as its replay).
     pub fn current_plan(&self) -> Result<MappingPlan, StoreError> {
-        self.inner.alive()?;
+        let _op = self.inner.enter()?;
         self.inner.current_plan()
     }
 
@@ -276,7 +278,7 @@ impl GuestFile {
     /// many records as it has boundaries (a uniform 1 GiB is one), for comparing and dumping.
     pub fn attribute_runs(&self, offset: u64, len: u64) -> Result<Vec<AttributeRun>, StoreError> {
         let inner = &self.inner;
-        inner.alive()?;
+        let _op = inner.enter()?;
         let pages = inner.pages(offset, len)?;
         let mut runs = Vec::new();
         inner
@@ -357,7 +359,10 @@ impl GuestFile {
             .store()
             .visit_runs(all.cast(), |run, a| {
                 if a.owner == Some(inner.id) && !held.holes_in(run.cast()).is_empty() {
-                    problem = Some(format!("{} is backed but not held", run.cast::<PageOffset>()));
+                    problem = Some(format!(
+                        "{} is backed but not held",
+                        run.cast::<PageOffset>()
+                    ));
                     return ControlFlow::Break(());
                 }
                 ControlFlow::Continue(())
@@ -375,7 +380,7 @@ impl GuestFile {
     /// fails to unmap, the file stays as it was and the error says so.
     pub fn destroy(self) -> Result<(), StoreError> {
         let inner = &self.inner;
-        inner.alive()?;
+        let _op = inner.enter()?;
         let all = inner.all_pages().ok_or(StoreError::Empty { offset: 0 })?;
         // The whole file locked: no operation under way, none starts until we are done.
         let guard = inner
@@ -406,6 +411,19 @@ impl GuestFile {
 }
 
 impl FileInner {
+    /// Enters the store's gate for an operation of this file: refused once the file is
+    /// destroyed or while the store is handed over.
+    pub(crate) fn enter(&self) -> Result<Entered<'_>, StoreError> {
+        let entered = self.store.inner.gate().enter(&self.ops)?;
+        self.alive()?;
+        Ok(entered)
+    }
+
+    /// The operations of this file under way.
+    pub(crate) fn ops(&self) -> &Ops {
+        &self.ops
+    }
+
     /// Fails with [`StoreError::Destroyed`] once the file is destroyed.
     pub(crate) fn alive(&self) -> Result<(), StoreError> {
         if self.is_destroyed() {
@@ -427,7 +445,7 @@ impl FileInner {
         }
     }
 
-    fn all_pages(&self) -> Option<OffsetRange> {
+    pub(crate) fn all_pages(&self) -> Option<OffsetRange> {
         OffsetRange::from_len(PageOffset(0), self.size_pages).ok()
     }
 
@@ -500,7 +518,10 @@ impl FileInner {
     }
 
     /// The first pinned page of `pages`, if any.
-    pub(crate) fn first_pinned(&self, pages: OffsetRange) -> Result<Option<PageOffset>, StoreError> {
+    pub(crate) fn first_pinned(
+        &self,
+        pages: OffsetRange,
+    ) -> Result<Option<PageOffset>, StoreError> {
         let mut first = None;
         self.domain
             .store()
@@ -534,7 +555,8 @@ impl FileInner {
     /// it, and memory a subscriber failed to unmap may still be mapped: both are quarantined
     /// instead (never reused, visible in the store's statistics).
     fn release_all(&self) {
-        if self.is_destroyed() {
+        // Destroyed: nothing left. Handed over: the memory is another process's now.
+        if self.is_destroyed() || self.store.inner.gate().phase() == Phase::HandedOver {
             return;
         }
         self.destroyed.store(true, Ordering::SeqCst);

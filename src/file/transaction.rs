@@ -61,7 +61,7 @@ impl GuestFile {
         mode: ConvertMode,
     ) -> Result<ChangeOutcome, StoreError> {
         let inner = &self.inner;
-        inner.alive()?;
+        let _op = inner.enter()?;
         let pages = inner.pages(offset, len)?;
         let mut hooks = Convert {
             file: inner,
@@ -71,7 +71,17 @@ impl GuestFile {
             error: None,
         };
         let result = inner.domain.convert_with(pages, to, &mut hooks);
-        inner.finish(result, hooks.error)
+        let outcome = inner.finish(result, hooks.error)?;
+        if outcome.is_noop() {
+            // Nothing to convert; but a restoration that failed earlier (the process out of
+            // memory regions) is retried, so that converting again repairs the host mapping.
+            let _guard = inner
+                .domain
+                .lock_shared(pages)
+                .map_err(|e| inner.context().conversion(e))?;
+            inner.refresh(pages, None, Direction::Both)?;
+        }
+        Ok(outcome)
     }
 
     /// Takes the memory away from `offset..offset + len`: every subscriber unmaps it first,
@@ -90,7 +100,7 @@ impl FileInner {
     /// Backs the unbacked pages of `pages`, widened to whole granules of the source (clipped
     /// to the file).
     pub(crate) fn populate(&self, pages: OffsetRange) -> Result<ChangeOutcome, StoreError> {
-        self.alive()?;
+        let _op = self.enter()?;
         let granule = self.store.inner.memory().granule();
         let widened = pages.align_out(granule);
         let end = widened.end().0.min(self.size_pages);
@@ -106,9 +116,7 @@ impl FileInner {
 
     /// Unbacks `pages`; `dying` lets a file being destroyed or dropped do it.
     pub(crate) fn punch(&self, pages: OffsetRange, dying: bool) -> Result<(), StoreError> {
-        if !dying {
-            self.alive()?;
-        }
+        let _op = if dying { None } else { Some(self.enter()?) };
         let mut hooks = Punch {
             file: self,
             dying,
@@ -188,9 +196,10 @@ impl FileInner {
                 });
             };
             let count = pages / geometry.pages(smaller);
-            let mut parts: Vec<_> = pfnstore_core::BlockRun::new(&geometry, offsets.start(), smaller, count)?
-                .blocks(&geometry)
-                .collect();
+            let mut parts: Vec<_> =
+                pfnstore_core::BlockRun::new(&geometry, offsets.start(), smaller, count)?
+                    .blocks(&geometry)
+                    .collect();
             parts.reverse();
             todo.extend(parts);
         }
@@ -310,7 +319,11 @@ impl ChangeHooks for Convert<'_> {
         let file = self.file;
         let result = (|| {
             if self.to == Shareability::Private {
-                file.refresh(self.pages, Some((self.pages, self.to)), Direction::RevokeOnly)?;
+                file.refresh(
+                    self.pages,
+                    Some((self.pages, self.to)),
+                    Direction::RevokeOnly,
+                )?;
             }
             if self.mode == ConvertMode::Zero {
                 let held = file.extents.read().extents_in(self.pages);
@@ -355,26 +368,32 @@ impl Punch<'_> {
             _ => out.push(r),
         };
         for range in changed {
-            let widened = range.align_out(granule);
-            if widened == *range {
-                push(*range);
-                continue;
-            }
-            // Only the granules at the two ends are partly punched: they go only if nothing
-            // else of them is backed.
-            let mut at = widened.start();
-            while at < widened.end() {
-                let g = OffsetRange::from_len(at, granule)?;
-                let whole = range.contains_range(&g);
-                if whole || !file.backed_outside(g, changed)? {
+            let (start, end) = (range.start().0, range.end().0);
+            let inner_start = start.div_ceil(granule) * granule;
+            let inner_end = end / granule * granule;
+            // Granules the punch covers whole go; the partly punched ones at the two ends go
+            // only if nothing else of them stays backed.
+            let head = (start % granule != 0).then(|| start / granule * granule);
+            let tail = (end % granule != 0)
+                .then_some(inner_end)
+                .filter(|t| Some(*t) != head);
+            if let Some(h) = head {
+                let g = OffsetRange::from_len(PageOffset(h), granule)?;
+                if !file.backed_outside(g, changed)? {
                     push(g);
                 }
-                at = if whole && at >= range.start() {
-                    // Skip to the last granule.
-                    PageOffset((range.end().0 / granule * granule).max(at.0 + granule))
-                } else {
-                    g.end()
-                };
+            }
+            if inner_start < inner_end {
+                push(OffsetRange::new(
+                    PageOffset(inner_start),
+                    PageOffset(inner_end),
+                )?);
+            }
+            if let Some(t) = tail {
+                let g = OffsetRange::from_len(PageOffset(t), granule)?;
+                if !file.backed_outside(g, changed)? {
+                    push(g);
+                }
             }
         }
         Ok(out)
@@ -383,7 +402,11 @@ impl Punch<'_> {
 
 impl FileInner {
     /// Whether a page of `granule` outside `changed` is backed.
-    fn backed_outside(&self, granule: OffsetRange, changed: &[OffsetRange]) -> Result<bool, StoreError> {
+    fn backed_outside(
+        &self,
+        granule: OffsetRange,
+        changed: &[OffsetRange],
+    ) -> Result<bool, StoreError> {
         let mut backed = false;
         self.domain
             .store()

@@ -74,7 +74,11 @@ impl IommuMapper {
     }
 
     /// A mapper with `policy`.
-    pub fn with_policy(name: impl Into<String>, geometry: Geometry, policy: DmaPolicy) -> IommuMapper {
+    pub fn with_policy(
+        name: impl Into<String>,
+        geometry: Geometry,
+        policy: DmaPolicy,
+    ) -> IommuMapper {
         IommuMapper {
             name: name.into(),
             geometry,
@@ -201,7 +205,10 @@ impl IommuMapper {
 
 /// Identifies a change under way for this subscriber.
 fn change_key(change: &Change<'_>) -> (FileId, u64) {
-    let first = change.plan.region().map_or(change.range.start(), |r| r.start());
+    let first = change
+        .plan
+        .region()
+        .map_or(change.range.start(), |r| r.start());
     (change.file, first.0)
 }
 
@@ -280,7 +287,10 @@ impl Subscriber for IommuMapper {
         self.injected.on_restore(change.plan.region())?;
         // Map back what the unmap of this change removed (nothing, if it failed first).
         let mut state = self.state.lock();
-        let removed = state.unmapped.remove(&change_key(change)).unwrap_or_default();
+        let removed = state
+            .unmapped
+            .remove(&change_key(change))
+            .unwrap_or_default();
         self.add(&mut state, change.file, &removed);
         Ok(())
     }

@@ -19,6 +19,9 @@ use crate::{FileId, Shareability, StoreError};
 pub struct KvmMmu {
     name: String,
     geometry: Geometry,
+    /// Map every block of a plan at once (as if the guest touched everything), rather than
+    /// only what faults install.
+    eager: bool,
     store: Weak<StoreInner>,
     state: Mutex<State>,
     injected: Injected,
@@ -40,14 +43,25 @@ struct State {
 }
 
 impl KvmMmu {
-    /// An MMU for the files of `store`. It holds the store weakly.
+    /// An MMU for the files of `store` that maps every block of every plan at once (as if
+    /// the guest touched everything), so that every plan is checked. It holds the store
+    /// weakly.
     pub fn new(name: impl Into<String>, store: &Store) -> KvmMmu {
         KvmMmu {
             name: name.into(),
             geometry: store.geometry(),
+            eager: true,
             store: std::sync::Arc::downgrade(&store.inner),
             state: Mutex::new(State::default()),
             injected: Injected::default(),
+        }
+    }
+
+    /// An MMU that maps only what faults ask for, as KVM does: plans only zap.
+    pub fn lazy(name: impl Into<String>, store: &Store) -> KvmMmu {
+        KvmMmu {
+            eager: false,
+            ..KvmMmu::new(name, store)
         }
     }
 
@@ -98,7 +112,11 @@ impl KvmMmu {
     }
 
     /// The mapping that covers `page` of `file`: its pages and its table.
-    pub fn mapping_at(&self, file: FileId, page: PageOffset) -> Option<(OffsetRange, Shareability)> {
+    pub fn mapping_at(
+        &self,
+        file: FileId,
+        page: PageOffset,
+    ) -> Option<(OffsetRange, Shareability)> {
         let state = self.state.lock();
         let (&(f, start), &(pages, table)) = state.mappings.range(..=(file, page.0)).next_back()?;
         let range = OffsetRange::from_len(PageOffset(start), pages).ok()?;
@@ -251,7 +269,9 @@ impl Subscriber for KvmMmu {
 
     fn map(&self, change: &Change<'_>) {
         self.injected.on(Callback::Map);
-        if let Ok(store) = self.store() {
+        if self.eager
+            && let Ok(store) = self.store()
+        {
             let mut state = self.state.lock();
             for entry in change.plan.map() {
                 for block in entry.run.blocks(&self.geometry) {

@@ -124,7 +124,10 @@ impl Subscriber for Recorder {
     }
 
     fn restore(&self, change: &Change<'_>) -> Result<(), UnmapError> {
-        self.events.lock().unwrap().push(Event::Restore(change.kind));
+        self.events
+            .lock()
+            .unwrap()
+            .push(Event::Restore(change.kind));
         Ok(())
     }
 

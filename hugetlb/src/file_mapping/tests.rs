@@ -485,3 +485,11 @@ fn huge_2m_pages_map_out_of_order_unmap_and_protect() {
         assert_regions_match(&m);
     }
 }
+
+#[test]
+fn mappings_and_memfds_can_be_shared_between_threads() {
+    fn shared<T: Send + Sync>() {}
+    shared::<FileMapping>();
+    shared::<crate::Memfd<'static>>();
+    shared::<crate::testing::ShuffledSource>();
+}

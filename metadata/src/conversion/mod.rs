@@ -240,12 +240,16 @@ impl ChangeOutcome {
 
     /// The 1G and 2M blocks that lost their uniformity, as runs.
     pub fn splits(&self) -> impl Iterator<Item = BlockRun<PageOffset>> + '_ {
-        self.changes.iter().flat_map(|c| c.splits().map(BlockRun::cast))
+        self.changes
+            .iter()
+            .flat_map(|c| c.splits().map(BlockRun::cast))
     }
 
     /// The 1G and 2M blocks that became uniform, as runs.
     pub fn merges(&self) -> impl Iterator<Item = BlockRun<PageOffset>> + '_ {
-        self.changes.iter().flat_map(|c| c.merges().map(BlockRun::cast))
+        self.changes
+            .iter()
+            .flat_map(|c| c.merges().map(BlockRun::cast))
     }
 
     /// Blocks split, counted one by one.
@@ -371,6 +375,13 @@ impl ConversionDomain {
     /// The plan that maps everything backed now (what a replay delivers).
     pub fn current_plan(&self) -> Result<MappingPlan, MetadataError> {
         planner::Planner { core: &self.core }.current()
+    }
+
+    /// The backed blocks that intersect `range` as a plan describes them now: what a
+    /// subscriber that maps every block holds there (whole blocks, possibly reaching past
+    /// `range`).
+    pub fn blocks_in(&self, range: OffsetRange) -> Result<MappingPlan, MetadataError> {
+        planner::Planner { core: &self.core }.blocks_in(range.cast())
     }
 
     /// Converts `range` to `to`: the transaction of the module docs, without hooks.

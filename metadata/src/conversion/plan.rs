@@ -159,44 +159,32 @@ impl Iterator for Runs<'_> {
     type Item = (OffsetRange, Shareability);
 
     fn next(&mut self) -> Option<(OffsetRange, Shareability)> {
-        loop {
-            let (run, shareability) = match self.current.take() {
-                Some(c) => c,
-                None => {
-                    let e = self.entries.next()?;
-                    (e.run.range(&self.geometry), e.shareability)
-                }
-            };
-            // Cut at the next boundary after the run's start.
-            let cut = (run.start().0 | (self.boundary_pages - 1)) + 1;
-            if cut < run.end().0 {
-                let (head, tail) = run.split_at(PageOffset(cut)).ok()?;
-                self.current = Some((tail, shareability));
-                return Some((head, shareability));
+        let (mut run, shareability) = match self.current.take() {
+            Some(c) => c,
+            None => {
+                let e = self.entries.next()?;
+                (e.run.range(&self.geometry), e.shareability)
             }
-            // Extend with following entries while contiguous, alike and before the cut.
-            let mut run = run;
+        };
+        // Cut at the next boundary after the run's start.
+        let cut = (run.start().0 | (self.boundary_pages - 1)) + 1;
+        // Extend with the following entries while contiguous, alike and before the cut.
+        while run.end().0 < cut {
             let mut rest = self.entries.clone();
-            loop {
-                match rest.next() {
-                    Some(e)
-                        if e.shareability == shareability
-                            && e.run.start() == run.end()
-                            && run.end().0 < cut =>
-                    {
-                        self.entries = rest.clone();
-                        let next = e.run.range(&self.geometry);
-                        run = run.hull(&next);
-                        if run.end().0 > cut {
-                            let (head, tail) = run.split_at(PageOffset(cut)).ok()?;
-                            self.current = Some((tail, shareability));
-                            return Some((head, shareability));
-                        }
-                    }
-                    _ => return Some((run, shareability)),
+            match rest.next() {
+                Some(e) if e.shareability == shareability && e.run.start() == run.end() => {
+                    self.entries = rest;
+                    run = run.hull(&e.run.range(&self.geometry));
                 }
+                _ => break,
             }
         }
+        if cut < run.end().0 {
+            let (head, tail) = run.split_at(PageOffset(cut)).ok()?;
+            self.current = Some((tail, shareability));
+            return Some((head, shareability));
+        }
+        Some((run, shareability))
     }
 }
 

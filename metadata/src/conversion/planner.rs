@@ -144,6 +144,18 @@ impl Planner<'_> {
         Ok(plan)
     }
 
+    /// The backed blocks that intersect `range` as a plan describes them now (whole blocks,
+    /// possibly reaching past `range`).
+    pub(crate) fn blocks_in(&self, range: PfnRange) -> Result<MappingPlan, MetadataError> {
+        let mut plan = MappingPlan::empty(self.geometry());
+        let hull = self
+            .block_before(range.start())?
+            .hull(&self.block_before(range.last())?);
+        self.layout(hull, None, |e| plan.map.push(e))?;
+        plan.region = self.clip(hull);
+        Ok(plan)
+    }
+
     /// Every page of the domain's file.
     fn all(&self) -> Option<PfnRange> {
         PfnRange::from_len(Pfn(0), self.core.pages).ok()
@@ -232,10 +244,12 @@ impl Planner<'_> {
             }
             ControlFlow::Continue(())
         };
-        self.core.store.visit_mapping_runs(region, |run, a| match overlay {
-            Some(o) => o.pieces(run, a, &mut piece),
-            None => piece(run, a),
-        })?;
+        self.core
+            .store
+            .visit_mapping_runs(region, |run, a| match overlay {
+                Some(o) => o.pieces(run, a, &mut piece),
+                None => piece(run, a),
+            })?;
         if let Some((r, a)) = pending {
             flush(r, a);
         }

@@ -278,8 +278,7 @@ impl SubscriberRegistry {
             cached.0 = self.generation.load(Ordering::SeqCst);
         }
         // No allocation without subscribers (an empty Vec does not allocate).
-        let members: Vec<Arc<dyn Subscriber>> =
-            cached.1.iter().filter_map(Weak::upgrade).collect();
+        let members: Vec<Arc<dyn Subscriber>> = cached.1.iter().filter_map(Weak::upgrade).collect();
         drop(cached);
         Snapshot {
             domain,

@@ -50,10 +50,7 @@ impl ConversionDomain {
         }
 
         let snapshot = self.registry.snapshot(core);
-        let plan = Planner { core }.plan(
-            Overlay { changed, edit },
-            snapshot.run_boundary(),
-        )?;
+        let plan = Planner { core }.plan(Overlay { changed, edit }, snapshot.run_boundary())?;
         let change = Change {
             file: core.file,
             kind,

@@ -1,0 +1,107 @@
+//! The receiver's side: a store rebuilt from a snapshot's image over the received memory.
+
+use std::collections::BTreeSet;
+
+use pfnstore_hugetlb::MemorySource;
+use pfnstore_metadata::FileId;
+
+use super::{HandoverError, Received};
+use super::snapshot::Image;
+use crate::file::FileInner;
+use crate::{GuestFile, Store, StoreError, StoreOptions};
+
+impl Store {
+    /// Rebuilds the store `image` describes over `source` (the received memory).
+    pub(crate) fn rebuild(
+        image: Image,
+        source: Box<dyn MemorySource>,
+        options: StoreOptions,
+    ) -> Result<Received, HandoverError> {
+        if source.geometry() != image.geometry {
+            return Err(HandoverError::Mismatch(format!(
+                "the snapshot's geometry is {:?}, the memory's {:?}",
+                image.geometry,
+                source.geometry()
+            )));
+        }
+        // Every chunk starts free and dirty; what the image says is clean becomes clean.
+        let store = Store::assemble(source, options, true, image.next_file)?;
+        let result = fill(&store, &image);
+        if result.is_err() {
+            // Nothing was taken over: the memory (and the pool growth) stays the sender's.
+            store.inner.seal();
+        }
+        result.map(|files| Received { store, files })
+    }
+}
+
+/// Rebuilds allocator, physical metadata and files of `image` in the freshly assembled
+/// `store`; returns the files.
+fn fill(store: &Store, image: &Image) -> Result<Vec<GuestFile>, HandoverError> {
+        let inner = &store.inner;
+        let internal = |e: &dyn std::fmt::Display| HandoverError::Mismatch(e.to_string());
+        // Allocations: one per extent a file holds.
+        for file in &image.files {
+            for (offsets, pfn) in &file.extents {
+                let pfns = pfnstore_core::PfnRange::from_len(*pfn, offsets.len())
+                    .map_err(StoreError::from)?;
+                inner.allocator().alloc_at(pfns).map_err(|e| internal(&e))?;
+            }
+        }
+        let files: BTreeSet<FileId> = image.files.iter().map(|f| f.id).collect();
+        for run in &image.physical {
+            let physical = inner.physical();
+            if let Some(owner) = run.owner {
+                physical
+                    .assign_owner(run.pfns, owner)
+                    .map_err(|e| internal(&e))?;
+                if !files.contains(&owner) {
+                    // Memory of a file that is gone: only quarantined memory stays owned.
+                    if run.quarantined.is_none() {
+                        return Err(HandoverError::Mismatch(format!(
+                            "{} belongs to {owner}, which the snapshot does not have",
+                            run.pfns
+                        )));
+                    }
+                    inner.allocator().alloc_at(run.pfns).map_err(|e| internal(&e))?;
+                }
+            }
+            if let Some(reason) = run.quarantined {
+                physical.quarantine(run.pfns, reason).map_err(|e| internal(&e))?;
+                inner.allocator().quarantine(run.pfns).map_err(|e| internal(&e))?;
+            }
+            if run.dirty {
+                physical.set_dirty(run.pfns, true).map_err(|e| internal(&e))?;
+            } else if run.owner.is_none() && run.quarantined.is_none() {
+                inner.allocator().mark_clean(run.pfns).map_err(|e| internal(&e))?;
+            }
+        }
+        let mut handles = Vec::with_capacity(image.files.len());
+        for file in &image.files {
+            let rebuilt = FileInner::rebuild(store.clone(), file)?;
+            inner.reopen_file(file.id, &rebuilt, file.pages * pfnstore_core::PAGE_SIZE);
+            handles.push(GuestFile { inner: rebuilt });
+        }
+        let total = inner.allocator().stats().total;
+        let got = (
+            total.free_pages,
+            total.allocated_pages,
+            total.quarantined_pages,
+            total.dirty_pages,
+        );
+        let want = (
+            image.totals.free,
+            image.totals.allocated,
+            image.totals.quarantined,
+            image.totals.dirty,
+        );
+        if got != want {
+            return Err(HandoverError::Mismatch(format!(
+                "allocator (free, allocated, quarantined, dirty) pages: {got:?} rebuilt, {want:?} sent"
+            )));
+        }
+        store
+            .check_invariants()
+            .map_err(|e| HandoverError::Mismatch(e.to_string()))?;
+        Ok(handles)
+}

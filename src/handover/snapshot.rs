@@ -1,0 +1,410 @@
+//! The snapshot a store is handed over with: a versioned, checksummed image of everything
+//! but the memory itself (which travels as the memfd).
+//!
+//! # Format (version 1)
+//!
+//! All integers little-endian.
+//!
+//! ```text
+//! magic    8 bytes  "PFNSTORE"
+//! version  u32      1
+//! length   u64      bytes of the body
+//! body     ...      the sections below, in order
+//! crc32    u32      CRC-32 (IEEE) of everything before it
+//! ```
+//!
+//! The body: the store (geometry orders, next file id), the memory source's record
+//! ([`pfnstore_hugetlb::SourceRecord`]: page size, memfd length, each chunk's base PFN and
+//! memfd offset, the pool growth it owns), the allocator's totals (to check the rebuild), the
+//! physical metadata as runs (owner, quarantine, dirty), and every file: id, size, attribute
+//! runs (shareability, backed, quarantine, pins with owners) and the extents it holds. Every
+//! list is a `u64` count followed by its records, and every list is of *runs*, so a uniform
+//! 1 TiB costs a few records whatever its size: the snapshot grows with the boundaries in the
+//! memory, not with the memory. The allocator's state is not written separately: free,
+//! allocated, quarantined and dirty extents follow from the physical runs and the files'
+//! extents (each extent is one allocation on the receiving side), and the receiver checks its
+//! rebuilt totals against the sender's.
+
+use pfnstore_core::{Geometry, OffsetRange, Pfn, PfnRange};
+use pfnstore_metadata::{FileId, PinOwner, QuarantineReason};
+
+use super::HandoverError;
+
+const MAGIC: &[u8; 8] = b"PFNSTORE";
+/// The version this code writes and reads.
+pub const VERSION: u32 = 1;
+
+/// One run of the physical metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PhysicalRun {
+    pub(crate) pfns: PfnRange,
+    pub(crate) owner: Option<FileId>,
+    pub(crate) quarantined: Option<QuarantineReason>,
+    pub(crate) dirty: bool,
+}
+
+/// One run of a file's attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FileRun {
+    pub(crate) pages: OffsetRange,
+    pub(crate) shared: bool,
+    pub(crate) backed: bool,
+    pub(crate) quarantined: Option<QuarantineReason>,
+    pub(crate) pins: Vec<(PinOwner, u32)>,
+}
+
+/// A file: its attributes and the memory it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FileImage {
+    pub(crate) id: FileId,
+    pub(crate) pages: u64,
+    pub(crate) runs: Vec<FileRun>,
+    /// (offsets, first PFN): runs of held memory, contiguous in both.
+    pub(crate) extents: Vec<(OffsetRange, Pfn)>,
+}
+
+/// The allocator's totals, to check a rebuild against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Totals {
+    pub(crate) free: u64,
+    pub(crate) allocated: u64,
+    pub(crate) quarantined: u64,
+    pub(crate) dirty: u64,
+}
+
+/// Everything a snapshot holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Image {
+    pub(crate) geometry: Geometry,
+    pub(crate) next_file: u32,
+    pub(crate) source: pfnstore_hugetlb::SourceRecord,
+    pub(crate) totals: Totals,
+    pub(crate) physical: Vec<PhysicalRun>,
+    pub(crate) files: Vec<FileImage>,
+}
+
+/// Appends little-endian values.
+pub(crate) struct Writer(pub(crate) Vec<u8>);
+
+impl Writer {
+    pub(crate) fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    pub(crate) fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    pub(crate) fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    pub(crate) fn bytes(&mut self, v: &[u8]) {
+        self.u64(v.len() as u64);
+        self.0.extend_from_slice(v);
+    }
+}
+
+/// Reads little-endian values, failing with the offset where the input ran out.
+pub(crate) struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Reader<'a> {
+        Reader { bytes, at: 0 }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], HandoverError> {
+        let end = self.at.checked_add(n).filter(|e| *e <= self.bytes.len());
+        let Some(end) = end else {
+            return Err(HandoverError::Truncated { at: self.at as u64 });
+        };
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    pub(crate) fn u8(&mut self) -> Result<u8, HandoverError> {
+        Ok(self.take(1)?[0])
+    }
+    pub(crate) fn u32(&mut self) -> Result<u32, HandoverError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    pub(crate) fn u64(&mut self) -> Result<u64, HandoverError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    pub(crate) fn bytes(&mut self) -> Result<&'a [u8], HandoverError> {
+        let n = self.u64()?;
+        let n = usize::try_from(n).map_err(|_| HandoverError::Truncated { at: self.at as u64 })?;
+        self.take(n)
+    }
+    /// A count of records of at least `record` bytes each, checked against what is left.
+    pub(crate) fn count(&mut self, record: usize) -> Result<usize, HandoverError> {
+        let at = self.at;
+        let n = self.u64()?;
+        let left = (self.bytes.len() - self.at) as u64;
+        if n.saturating_mul(record as u64) > left {
+            return Err(HandoverError::Malformed {
+                at: at as u64,
+                what: format!("{n} records announced, {left} bytes left"),
+            });
+        }
+        Ok(n as usize)
+    }
+    fn malformed(&self, what: impl Into<String>) -> HandoverError {
+        HandoverError::Malformed {
+            at: self.at as u64,
+            what: what.into(),
+        }
+    }
+    pub(crate) fn range<K: pfnstore_core::PageIndex>(
+        &mut self,
+    ) -> Result<pfnstore_core::PageRange<K>, HandoverError> {
+        let (start, len) = (self.u64()?, self.u64()?);
+        pfnstore_core::PageRange::from_len(K::from_raw(start), len)
+            .map_err(|e| self.malformed(format!("bad range: {e}")))
+    }
+    fn finished(&self) -> Result<(), HandoverError> {
+        if self.at == self.bytes.len() {
+            Ok(())
+        } else {
+            Err(self.malformed(format!("{} bytes after the end", self.bytes.len() - self.at)))
+        }
+    }
+}
+
+fn quarantine_code(q: Option<QuarantineReason>) -> u8 {
+    match q {
+        None => 0,
+        Some(QuarantineReason::UnmapFailed) => 1,
+        Some(QuarantineReason::ScrubFailed) => 2,
+        Some(QuarantineReason::Operator) => 3,
+        Some(QuarantineReason::StillPinned) => 4,
+    }
+}
+
+fn quarantine_of(code: u8, r: &Reader<'_>) -> Result<Option<QuarantineReason>, HandoverError> {
+    Ok(match code {
+        0 => None,
+        1 => Some(QuarantineReason::UnmapFailed),
+        2 => Some(QuarantineReason::ScrubFailed),
+        3 => Some(QuarantineReason::Operator),
+        4 => Some(QuarantineReason::StillPinned),
+        other => return Err(r.malformed(format!("quarantine reason {other}"))),
+    })
+}
+
+/// Encodes `image` as a snapshot.
+pub(crate) fn encode(image: &Image) -> Vec<u8> {
+    let mut body = Writer(Vec::new());
+    let g = &image.geometry;
+    body.u32(g.order(pfnstore_core::PageSize::Size2M));
+    body.u32(g.order(pfnstore_core::PageSize::Size1G));
+    body.u32(image.next_file);
+    super::source_record::encode(&image.source, &mut body);
+    let t = image.totals;
+    for v in [t.free, t.allocated, t.quarantined, t.dirty] {
+        body.u64(v);
+    }
+    body.u64(image.physical.len() as u64);
+    for run in &image.physical {
+        body.u64(run.pfns.start().0);
+        body.u64(run.pfns.len());
+        body.u32(run.owner.map_or(u32::MAX, |f| f.0));
+        body.u8(quarantine_code(run.quarantined));
+        body.u8(u8::from(run.dirty));
+    }
+    body.u64(image.files.len() as u64);
+    for file in &image.files {
+        body.u32(file.id.0);
+        body.u64(file.pages);
+        body.u64(file.runs.len() as u64);
+        for run in &file.runs {
+            body.u64(run.pages.start().0);
+            body.u64(run.pages.len());
+            body.u8(u8::from(run.shared) | (u8::from(run.backed) << 1));
+            body.u8(quarantine_code(run.quarantined));
+            body.u32(run.pins.len() as u32);
+            for (owner, count) in &run.pins {
+                body.u32(owner.0);
+                body.u32(*count);
+            }
+        }
+        body.u64(file.extents.len() as u64);
+        for (offsets, pfn) in &file.extents {
+            body.u64(offsets.start().0);
+            body.u64(offsets.len());
+            body.u64(pfn.0);
+        }
+    }
+    let mut out = Vec::with_capacity(body.0.len() + 24);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(body.0.len() as u64).to_le_bytes());
+    out.extend_from_slice(&body.0);
+    let crc = crc32(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Decodes a snapshot, checking its magic, version, length and checksum first.
+pub(crate) fn decode(bytes: &[u8]) -> Result<Image, HandoverError> {
+    if bytes.len() < 24 {
+        return Err(HandoverError::Truncated {
+            at: bytes.len() as u64,
+        });
+    }
+    if &bytes[..8] != MAGIC {
+        return Err(HandoverError::NotASnapshot);
+    }
+    let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    if version != VERSION {
+        return Err(HandoverError::Version {
+            found: version,
+            supported: VERSION,
+        });
+    }
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&bytes[12..20]);
+    let len = u64::from_le_bytes(len);
+    let expected = 20u64.saturating_add(len).saturating_add(4);
+    if (bytes.len() as u64) < expected {
+        return Err(HandoverError::Truncated {
+            at: bytes.len() as u64,
+        });
+    }
+    if (bytes.len() as u64) > expected {
+        return Err(HandoverError::Malformed {
+            at: expected,
+            what: format!("{} bytes after the checksum", bytes.len() as u64 - expected),
+        });
+    }
+    let body_end = 20 + len as usize;
+    let stored = u32::from_le_bytes([
+        bytes[body_end],
+        bytes[body_end + 1],
+        bytes[body_end + 2],
+        bytes[body_end + 3],
+    ]);
+    let computed = crc32(&bytes[..body_end]);
+    if stored != computed {
+        return Err(HandoverError::Checksum {
+            stored,
+            computed,
+        });
+    }
+    let mut r = Reader::new(&bytes[20..body_end]);
+    let (mid, chunk) = (r.u32()?, r.u32()?);
+    let geometry = Geometry::new(mid, chunk).map_err(|e| r.malformed(e.to_string()))?;
+    let next_file = r.u32()?;
+    let source = super::source_record::decode(&mut r)?;
+    let totals = Totals {
+        free: r.u64()?,
+        allocated: r.u64()?,
+        quarantined: r.u64()?,
+        dirty: r.u64()?,
+    };
+    let n = r.count(22)?;
+    let mut physical = Vec::with_capacity(n);
+    for _ in 0..n {
+        let pfns = r.range()?;
+        let owner = match r.u32()? {
+            u32::MAX => None,
+            id => Some(FileId(id)),
+        };
+        let q = r.u8()?;
+        let quarantined = quarantine_of(q, &r)?;
+        let dirty = r.u8()? != 0;
+        physical.push(PhysicalRun {
+            pfns,
+            owner,
+            quarantined,
+            dirty,
+        });
+    }
+    let n = r.count(28)?;
+    let mut files = Vec::with_capacity(n);
+    for _ in 0..n {
+        let id = FileId(r.u32()?);
+        let pages = r.u64()?;
+        let runs_n = r.count(22)?;
+        let mut runs = Vec::with_capacity(runs_n);
+        for _ in 0..runs_n {
+            let range = r.range()?;
+            let flags = r.u8()?;
+            let q = r.u8()?;
+            let quarantined = quarantine_of(q, &r)?;
+            let pins_n = r.u32()? as usize;
+            let mut pins = Vec::with_capacity(pins_n.min(64));
+            for _ in 0..pins_n {
+                pins.push((PinOwner(r.u32()?), r.u32()?));
+            }
+            runs.push(FileRun {
+                pages: range,
+                shared: flags & 1 != 0,
+                backed: flags & 2 != 0,
+                quarantined,
+                pins,
+            });
+        }
+        let ext_n = r.count(24)?;
+        let mut extents = Vec::with_capacity(ext_n);
+        for _ in 0..ext_n {
+            let offsets: OffsetRange = r.range()?;
+            extents.push((offsets, Pfn(r.u64()?)));
+        }
+        files.push(FileImage {
+            id,
+            pages,
+            runs,
+            extents,
+        });
+    }
+    r.finished()?;
+    Ok(Image {
+        geometry,
+        next_file,
+        source,
+        totals,
+        physical,
+        files,
+    })
+}
+
+/// CRC-32 (IEEE 802.3, reflected, as zlib computes it).
+pub(crate) fn crc32(bytes: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut table = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                k += 1;
+            }
+            table[i] = c;
+            i += 1;
+        }
+        table
+    };
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc = TABLE[((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
+    }
+    !crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+}
