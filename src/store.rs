@@ -315,7 +315,8 @@ impl Store {
             held_by.insert(file.id(), file.held_pages());
         }
         let mut owned: BTreeMap<FileId, u64> = BTreeMap::new();
-        let (mut quarantined, mut orphans) = (0u64, 0u64);
+        // Quarantined pages that a file still holds, and those no file holds any more.
+        let (mut quarantined_held, mut quarantined_free) = (0u64, 0u64);
         let mut problem = None;
         // Chunk by chunk: real PFNs leave gaps in the span that no chunk manages.
         for chunk in inner.memory.source().chunks() {
@@ -324,20 +325,21 @@ impl Store {
             inner
                 .physical
                 .visit_runs(range, |run, a| {
-                    if let Some(owner) = a.owner {
-                        *owned.entry(owner).or_default() += run.len();
-                        if a.quarantined.is_some() {
-                            quarantined += run.len();
-                        }
-                        if !held_by.contains_key(&owner) {
-                            if a.quarantined.is_none() {
+                    match (a.owner, a.quarantined.is_some()) {
+                        (Some(owner), quarantined) => {
+                            if !held_by.contains_key(&owner) {
                                 problem = Some(format!(
-                                    "{run} still belongs to {owner}, which is gone, and is not quarantined (leaked)"
+                                    "{run} still belongs to {owner}, which is gone (leaked)"
                                 ));
                                 return ControlFlow::Break(());
                             }
-                            orphans += run.len();
+                            *owned.entry(owner).or_default() += run.len();
+                            if quarantined {
+                                quarantined_held += run.len();
+                            }
                         }
+                        (None, true) => quarantined_free += run.len(),
+                        (None, false) => {}
                     }
                     ControlFlow::Continue(())
                 })
@@ -359,12 +361,12 @@ impl Store {
         }
         let a = inner.allocator.stats().total;
         let total_owned: u64 = owned.values().sum();
-        if a.allocated_pages + a.quarantined_pages != total_owned
-            || a.quarantined_pages != quarantined
+        let quarantined = quarantined_held + quarantined_free;
+        if a.quarantined_pages != quarantined || a.allocated_pages + quarantined_held != total_owned
         {
             return Err(InvariantError(format!(
-                "the allocator has {} pages allocated and {} quarantined; the metadata has {} owned, {} of them quarantined ({} of files that are gone)",
-                a.allocated_pages, a.quarantined_pages, total_owned, quarantined, orphans
+                "the allocator has {} pages allocated and {} quarantined; the metadata has {} held by files ({} of them quarantined) and {} quarantined held by none",
+                a.allocated_pages, a.quarantined_pages, total_owned, quarantined_held, quarantined_free
             )));
         }
         Ok(())
@@ -485,22 +487,22 @@ impl StoreInner {
         Ok(())
     }
 
-    /// Gives `pfns` (held by `file`) back to the allocator, dirty, except the quarantined
-    /// pages among them: those stay out of use for good, recorded as the file's.
+    /// Takes `pfns` away from `file` (which held them): the healthy pages go back to the
+    /// allocator, dirty; the quarantined ones stay out of use for good, held by no file.
     pub(crate) fn release(&self, file: FileId, pfns: PfnRange) -> Result<(), StoreError> {
-        let mut healthy: Vec<PfnRange> = Vec::new();
+        let mut runs: Vec<(PfnRange, bool)> = Vec::new();
         self.physical
             .visit_runs(pfns, |run, a| {
-                if a.quarantined.is_none() {
-                    healthy.push(run);
-                }
+                runs.push((run, a.quarantined.is_some()));
                 ControlFlow::Continue(())
             })
             .map_err(internal)?;
-        for run in healthy {
+        for (run, quarantined) in runs {
             self.physical.release_owner(run, file).map_err(internal)?;
-            self.physical.set_dirty(run, true).map_err(internal)?;
-            self.allocator.free(run).map_err(internal)?;
+            if !quarantined {
+                self.physical.set_dirty(run, true).map_err(internal)?;
+                self.allocator.free(run).map_err(internal)?;
+            }
         }
         Ok(())
     }

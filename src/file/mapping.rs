@@ -190,7 +190,8 @@ impl FileInner {
         while start < units.end() {
             let unit = OffsetRange::from_len(start, mapping.unit)?;
             let accessible = self.unit_accessible(unit, pending)?;
-            if accessible || direction == Direction::Both {
+            // Before the flip only revocations are made: the host loses access first.
+            if !accessible || direction == Direction::Both {
                 let protection = if accessible {
                     Protection::ReadWrite
                 } else {

@@ -173,7 +173,21 @@ impl GuestFile {
             },
         );
         let mapping = if memory.has_bytes() {
-            Some(HostMapping::new(size_pages, memory.granule(), &geometry)?)
+            let mapping = HostMapping::new(size_pages, memory.granule(), &geometry);
+            Some(mapping.map_err(|e| match e {
+                StoreError::Memory(m) => match m.get() {
+                    pfnstore_hugetlb::HugetlbError::MapCountLimit { regions, limit, .. } => {
+                        StoreError::MappingLimit {
+                            file: id,
+                            offset: 0,
+                            regions: *regions,
+                            limit: *limit,
+                        }
+                    }
+                    _ => StoreError::Memory(m),
+                },
+                other => other,
+            })?)
         } else {
             None
         };

@@ -51,20 +51,23 @@ fn fill(store: &Store, image: &Image) -> Result<Vec<GuestFile>, HandoverError> {
         let files: BTreeSet<FileId> = image.files.iter().map(|f| f.id).collect();
         for run in &image.physical {
             let physical = inner.physical();
-            if let Some(owner) = run.owner {
-                physical
-                    .assign_owner(run.pfns, owner)
-                    .map_err(|e| internal(&e))?;
-                if !files.contains(&owner) {
-                    // Memory of a file that is gone: only quarantined memory stays owned.
-                    if run.quarantined.is_none() {
-                        return Err(HandoverError::Mismatch(format!(
-                            "{} belongs to {owner}, which the snapshot does not have",
-                            run.pfns
-                        )));
-                    }
+            match run.owner {
+                Some(owner) if files.contains(&owner) => {
+                    physical
+                        .assign_owner(run.pfns, owner)
+                        .map_err(|e| internal(&e))?;
+                }
+                Some(owner) => {
+                    return Err(HandoverError::Mismatch(format!(
+                        "{} belongs to {owner}, which the snapshot does not have",
+                        run.pfns
+                    )));
+                }
+                // Quarantined memory no file holds: out of use for good, as it was.
+                None if run.quarantined.is_some() => {
                     inner.allocator().alloc_at(run.pfns).map_err(|e| internal(&e))?;
                 }
+                None => {}
             }
             if let Some(reason) = run.quarantined {
                 physical.quarantine(run.pfns, reason).map_err(|e| internal(&e))?;
