@@ -970,6 +970,55 @@ fn an_ordinary_memory_source_rebuilds_and_refuses_a_wrong_memfd() {
     ));
 }
 
+/// A source that was mlocked is rebuilt locked on fault: nothing is faulted in (locking
+/// ordinary pages outright would allocate every page of the memfd).
+#[test]
+fn an_mlocked_source_is_rebuilt_locked_on_fault_without_faulting() {
+    let test = "an_mlocked_source_is_rebuilt_locked_on_fault_without_faulting";
+    let source = HugetlbSource::new(HugetlbConfig {
+        prefault: Prefault::None,
+        grow_pool: false,
+        ..config(GIB, HugePageSize::Base4K)
+    })
+    .unwrap();
+    let mut record = source.record();
+    record.request.mlock = true;
+    let rebuilt = match HugetlbSource::rebuild(&record, dup(source.memfd().unwrap().fd())) {
+        Ok(r) => r,
+        Err(e @ HugetlbError::Os { op: "mlock", .. }) => {
+            pfnstore_core::testing::skip(test, &format!("cannot mlock 1 GiB here: {e}"));
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let addr = rebuilt.chunks()[0].host.unwrap().as_ptr() as usize;
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    // The mapping's block of smaps: its header line to its VmFlags line.
+    let mut block = smaps
+        .lines()
+        .skip_while(|l| !l.starts_with(&format!("{addr:x}-")));
+    assert!(
+        block.next().is_some(),
+        "the mapping at {addr:#x} is in smaps"
+    );
+    let block: Vec<&str> = block.take_while(|l| !l.starts_with("VmFlags:")).collect();
+    let rss = block
+        .iter()
+        .find_map(|l| l.strip_prefix("Rss:"))
+        .map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().unwrap())
+        .unwrap();
+    assert_eq!(rss, 0, "nothing faulted in");
+    let flags = smaps
+        .lines()
+        .skip_while(|l| !l.starts_with(&format!("{addr:x}-")))
+        .find(|l| l.starts_with("VmFlags:"))
+        .unwrap();
+    assert!(
+        flags.split_whitespace().any(|f| f == "lf"),
+        "locked on fault: {flags}"
+    );
+}
+
 /// The shuffled source keeps its chunk order and holes.
 #[test]
 fn a_shuffled_source_rebuilds_with_its_order_and_holes() {
