@@ -200,7 +200,10 @@ impl HugetlbSource {
         self.report.bytes
     }
 
-    /// Pool pages this source added (and gives back when dropped).
+    /// Pool pages this source added or took over in a rebuild (and gives back when dropped);
+    /// 0 after [`MemorySource::relinquish`]. Between another process's adoption and the
+    /// relinquish they are still counted here, though dropping the source would give none back
+    /// (see [`crate::pool`], "Handing a growth to another process").
     pub fn pool_pages_added(&self) -> u64 {
         self.reservations
             .lock()
