@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use pfnstore_core::{GeometryError, Pfn, RangeError};
 
-use crate::{HugePageSize, PfnKind, SourceReport};
+use crate::pool::PoolId;
+use crate::{HugePageSize, PfnKind, RecordProblem, SourceReport};
 
 /// Everything that can go wrong while obtaining, describing or using memory.
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +198,78 @@ pub enum HugetlbError {
         was: Option<PfnKind>,
         /// The new memory's kind.
         now: PfnKind,
+    },
+    /// A handed-over memfd ([`crate::rebuild`]) has pages of another size than its record says.
+    #[error("the memfd has {found} pages, the record says {recorded}")]
+    MemfdPageSize {
+        /// The record's page size.
+        recorded: HugePageSize,
+        /// The memfd's (from fstatfs).
+        found: HugePageSize,
+    },
+    /// A handed-over memfd is not as long as its record says.
+    #[error("the memfd holds {found:#x} bytes, the record says {recorded:#x}")]
+    MemfdLength {
+        /// The record's length.
+        recorded: u64,
+        /// The memfd's (from fstat).
+        found: u64,
+    },
+    /// A handed-over descriptor is another file than the memfd the record was made of.
+    #[error(
+        "the descriptor is file {found:?} (device, inode), the record was made of {recorded:?}"
+    )]
+    WrongMemfd {
+        /// The recorded memfd's (device, inode).
+        recorded: (u64, u64),
+        /// The descriptor's.
+        found: (u64, u64),
+    },
+    /// A handed-over memfd holds another number of pages than its record says are backed
+    /// (pages punched out, or written again, after the record was made): nothing was faulted.
+    #[error("the memfd holds {found} pages of memory, the record says {expected}")]
+    BackedPages {
+        /// Pages the record says are backed (its length less its holes).
+        expected: u64,
+        /// Pages the memfd holds (fstat's blocks).
+        found: u64,
+    },
+    /// A chunk the record says is backed has no page in the handed-over memfd. The page that
+    /// touching it took from the pool was punched out again.
+    #[error("chunk {chunk} (memfd offset {memfd_offset:#x}) has no page in the memfd")]
+    PageMissing {
+        /// Index of the chunk.
+        chunk: usize,
+        /// Its byte offset in the memfd.
+        memfd_offset: u64,
+    },
+    /// A [`crate::SourceRecord`] that no source can be rebuilt from: it contradicts itself or
+    /// the kind of source asked to rebuild it. Nothing was touched.
+    #[error("invalid source record{}: {problem}", chunk.map(|c| format!(" (chunk {c})")).unwrap_or_default())]
+    InvalidRecord {
+        /// The chunk concerned, if one is.
+        chunk: Option<usize>,
+        /// What is wrong.
+        problem: RecordProblem,
+    },
+    /// A recorded pool growth whose ledger entry is not what the record says; it was not
+    /// taken over.
+    #[error("ledger entry {entry}: {problem}")]
+    LedgerMismatch {
+        /// The entry.
+        entry: PathBuf,
+        /// What differs.
+        problem: String,
+    },
+    /// [`crate::MemorySource::relinquish`] (or [`crate::pool::PoolReservation::relinquish`])
+    /// of a growth that no other process has adopted: its ledger entry is still this
+    /// process's. Nothing changed.
+    #[error("the growth of the {pool} in {entry} was not adopted by another process")]
+    NotAdopted {
+        /// The pool.
+        pool: PoolId,
+        /// The ledger entry still owned here.
+        entry: PathBuf,
     },
     /// An invalid PFN range (synthetic source bounds or alignment).
     #[error(transparent)]

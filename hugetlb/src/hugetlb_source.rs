@@ -1,19 +1,22 @@
 //! [`HugetlbSource`]: memory from a hugetlb memfd, obtained down the fallback ladder.
 
 use std::ops::Range;
+use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 use memmap2::MmapRaw;
-use pfnstore_core::sync::Arc;
+use pfnstore_core::sync::{Arc, Mutex};
 use pfnstore_core::{Geometry, Pfn};
 
 use crate::backing::{self, MemfdFile};
+use crate::handover::{self, RecordProblem, SourceKind, SourceRecord};
 use crate::pagemap::{Pagemap, Resolution};
 use crate::pool::{self, PoolId, PoolReservation, Sysfs};
 use crate::report::{LadderStep, StepFailure, StepKind, Timings};
 use crate::{
-    Chunk, ChunkIndex, ChunkLocation, HostMapping, HostView, HugePageSize, HugetlbConfig,
-    HugetlbError, Memfd, MemorySource, PfnKind, Prefault, SourceReport, SyntheticReason,
+    Chunk, ChunkIndex, ChunkLocation, GrowthRecord, HostMapping, HostView, HugePageSize,
+    HugetlbConfig, HugetlbError, Memfd, MemorySource, PfnKind, Prefault, SourceReport,
+    SyntheticReason,
 };
 
 /// Where synthetic PFNs of a [`HugetlbSource`] start: 2^40 pages (4 PiB), above any real
@@ -24,7 +27,8 @@ pub const SYNTHETIC_PFN_BASE: Pfn = Pfn(1 << 40);
 /// ladder fell that far. See the crate docs for the ladder and the PFN rules.
 ///
 /// Dropping the source unmaps its memory, closes its memfd (once every [`HostView`] of it is
-/// gone too) and then gives back the pool pages it added.
+/// gone too) and then gives back the pool pages it added (none after
+/// [`MemorySource::relinquish`]).
 #[derive(Debug)]
 pub struct HugetlbSource {
     chunks: Vec<Chunk>,
@@ -37,7 +41,9 @@ pub struct HugetlbSource {
     // Field order is drop order: mappings first, then the memfd, then the pool pages.
     segments: Vec<MmapRaw>,
     memfd: Arc<MemfdFile>,
-    reservations: Vec<PoolReservation>,
+    /// Locked only to read them and by `relinquish`, which needs `&self` (the store holds a
+    /// `Box<dyn MemorySource>`).
+    reservations: Mutex<Vec<PoolReservation>>,
 }
 
 /// Memory obtained by one successful step, not yet turned into chunks.
@@ -140,7 +146,7 @@ impl HugetlbSource {
             sysfs,
             segments: Vec::new(),
             memfd: Arc::new(memfd),
-            reservations: Vec::new(),
+            reservations: Mutex::new(Vec::new()),
         };
         source.add_piece(0, piece);
         source
@@ -181,7 +187,7 @@ impl HugetlbSource {
         self.index = ChunkIndex::new(&self.chunks);
         self.report.bytes += len;
         self.segments.push(piece.map);
-        self.reservations.extend(piece.reservation);
+        self.reservations.get_mut().extend(piece.reservation);
     }
 
     /// The page size obtained.
@@ -194,9 +200,16 @@ impl HugetlbSource {
         self.report.bytes
     }
 
-    /// Pool pages this source added (and gives back when dropped).
+    /// Pool pages this source added or took over in a rebuild (and gives back when dropped);
+    /// 0 after [`MemorySource::relinquish`]. Between another process's adoption and the
+    /// relinquish they are still counted here, though dropping the source would give none back
+    /// (see [`crate::pool`], "Handing a growth to another process").
     pub fn pool_pages_added(&self) -> u64 {
-        self.reservations.iter().map(PoolReservation::added).sum()
+        self.reservations
+            .lock()
+            .iter()
+            .map(PoolReservation::added)
+            .sum()
     }
 
     /// A second shared mapping of the whole memfd (as large as the source is now), for the
@@ -218,52 +231,112 @@ impl HugetlbSource {
             return Ok(());
         }
         let pagemap = Pagemap::open()?;
-        let page = self.page_size;
         // Holding the holes' read lock keeps pages from being punched while they are checked.
         let holes = self.memfd.holes.read();
         for (i, chunk) in self.chunks.iter().enumerate() {
-            if holes.contains(&(chunk.memfd_offset / page.bytes())) {
+            if holes.contains(&(chunk.memfd_offset / self.page_size.bytes())) {
                 continue;
             }
-            let host = chunk
-                .host
-                .expect("a chunk with real PFNs is mapped by its source");
             // The source's own mapping may no longer map the page (punched and written again
-            // through a view): map it again, which allocates nothing for a page the file has.
-            // SAFETY: MADV_POPULATE_READ only faults pages of our own mapping of this chunk in
-            // for reading; it changes no memory, and the page is not a hole (checked above,
-            // under the lock), so no page is allocated.
-            let rc = unsafe {
-                libc::madvise(host.as_ptr().cast(), host.len(), libc::MADV_POPULATE_READ)
-            };
-            if rc != 0 {
-                return Err(HugetlbError::os(
-                    "MADV_POPULATE_READ",
-                    page,
-                    std::io::Error::last_os_error(),
-                ));
-            }
-            match pagemap.resolve(host.as_ptr() as usize, host.len(), page, chunk.memfd_offset)? {
-                Resolution::Real(now) if now.first() == Some(&chunk.base) => {}
-                Resolution::Real(now) => {
-                    return Err(HugetlbError::PfnMoved {
-                        chunk: i,
-                        memfd_offset: chunk.memfd_offset,
-                        recorded: chunk.base,
-                        now: now.first().copied().unwrap_or(Pfn(0)),
-                    });
-                }
-                Resolution::Hidden => {
-                    return Err(HugetlbError::PfnKindChanged {
-                        was: Some(PfnKind::Real),
-                        now: PfnKind::Synthetic {
-                            reason: SyntheticReason::PagemapHidden,
-                        },
-                    });
-                }
-            }
+            // through a view): populating maps it again, which allocates nothing for a page the
+            // file has (the page is not a hole: checked above, under the lock).
+            check_frame(&pagemap, i, chunk, self.page_size)?;
         }
         Ok(())
+    }
+
+    /// Rebuilds a source that another process recorded ([`MemorySource::record`]) from its
+    /// memfd, as the receiving side of a handover (see [`crate::handover`]):
+    ///
+    /// * checks the record against itself (the chunks tile the memfd, all with one PFN kind;
+    ///   real PFNs only for hugetlb pages, one page per chunk, aligned; synthetic ones where
+    ///   this source puts them; holes whole pages) and against the memfd (page size from
+    ///   fstatfs, length and identity from fstat): [`HugetlbError::InvalidRecord`],
+    ///   [`HugetlbError::MemfdPageSize`], [`HugetlbError::MemfdLength`],
+    ///   [`HugetlbError::WrongMemfd`];
+    /// * maps the memfd `MAP_SHARED | MAP_NORESERVE`: the pages are the file's already (the
+    ///   holes, like those of views, get no pool reservation). Nothing is copied, zeroed or
+    ///   allocated;
+    /// * for real PFNs: checks that the memfd holds exactly the pages the record says are
+    ///   backed (fstat's block count, which needs no page touched:
+    ///   [`HugetlbError::BackedPages`]), maps each backed chunk's page into the page tables
+    ///   (`MADV_POPULATE_READ`; a page found missing after all is punched out again,
+    ///   [`HugetlbError::PageMissing`]) and reads its PFN from pagemap: one that differs from the
+    ///   record is [`HugetlbError::PfnMoved`] naming the first such chunk, PFNs hidden (no
+    ///   `CAP_SYS_ADMIN`) are [`HugetlbError::PfnKindChanged`]. Synthetic PFNs are taken as
+    ///   recorded and nothing is faulted;
+    /// * mlocks the mapping on fault if the source was mlocked (`MLOCK_ONFAULT`: locking
+    ///   ordinary pages would fault in the holes);
+    /// * last, takes over the pool growth the record lists
+    ///   ([`PoolReservation::adopt`]), so that an error before takes nothing over.
+    ///
+    /// The rebuilt source's report has no ladder steps (they happened in the process that
+    /// obtained the memory); its timings are the rebuild's.
+    pub fn rebuild(record: &SourceRecord, memfd: OwnedFd) -> Result<HugetlbSource, HugetlbError> {
+        HugetlbSource::rebuild_with_sysfs(record, memfd, Sysfs::system())
+    }
+
+    /// [`HugetlbSource::rebuild`] with pools, nodes and the ledger from `sysfs`.
+    pub fn rebuild_with_sysfs(
+        record: &SourceRecord,
+        memfd: OwnedFd,
+        sysfs: Sysfs,
+    ) -> Result<HugetlbSource, HugetlbError> {
+        let (pfn_kind, page_size) = check_record(record)?;
+        let memfd = handover::adopt_memfd(record, memfd)?;
+        let mut timings = Timings::default();
+        let t = Instant::now();
+        let map = memfd.map(0, record.memfd_len, false, true)?;
+        timings.map = t.elapsed();
+        if pfn_kind == PfnKind::Real {
+            check_frames(record, &memfd, &map, &mut timings)?;
+        }
+        if record.request.mlock {
+            lock_on_fault(&map, page_size)?;
+        }
+        let reservations = PoolReservation::adopt_all(&sysfs, &record.pool_growth)?;
+        let chunk_bytes = record.geometry.chunk_pages() * pfnstore_core::PAGE_SIZE;
+        let addr = map.as_mut_ptr() as usize;
+        let chunks: Vec<Chunk> = record
+            .chunks
+            .iter()
+            .map(|c| Chunk {
+                base: c.base,
+                pages: record.geometry.chunk_pages(),
+                page_size,
+                pfn_kind,
+                memfd_offset: c.memfd_offset,
+                host: Some(HostMapping::new(
+                    addr + c.memfd_offset as usize,
+                    chunk_bytes as usize,
+                )),
+            })
+            .collect();
+        let request = &record.request;
+        let report = SourceReport {
+            requested_bytes: request.requested_bytes,
+            preferred: request.preferred,
+            strict: request.strict,
+            numa_node: request.numa_node,
+            prefault: request.prefault,
+            steps: Vec::new(),
+            obtained: Some(page_size),
+            pfn_kind: Some(pfn_kind),
+            bytes: record.memfd_len,
+            timings,
+        };
+        Ok(HugetlbSource {
+            index: ChunkIndex::new(&chunks),
+            chunks,
+            report,
+            config: handover::config_of(request),
+            page_size,
+            geometry: record.geometry,
+            sysfs,
+            segments: vec![map],
+            memfd,
+            reservations: Mutex::new(reservations),
+        })
     }
 
     /// Obtains `bytes` more of the source's page size at the end of the memfd.
@@ -335,6 +408,40 @@ impl HugetlbSource {
 impl MemorySource for HugetlbSource {
     fn geometry(&self) -> Geometry {
         self.geometry
+    }
+
+    fn record(&self) -> SourceRecord {
+        let pool_growth = self
+            .reservations
+            .lock()
+            .iter()
+            .filter_map(|r| {
+                let name = r.ledger_entry()?.file_name()?.to_str()?;
+                Some(GrowthRecord {
+                    pool: r.pool(),
+                    pages: r.added(),
+                    ledger_entry: name.to_string(),
+                })
+            })
+            .collect();
+        SourceRecord {
+            kind: SourceKind::Hugetlb,
+            page_size: self.page_size,
+            geometry: self.geometry,
+            memfd_len: self.report.bytes,
+            memfd_id: handover::memfd_identity(&self.memfd),
+            chunks: handover::chunk_records(&self.chunks),
+            holes: handover::hole_records(&self.memfd),
+            request: handover::request_record(&self.config),
+            pool_growth,
+        }
+    }
+
+    fn relinquish(&self) -> Result<(), HugetlbError> {
+        let mut reservations = self.reservations.lock();
+        PoolReservation::relinquish_all(&self.sysfs, &mut reservations)?;
+        reservations.clear();
+        Ok(())
     }
 
     fn chunks(&self) -> &[Chunk] {
@@ -488,4 +595,184 @@ fn map_piece(
         pfns,
         reservation,
     })
+}
+
+/// Checks a record of a [`HugetlbSource`] against itself; returns its PFN kind and page size.
+fn check_record(record: &SourceRecord) -> Result<(PfnKind, HugePageSize), HugetlbError> {
+    handover::check_kind(record, SourceKind::Hugetlb)?;
+    let page_size = record.page_size;
+    let pfn_kind = handover::pfn_kind_of(record, |kind| match kind {
+        PfnKind::Real => page_size.is_hugetlb(),
+        PfnKind::Synthetic { reason } => !matches!(
+            reason,
+            SyntheticReason::NoMemory | SyntheticReason::Shuffled
+        ),
+    })?;
+    let geometry = record.geometry;
+    let chunk_pages = geometry.chunk_pages();
+    let fits = match pfn_kind {
+        PfnKind::Real => geometry == page_size.geometry(),
+        PfnKind::Synthetic { .. } => chunk_pages.is_multiple_of(page_size.base_pages()),
+    };
+    if !fits {
+        return Err(handover::invalid(None, RecordProblem::Geometry));
+    }
+    handover::check_tiling(record)?;
+    let chunk_bytes = chunk_pages * pfnstore_core::PAGE_SIZE;
+    for (i, c) in record.chunks.iter().enumerate() {
+        // This source keeps its chunks in memfd order (`add_piece` appends).
+        if c.memfd_offset != i as u64 * chunk_bytes {
+            return Err(handover::invalid(
+                Some(i),
+                RecordProblem::MemfdOffset {
+                    memfd_offset: c.memfd_offset,
+                },
+            ));
+        }
+        // Real PFNs come from pagemap (aligned, never 0); synthetic ones are where `add_piece`
+        // puts them, so that growing goes on from there.
+        let in_place = match pfn_kind {
+            PfnKind::Real => c.base.0 != 0 && c.base.is_aligned_to(chunk_pages),
+            PfnKind::Synthetic { .. } => {
+                c.base.0 == SYNTHETIC_PFN_BASE.0 + c.memfd_offset / chunk_bytes * chunk_pages
+            }
+        };
+        if !in_place {
+            return Err(handover::invalid(
+                Some(i),
+                RecordProblem::Base { base: c.base },
+            ));
+        }
+    }
+    Ok((pfn_kind, page_size))
+}
+
+/// For a record with real PFNs (one huge page per chunk): checks that the memfd holds the
+/// pages the record says are backed, faults each backed chunk's page into `map`'s page tables
+/// and checks its PFN.
+fn check_frames(
+    record: &SourceRecord,
+    memfd: &MemfdFile,
+    map: &MmapRaw,
+    timings: &mut Timings,
+) -> Result<(), HugetlbError> {
+    let page_size = record.page_size;
+    let expected = handover::expected_backed_pages(record);
+    let mut backed = handover::backed_pages(memfd)?;
+    if backed != expected {
+        return Err(HugetlbError::BackedPages {
+            expected,
+            found: backed,
+        });
+    }
+    let pagemap = Pagemap::open()?;
+    let page = page_size.bytes();
+    let addr = map.as_mut_ptr() as usize;
+    for (i, c) in record.chunks.iter().enumerate() {
+        if handover::in_hole(record, c.memfd_offset) {
+            continue;
+        }
+        let chunk = Chunk {
+            base: c.base,
+            pages: page_size.base_pages(),
+            page_size,
+            pfn_kind: PfnKind::Real,
+            memfd_offset: c.memfd_offset,
+            host: Some(HostMapping::new(
+                addr + c.memfd_offset as usize,
+                page as usize,
+            )),
+        };
+        let t = Instant::now();
+        populate_read(&chunk, page_size)?;
+        timings.prefault += t.elapsed();
+        // The page count was right, yet this page was missing (another was written where the
+        // record has a hole): populating took a page from the pool. Give it back.
+        let now = handover::backed_pages(memfd)?;
+        if now != backed {
+            let _ = memfd.punch_hole(c.memfd_offset, page);
+            return Err(HugetlbError::PageMissing {
+                chunk: i,
+                memfd_offset: c.memfd_offset,
+            });
+        }
+        backed = now;
+        let t = Instant::now();
+        check_frame_populated(&pagemap, i, &chunk, page_size)?;
+        timings.pfn_resolve += t.elapsed();
+    }
+    Ok(())
+}
+
+/// Maps a chunk's page into its host mapping for reading: for a page the file has, this
+/// allocates nothing.
+fn populate_read(chunk: &Chunk, page_size: HugePageSize) -> Result<(), HugetlbError> {
+    let host = chunk
+        .host
+        .expect("a chunk with real PFNs is mapped by its source");
+    // SAFETY: MADV_POPULATE_READ only faults pages of our own mapping of this chunk in for
+    // reading; it changes no memory. Callers make sure the page is not a hole.
+    let rc = unsafe { libc::madvise(host.as_ptr().cast(), host.len(), libc::MADV_POPULATE_READ) };
+    if rc != 0 {
+        return Err(HugetlbError::os(
+            "MADV_POPULATE_READ",
+            page_size,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that chunk `index`'s huge page is at the PFN recorded, faulting it in first (the
+/// page must not be a hole).
+fn check_frame(
+    pagemap: &Pagemap,
+    index: usize,
+    chunk: &Chunk,
+    page_size: HugePageSize,
+) -> Result<(), HugetlbError> {
+    populate_read(chunk, page_size)?;
+    check_frame_populated(pagemap, index, chunk, page_size)
+}
+
+/// Checks that chunk `index`'s huge page, mapped, is at the PFN recorded.
+fn check_frame_populated(
+    pagemap: &Pagemap,
+    index: usize,
+    chunk: &Chunk,
+    page_size: HugePageSize,
+) -> Result<(), HugetlbError> {
+    let host = chunk
+        .host
+        .expect("a chunk with real PFNs is mapped by its source");
+    match pagemap.huge_page_pfn(host.as_ptr() as usize, page_size, chunk.memfd_offset)? {
+        Some(now) if now == chunk.base => Ok(()),
+        Some(now) => Err(HugetlbError::PfnMoved {
+            chunk: index,
+            memfd_offset: chunk.memfd_offset,
+            recorded: chunk.base,
+            now,
+        }),
+        None => Err(HugetlbError::PfnKindChanged {
+            was: Some(PfnKind::Real),
+            now: PfnKind::Synthetic {
+                reason: SyntheticReason::PagemapHidden,
+            },
+        }),
+    }
+}
+
+/// mlock2(MLOCK_ONFAULT): pages are locked as they are faulted in, none is faulted now.
+fn lock_on_fault(map: &MmapRaw, page_size: HugePageSize) -> Result<(), HugetlbError> {
+    // SAFETY: mlock2 changes the locking of our own mapping [ptr, ptr + len), which no Rust
+    // reference covers; it reads and writes no memory.
+    let rc = unsafe { libc::mlock2(map.as_mut_ptr().cast(), map.len(), libc::MLOCK_ONFAULT) };
+    if rc != 0 {
+        return Err(HugetlbError::os(
+            "mlock",
+            page_size,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
 }

@@ -62,6 +62,18 @@
 //! whose frame changed ([`HugetlbError::PfnMoved`]), for callers (such as live update) that
 //! must know the PFNs are still true. A page punched out and written again is also a new frame.
 //!
+//! ## Handing a source to another process
+//!
+//! A live update hands a running store to a new process without touching guest memory:
+//! [`MemorySource::record`] writes a source down as plain data ([`SourceRecord`]: page size,
+//! geometry, memfd length, each chunk's PFN and memfd offset, holes, the pool growth it owns),
+//! the memfd travels as a descriptor, and [`rebuild`] makes the source again in the receiving
+//! process: it maps the memfd without copying, zeroing or allocating, re-reads real PFNs through
+//! pagemap and checks them against the record ([`HugetlbError::PfnMoved`] names the first that
+//! differs), and takes the pool growth over through the ledger, so that the pool is given back
+//! when the new owner drops the source. [`MemorySource::relinquish`] then makes the old source
+//! give nothing back. The [`handover`] and [`pool`] docs tell the protocol.
+//!
 //! ## Host mappings: views and file mappings
 //!
 //! [`MemorySource::memfd`] gives a source's memfd ([`Memfd`]: descriptor, page size,
@@ -105,6 +117,7 @@ mod error;
 pub mod fd_passing;
 mod file_mapping;
 mod guest_copy;
+pub mod handover;
 mod host_view;
 mod hugetlb_source;
 mod memfd;
@@ -123,6 +136,9 @@ pub use backing::MEMFD_NAME_PREFIX;
 pub use config::{HugetlbConfig, Prefault};
 pub use error::{HugetlbError, PagemapProblem};
 pub use file_mapping::{FileMapping, MappingState};
+pub use handover::{
+    ChunkRecord, GrowthRecord, RecordProblem, RequestRecord, SourceKind, SourceRecord, rebuild,
+};
 pub use host_view::{HostView, Protection};
 pub use hugetlb_source::{HugetlbSource, SYNTHETIC_PFN_BASE};
 pub use memfd::Memfd;

@@ -92,6 +92,48 @@ impl Pagemap {
     }
 }
 
+impl Pagemap {
+    /// The first PFN of the huge page of `page_size` mapped (and populated) at `addr`, read from
+    /// its first 4 KiB entry only: a hugetlb page is mapped whole and is physically contiguous,
+    /// so that entry names the whole page (what [`Pagemap::resolve`] checks entry by entry when
+    /// memory is first obtained). `Ok(None)` when pagemap hides PFNs (no `CAP_SYS_ADMIN`).
+    /// `memfd_offset`, the page's byte offset in its memfd, names it in errors.
+    pub fn huge_page_pfn(
+        &self,
+        addr: usize,
+        page_size: HugePageSize,
+        memfd_offset: u64,
+    ) -> Result<Option<Pfn>, HugetlbError> {
+        let mut buf = [0u8; ENTRY_BYTES];
+        let at = (addr as u64 / PAGE_SIZE) * ENTRY_BYTES as u64;
+        self.file
+            .read_exact_at(&mut buf, at)
+            .map_err(|e| HugetlbError::Sysfs {
+                path: "/proc/self/pagemap".into(),
+                problem: format!("reading the entry at {at:#x}: {e}"),
+                errno: e.raw_os_error(),
+                hint: hint::ROOT,
+            })?;
+        let entry = u64::from_le_bytes(buf);
+        let problem = |problem| HugetlbError::Pagemap {
+            offset: memfd_offset,
+            problem,
+        };
+        if entry & PRESENT == 0 {
+            return Err(problem(PagemapProblem::NotPresent));
+        }
+        let pfn = Pfn(entry & PFN_MASK);
+        let align_pages = page_size.base_pages();
+        if pfn.0 == 0 {
+            Ok(None)
+        } else if !pfn.is_aligned_to(align_pages) {
+            Err(problem(PagemapProblem::Unaligned { pfn, align_pages }))
+        } else {
+            Ok(Some(pfn))
+        }
+    }
+}
+
 /// Checks the pagemap entries of one huge page: all present, the first aligned, the rest
 /// contiguous. `Ok(None)` when the PFNs are hidden (all present, all zero). On failure, the
 /// index of the offending 4K entry and the problem.

@@ -49,6 +49,35 @@
 //!   could not be started or ran out of patience). A source with `grow_pool` calls it before
 //!   it reads the pool it may grow; a VMM can call it at start, an administrator through the
 //!   CLI (`pfnstore hugetlb --restore`).
+//!
+//! ## Handing a growth to another process
+//!
+//! A live update hands a source, and with it the growth it owns, to a new process
+//! ([`crate::handover`]). A growth has exactly one ledger entry at every moment, so that two
+//! processes can never both give it back, and it changes owner by renaming that entry under the
+//! pool lock:
+//!
+//! 1. **Adopt** (the new owner, [`PoolReservation::adopt`], last step of
+//!    [`crate::rebuild`]): the old entry (its name travels in the record) gets a third line
+//!    `from <old name>` and is renamed to a name of the new owner, whose guardian watches it.
+//!    From now on the old owner's reservation finds its entry gone: dropping it, or its guardian
+//!    after it died, gives nothing back. The pool is not touched.
+//! 2. **Relinquish** (the old owner, after the new one confirmed,
+//!    [`PoolReservation::relinquish`] through [`crate::MemorySource::relinquish`]): the `from`
+//!    line goes, the old guardian exits, the old reservation owns nothing. Refused
+//!    ([`HugetlbError::NotAdopted`]) while the entry is still the old owner's.
+//!
+//! Until the old owner relinquishes, the `from` line marks the handover as unconfirmed, and
+//! whoever settles the entry while the old owner lives (the new owner dropping its source after
+//! a failure, the new owner's guardian after it died, [`reconcile`]) renames it back to the old
+//! name instead of giving pages back: the old owner resumes as if nothing happened. An old
+//! owner that lets go of a growth it no longer holds confirms the handover if the new owner
+//! lives, and takes the entry back and settles it if the new owner died. When the old owner
+//! is dead, the entry is settled as any other. Give-backs never take more than the pool's free
+//! and unreserved pages, so pages one owner still maps are never taken by the other's settle.
+//!
+//! Both processes must share the run directory (same host, same `/run`); a receiver that finds
+//! no entry of the recorded name takes over nothing (its pages were given back already).
 
 use std::fmt;
 use std::io;

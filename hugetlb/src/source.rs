@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use pfnstore_core::{Geometry, PAGE_SIZE, Pfn};
 
-use crate::{HugePageSize, HugetlbError, Memfd, SourceReport};
+use crate::{HugePageSize, HugetlbError, Memfd, SourceRecord, SourceReport};
 
 /// Where a store's memory comes from.
 ///
@@ -16,7 +16,9 @@ use crate::{HugePageSize, HugetlbError, Memfd, SourceReport};
 pub trait MemorySource: Send + Sync + fmt::Debug {
     /// The PFN geometry; its chunk is one chunk of this source.
     fn geometry(&self) -> Geometry;
-    /// The chunks, in memfd order (chunk `i` starts at byte `i * chunk bytes`).
+    /// The chunks. Chunk `i` starts at byte `chunks()[i].memfd_offset` of the memfd, which is
+    /// `i * chunk bytes` for [`crate::HugetlbSource`] and [`crate::SyntheticSource`] (memfd
+    /// order) but not for [`crate::testing::ShuffledSource`] (PFN order, shuffled memfd).
     fn chunks(&self) -> &[Chunk];
     /// What was asked, what was obtained, and every step on the way.
     fn report(&self) -> &SourceReport;
@@ -32,6 +34,16 @@ pub trait MemorySource: Send + Sync + fmt::Debug {
     fn memfd(&self) -> Option<Memfd<'_>> {
         None
     }
+    /// What another process needs to rebuild this source from its memfd ([`crate::rebuild`]):
+    /// the first step of a handover (see [`crate::handover`]). Call it with the source
+    /// quiesced: nothing may grow it, punch or fill its pages until the handover ends.
+    fn record(&self) -> SourceRecord;
+    /// Gives up the pool growth this source owns, as the old owner of a handover, once the new
+    /// owner has rebuilt the source (which adopted the growth) and confirmed: dropping the
+    /// source then only unmaps its memory and closes its memfd, and gives nothing back to the
+    /// pools. [`HugetlbError::NotAdopted`] (and nothing changed) if a growth of this source was
+    /// not adopted by another process. Sources that own no growth have nothing to do.
+    fn relinquish(&self) -> Result<(), HugetlbError>;
 }
 
 /// Whether a chunk's PFNs are the machine's.

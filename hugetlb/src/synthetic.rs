@@ -5,6 +5,7 @@ use std::ops::Range;
 
 use pfnstore_core::{Geometry, PAGE_SIZE, Pfn, PfnRange};
 
+use crate::handover::{self, RecordProblem, RequestRecord, SourceKind, SourceRecord};
 use crate::report::Timings;
 use crate::{
     Chunk, ChunkLocation, HugePageSize, HugetlbError, MemorySource, PfnKind, Prefault,
@@ -64,6 +65,42 @@ impl SyntheticSource {
     }
 }
 
+impl SyntheticSource {
+    /// Rebuilds a synthetic source another process recorded ([`MemorySource::record`]): the
+    /// same chunks (consecutive from the first chunk's base, each at its index times the chunk
+    /// size, PFN kind [`SyntheticReason::NoMemory`]) and geometry. There is no memfd and
+    /// nothing to take over. [`HugetlbError::InvalidRecord`] names the first chunk out of place.
+    pub fn rebuild(record: &SourceRecord) -> Result<SyntheticSource, HugetlbError> {
+        handover::check_kind(record, SourceKind::Synthetic)?;
+        let no_memory = PfnKind::Synthetic {
+            reason: SyntheticReason::NoMemory,
+        };
+        handover::pfn_kind_of(record, |kind| kind == no_memory)?;
+        if record.page_size != stand_in_size(&record.geometry) {
+            return Err(handover::invalid(None, RecordProblem::Geometry));
+        }
+        let base = record.chunks[0].base;
+        handover::check_consecutive(record, base)?;
+        let chunk_bytes = record.geometry.chunk_pages() * PAGE_SIZE;
+        for (i, c) in record.chunks.iter().enumerate() {
+            if Some(c.memfd_offset) != (i as u64).checked_mul(chunk_bytes) {
+                return Err(handover::invalid(
+                    Some(i),
+                    RecordProblem::MemfdOffset {
+                        memfd_offset: c.memfd_offset,
+                    },
+                ));
+            }
+        }
+        if record.memfd_len != 0 || !record.holes.is_empty() || !record.pool_growth.is_empty() {
+            return Err(handover::invalid(None, RecordProblem::UnexpectedMemfd));
+        }
+        let mut source = SyntheticSource::new(record.geometry, base, record.chunks.len() as u64)?;
+        source.report.requested_bytes = record.request.requested_bytes;
+        Ok(source)
+    }
+}
+
 /// The page size a synthetic chunk stands for.
 fn stand_in_size(geometry: &Geometry) -> HugePageSize {
     match geometry.chunk_pages() {
@@ -76,6 +113,32 @@ fn stand_in_size(geometry: &Geometry) -> HugePageSize {
 impl MemorySource for SyntheticSource {
     fn geometry(&self) -> Geometry {
         self.geometry
+    }
+
+    fn record(&self) -> SourceRecord {
+        SourceRecord {
+            kind: SourceKind::Synthetic,
+            page_size: stand_in_size(&self.geometry),
+            geometry: self.geometry,
+            memfd_len: 0,
+            memfd_id: None,
+            chunks: handover::chunk_records(&self.chunks),
+            holes: Vec::new(),
+            request: RequestRecord {
+                requested_bytes: self.report.requested_bytes,
+                preferred: self.report.preferred,
+                strict: self.report.strict,
+                numa_node: None,
+                grow_pool: false,
+                prefault: Prefault::None,
+                mlock: false,
+            },
+            pool_growth: Vec::new(),
+        }
+    }
+
+    fn relinquish(&self) -> Result<(), HugetlbError> {
+        Ok(())
     }
 
     fn chunks(&self) -> &[Chunk] {

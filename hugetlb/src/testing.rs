@@ -1,6 +1,7 @@
 //! Support for tests: the lock every test that uses the real hugetlb pools holds (this
-//! crate's and the facade's), and [`ShuffledSource`], a memory source whose memfd holds its
-//! chunks in shuffled order.
+//! crate's and the facade's), [`ShuffledSource`], a memory source whose memfd holds its
+//! chunks in shuffled order, and [`send_with_fd`]/[`recv_with_fd`], which pass a memfd to
+//! another process over a Unix socket as a handover does.
 //!
 //! The pools are system-wide: two tests that resize them at once would see each other's
 //! pages. Every such test holds [`hugetlb_lock`] for its whole run, which serializes the
@@ -26,7 +27,9 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
+mod fd_passing;
 mod shuffled;
+pub use fd_passing::{recv_with_fd, send_with_fd};
 pub use shuffled::ShuffledSource;
 
 use pfnstore_core::sync::{Mutex, MutexGuard};

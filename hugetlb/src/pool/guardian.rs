@@ -35,7 +35,9 @@ sh -c "$1" pfnstore-hugetlb-guardian "$2" "$3" "$4" 0<&3 3<&- &
 /// The guardian: says it is ready (with its pid), waits on the pipe; a byte means the owner
 /// settled and it stands down; end of file means the owner is gone, and it settles the ledger
 /// entry `$2` under the pool lock `$1` exactly as `ledger::settle` does, retrying every 0.2 s
-/// for `$3` seconds while the pages are not free.
+/// for `$3` seconds while the pages are not free. Like `ledger::settle`, an entry adopted in a
+/// handover that was never confirmed (a third line `from <name>`) whose old owner still lives
+/// is renamed back to the old owner's entry instead of settled.
 const GUARDIAN: &str = r#"
 lock=$1 entry=$2 patience=$3
 trap '' HUP INT TERM PIPE
@@ -45,9 +47,29 @@ word=
 IFS= read -r word || true
 [ -n "$word" ] && exit 0
 exec 9>>"$lock" || exit 1
+alive() {
+    a_pid=${1%%.*}
+    a_rest=${1#*.}
+    a_start=${a_rest%%.*}
+    a_stat=$(cat "/proc/$a_pid/stat" 2>/dev/null) || return 1
+    a_stat=${a_stat##*) }
+    set -- $a_stat
+    [ "${20:-}" = "$a_start" ]
+}
 settle() {
     [ -f "$entry" ] || { echo 0; return; }
-    { IFS= read -r dir && read -r owed; } < "$entry" || { echo 0; return; }
+    from=
+    { IFS= read -r dir && read -r owed && { IFS= read -r from || :; }; } < "$entry" || { echo 0; return; }
+    from=${from#from }
+    ledger=${entry%/*}
+    if [ -n "$from" ] && [ "$from" != "${entry##*/}" ] && [ ! -e "$ledger/$from" ] && alive "$from"; then
+        if mv -f "$entry" "$ledger/$from"; then
+            tmp="$ledger/.$from.tmp"
+            printf '%s\n%s\n' "$dir" "$owed" > "$tmp" && mv -f "$tmp" "$ledger/$from"
+        fi
+        echo 0
+        return
+    fi
     total=$(cat "$dir/nr_hugepages") || { echo "$owed"; return; }
     free=$(cat "$dir/free_hugepages") || { echo "$owed"; return; }
     resv=0
@@ -67,7 +89,7 @@ settle() {
     if [ "$left" -eq 0 ]; then
         rm -f "$entry"
     else
-        tmp="${entry%/*}/.${entry##*/}.tmp"
+        tmp="$ledger/.${entry##*/}.tmp"
         printf '%s\n%s\n' "$dir" "$left" > "$tmp" && mv -f "$tmp" "$entry"
     fi
     echo "$left"

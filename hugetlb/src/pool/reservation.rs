@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::HugetlbError;
 use crate::pool::guardian::Guardian;
-use crate::pool::{GUARDIAN_PATIENCE, PoolId, Sysfs, ledger};
+use crate::pool::{GUARDIAN_PATIENCE, PoolId, PoolLock, Sysfs, ledger};
+use crate::{GrowthRecord, HugetlbError};
 
 /// What a [`PoolReservation`] puts back when dropped.
 #[derive(Debug)]
@@ -92,7 +92,20 @@ impl PoolReservation {
         };
         let lock_file = lock.path().to_path_buf();
         drop(lock);
-        let guardian = match Guardian::spawn(&lock_file, &entry, GUARDIAN_PATIENCE) {
+        Ok(PoolReservation::watched(
+            sysfs, id, added, entry, &lock_file,
+        ))
+    }
+
+    /// A reservation of the growth recorded in `entry`, with a guardian started for it.
+    fn watched(
+        sysfs: &Sysfs,
+        id: PoolId,
+        added: u64,
+        entry: PathBuf,
+        lock_file: &Path,
+    ) -> PoolReservation {
+        let guardian = match Guardian::spawn(lock_file, &entry, GUARDIAN_PATIENCE) {
             Ok(guardian) => Some(guardian),
             Err(e) => {
                 eprintln!(
@@ -102,7 +115,7 @@ impl PoolReservation {
                 None
             }
         };
-        Ok(PoolReservation {
+        PoolReservation {
             sysfs: sysfs.clone(),
             id,
             restore: Restore::Owed {
@@ -110,7 +123,157 @@ impl PoolReservation {
                 entry: Some(entry),
                 guardian,
             },
-        })
+        }
+    }
+
+    /// Takes over a pool growth that another process recorded ([`crate::SourceRecord`]'s
+    /// `pool_growth`), as the receiving side of a handover: its ledger entry becomes this
+    /// process's (renamed, so that exactly one entry owes the pages at any moment) and a guardian
+    /// of this process watches it. The pool is not touched. Dropping the reservation gives the
+    /// pages back, except while the handover is unconfirmed (the old owner has not called
+    /// [`PoolReservation::relinquish`]) and the old owner lives: then the growth goes back to
+    /// the old owner, which resumes as if nothing happened. See [`crate::pool`], "Handing a
+    /// growth to another process".
+    ///
+    /// A growth whose entry is gone (given back already: the old owner died and its guardian
+    /// found free pages, or another process adopted it) gives a reservation of nothing. An
+    /// entry of another pool, or owing more than `growth.pages`, is
+    /// [`HugetlbError::LedgerMismatch`] and is left alone.
+    pub fn adopt(sysfs: &Sysfs, growth: &GrowthRecord) -> Result<PoolReservation, HugetlbError> {
+        let mut adopted = PoolReservation::adopt_all(sysfs, std::slice::from_ref(growth))?;
+        Ok(adopted.pop().expect("one reservation per growth"))
+    }
+
+    /// [`PoolReservation::adopt`] for several growths at once: every entry is checked before
+    /// any is taken, so that an error takes none (one reservation per growth, in order).
+    pub(crate) fn adopt_all(
+        sysfs: &Sysfs,
+        growths: &[GrowthRecord],
+    ) -> Result<Vec<PoolReservation>, HugetlbError> {
+        if growths.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lock = sysfs.lock_pools()?;
+        let mut found = Vec::with_capacity(growths.len());
+        for growth in growths {
+            let pool_dir = sysfs.pool_dir(growth.pool)?;
+            found.push(ledger::adoptable(
+                sysfs,
+                &lock,
+                &growth.ledger_entry,
+                &pool_dir,
+                growth.pages,
+            )?);
+        }
+        let mut taken = Vec::with_capacity(growths.len());
+        let mut failure = None;
+        for (growth, found) in growths.iter().zip(found) {
+            let Some((old, contents)) = found else {
+                taken.push((growth.pool, 0, None));
+                continue;
+            };
+            match ledger::adopt(sysfs, &lock, &old, &contents) {
+                Ok(entry) => taken.push((growth.pool, contents.owed, Some(entry))),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let lock_file = lock.path().to_path_buf();
+        // Guardians start, and a failed adoption is undone, with the lock released: both take
+        // it.
+        drop(lock);
+        let unwatched = |(id, added, entry)| PoolReservation {
+            sysfs: sysfs.clone(),
+            id,
+            restore: Restore::Owed {
+                added,
+                entry,
+                guardian: None,
+            },
+        };
+        if let Some(e) = failure {
+            // Dropping what was taken settles it, which hands it back to its old owner (alive:
+            // it is the one handing over) or, if that died meanwhile, gives it back.
+            drop(taken.into_iter().map(unwatched).collect::<Vec<_>>());
+            return Err(e);
+        }
+        Ok(taken
+            .into_iter()
+            .map(|(id, added, entry)| match entry {
+                Some(entry) => PoolReservation::watched(sysfs, id, added, entry, &lock_file),
+                None => unwatched((id, added, None)),
+            })
+            .collect())
+    }
+
+    /// Confirms the handover of this growth, as the old owner, once the new owner has adopted
+    /// it ([`PoolReservation::adopt`]) and confirmed: the growth is the new owner's for good
+    /// (a settle of its entry no longer hands it back here), this reservation owns nothing
+    /// (dropping it gives nothing back, [`PoolReservation::added`] is 0) and its guardian exits.
+    ///
+    /// [`HugetlbError::NotAdopted`] if the growth is still this reservation's ledger entry
+    /// (nobody adopted it, or the new owner failed and handed it back): nothing changed. A
+    /// reservation of [`PoolReservation::set_total`] is no growth and is left as it is.
+    pub fn relinquish(&mut self) -> Result<(), HugetlbError> {
+        let sysfs = self.sysfs.clone();
+        PoolReservation::relinquish_all(&sysfs, std::slice::from_mut(self))
+    }
+
+    /// [`PoolReservation::relinquish`] for several reservations under one lock: all or none.
+    pub(crate) fn relinquish_all(
+        sysfs: &Sysfs,
+        reservations: &mut [PoolReservation],
+    ) -> Result<(), HugetlbError> {
+        let owning: Vec<&PoolReservation> = reservations
+            .iter()
+            .filter(|r| r.ledger_entry().is_some())
+            .collect();
+        if !owning.is_empty() {
+            let lock = sysfs.lock_pools()?;
+            for r in &owning {
+                r.check_adopted(&lock)?;
+            }
+            for r in &owning {
+                if let Some(entry) = r.ledger_entry() {
+                    ledger::relinquish(&lock, entry)?;
+                }
+            }
+        }
+        for r in reservations.iter_mut() {
+            if let Restore::Owed {
+                added,
+                entry,
+                guardian,
+            } = &mut r.restore
+            {
+                *added = 0;
+                *entry = None;
+                if let Some(guardian) = guardian.take() {
+                    guardian.stand_down();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this reservation's growth has been adopted by another owner.
+    fn check_adopted(&self, lock: &PoolLock) -> Result<(), HugetlbError> {
+        match &self.restore {
+            Restore::Owed { entry: None, .. } => Ok(()),
+            Restore::Owed {
+                entry: Some(entry), ..
+            } if ledger::adopted(lock, entry) => Ok(()),
+            Restore::Owed {
+                entry: Some(entry), ..
+            } => Err(HugetlbError::NotAdopted {
+                pool: self.id,
+                entry: entry.clone(),
+            }),
+            // Not a growth: nothing to hand over (it restores its pool when dropped).
+            Restore::Total(_) => Ok(()),
+        }
     }
 
     /// Sets the pool to exactly `total` pages (growing or shrinking it) and puts the old total
@@ -139,7 +302,8 @@ impl PoolReservation {
         self.id
     }
 
-    /// Pages added by [`PoolReservation::grow`] (0 for [`PoolReservation::set_total`]).
+    /// Pages added by [`PoolReservation::grow`] or taken over by [`PoolReservation::adopt`]
+    /// (0 for [`PoolReservation::set_total`], and after [`PoolReservation::relinquish`]).
     pub fn added(&self) -> u64 {
         match self.restore {
             Restore::Owed { added, .. } => added,
@@ -173,7 +337,7 @@ impl PoolReservation {
                 entry: Some(entry), ..
             } => {
                 let lock = self.sysfs.lock_pools()?;
-                Ok(ledger::settle(&lock, entry)?.map_or(0, |s| s.owed - s.given_back))
+                Ok(ledger::settle_own(&lock, entry)?.map_or(0, |s| s.still_owed()))
             }
             Restore::Total(total) => {
                 let _lock = self.sysfs.lock_pools()?;
@@ -326,5 +490,273 @@ mod tests {
         assert_eq!(r.added(), 1);
         assert!(!root.join("proc/sys/vm/compact_memory").exists());
         drop(r);
+    }
+
+    fn growth_of(r: &PoolReservation) -> GrowthRecord {
+        GrowthRecord {
+            pool: r.pool(),
+            pages: r.added(),
+            ledger_entry: name(r.ledger_entry().unwrap()),
+        }
+    }
+
+    fn name(entry: &Path) -> String {
+        entry.file_name().unwrap().to_str().unwrap().to_string()
+    }
+
+    fn contents(entry: &Path) -> String {
+        std::fs::read_to_string(entry).unwrap()
+    }
+
+    /// The whole handover: adopt, relinquish, both let go; the pool shrinks once, when the new
+    /// owner lets go.
+    #[test]
+    fn a_confirmed_handover_moves_the_growth_and_the_pool_shrinks_once() {
+        let tree = FakeTree::new("handover");
+        let sysfs = tree.sysfs();
+        let id = one_g();
+        let mut old = PoolReservation::grow(&sysfs, id, 2).unwrap();
+        let old_entry = old.ledger_entry().unwrap().to_path_buf();
+        let old_guardian = old.guardian_pid().unwrap();
+        let growth = growth_of(&old);
+        let new = PoolReservation::adopt(&sysfs, &growth).unwrap();
+        let new_entry = new.ledger_entry().unwrap().to_path_buf();
+        assert_ne!(new_entry, old_entry);
+        assert!(!old_entry.exists(), "renamed, not copied");
+        assert_eq!(new.added(), 2);
+        assert_eq!(
+            contents(&new_entry),
+            format!(
+                "{}\n2\nfrom {}\n",
+                sysfs.pool_dir(id).unwrap().display(),
+                growth.ledger_entry
+            )
+        );
+        let new_guardian = new.guardian_pid().expect("the new owner's guardian");
+        assert!(alive(new_guardian) && alive(old_guardian));
+        assert_eq!(
+            sysfs.read_pool(id).unwrap().total,
+            6,
+            "the pool is not touched"
+        );
+        old.relinquish().unwrap();
+        assert_eq!((old.added(), old.ledger_entry()), (0, None));
+        eventually("the old guardian stands down", || !alive(old_guardian));
+        assert!(
+            !contents(&new_entry).contains("from"),
+            "the handover is confirmed"
+        );
+        drop(old);
+        assert_eq!(
+            sysfs.read_pool(id).unwrap().total,
+            6,
+            "the old owner gives nothing"
+        );
+        assert_eq!(ledger::ledger_entries(&sysfs).unwrap(), vec![new_entry]);
+        drop(new);
+        assert_eq!(
+            sysfs.read_pool(id).unwrap().total,
+            4,
+            "the new owner gives back"
+        );
+        assert!(ledger::ledger_entries(&sysfs).unwrap().is_empty());
+        eventually("the new guardian stands down", || !alive(new_guardian));
+    }
+
+    /// Before the old owner confirms, both hold a reservation of the growth; whichever lets go
+    /// first gives nothing back, the other gives it back once.
+    #[test]
+    fn before_the_handover_is_confirmed_either_owner_may_let_go_first() {
+        let tree = FakeTree::new("unconfirmed");
+        let sysfs = tree.sysfs();
+        let id = one_g();
+        // The new owner fails after adopting (the old owner lives): the growth goes back.
+        let mut old = PoolReservation::grow(&sysfs, id, 2).unwrap();
+        let old_entry = old.ledger_entry().unwrap().to_path_buf();
+        let new = PoolReservation::adopt(&sysfs, &growth_of(&old)).unwrap();
+        let new_entry = new.ledger_entry().unwrap().to_path_buf();
+        drop(new);
+        assert_eq!(sysfs.read_pool(id).unwrap().total, 6, "nothing given back");
+        assert!(!new_entry.exists());
+        assert_eq!(
+            contents(&old_entry),
+            format!("{}\n2\n", sysfs.pool_dir(id).unwrap().display()),
+            "the old entry is back, as it was"
+        );
+        assert!(matches!(
+            old.relinquish(),
+            Err(HugetlbError::NotAdopted { pool, entry }) if pool == id && entry == old_entry
+        ));
+        assert_eq!(old.added(), 2, "a refused relinquish changes nothing");
+        drop(old);
+        assert_eq!(sysfs.read_pool(id).unwrap().total, 4);
+        assert!(ledger::ledger_entries(&sysfs).unwrap().is_empty());
+
+        // The old owner lets go without confirming while the new one lives: the new one owns
+        // the growth for good, and no page is given back while it holds them.
+        let old = PoolReservation::grow(&sysfs, id, 2).unwrap();
+        let new = PoolReservation::adopt(&sysfs, &growth_of(&old)).unwrap();
+        let new_entry = new.ledger_entry().unwrap().to_path_buf();
+        drop(old);
+        assert_eq!(sysfs.read_pool(id).unwrap().total, 6);
+        assert!(!contents(&new_entry).contains("from"));
+        // The new owner's pages are in use when it lets go: nothing is free to give back.
+        tree.set(id, "free_hugepages", 1);
+        let guardian = new.guardian_pid().unwrap();
+        drop(new);
+        assert_eq!(sysfs.read_pool(id).unwrap().total, 6, "pages in use stay");
+        tree.set(id, "free_hugepages", 3);
+        eventually("the guardian gives them back", || !new_entry.exists());
+        assert_eq!(sysfs.read_pool(id).unwrap().total, 4, "once");
+        eventually("the guardian exits", || !alive(guardian));
+    }
+
+    /// A new owner that dies before the handover is confirmed: its guardian hands the growth
+    /// back to the old owner, which still lives; when the predecessor is dead too, the guardian
+    /// gives the pages back as usual.
+    #[test]
+    fn the_guardian_of_a_dead_new_owner_hands_the_growth_back() {
+        let tree = FakeTree::new("guardian-hand-back");
+        let sysfs = tree.sysfs();
+        let id = one_g();
+        let old = PoolReservation::grow(&sysfs, id, 2).unwrap();
+        let old_entry = old.ledger_entry().unwrap().to_path_buf();
+        let new = PoolReservation::adopt(&sysfs, &growth_of(&old)).unwrap();
+        let new_entry = new.ledger_entry().unwrap().to_path_buf();
+        let guardian = new.guardian_pid().unwrap();
+        new.abandon();
+        // (The test reads the ledger without the pool lock: it waits for the guardian to be
+        // done rather than look between its rename and its rewrite.)
+        eventually("the guardian exits", || !alive(guardian));
+        assert!(
+            old_entry.exists() && !new_entry.exists(),
+            "the old owner's again"
+        );
+        assert!(!contents(&old_entry).contains("from"));
+        assert_eq!(sysfs.read_pool(id).unwrap().total, 6, "nothing given back");
+        drop(old);
+        assert_eq!(sysfs.read_pool(id).unwrap().total, 4);
+
+        // The growth of a predecessor that is gone (start time 1 is nobody's).
+        let old = PoolReservation::grow(&sysfs, id, 2).unwrap();
+        let dead = old_entry.with_file_name(format!("{}.1.99", std::process::id()));
+        std::fs::rename(old.ledger_entry().unwrap(), &dead).unwrap();
+        let growth = GrowthRecord {
+            ledger_entry: name(&dead),
+            ..growth_of(&old)
+        };
+        drop(old);
+        assert_eq!(
+            sysfs.read_pool(id).unwrap().total,
+            6,
+            "not the old entry's any more"
+        );
+        let new = PoolReservation::adopt(&sysfs, &growth).unwrap();
+        let new_entry = new.ledger_entry().unwrap().to_path_buf();
+        new.abandon();
+        eventually("the guardian gives the pages back", || !new_entry.exists());
+        assert!(!dead.exists());
+        assert_eq!(sysfs.read_pool(id).unwrap().total, 4);
+    }
+
+    /// An adopted entry whose owner died (its guardian gone too) is handed back by
+    /// `reconcile` while the old owner lives, and taken back by the old owner when it lets go.
+    #[test]
+    fn reconcile_and_the_old_owner_take_back_a_dead_new_owners_growth() {
+        let tree = FakeTree::new("reclaim");
+        let sysfs = tree.sysfs();
+        let id = one_g();
+        let me = std::process::id();
+        let old = PoolReservation::grow(&sysfs, id, 2).unwrap();
+        let old_entry = old.ledger_entry().unwrap().to_path_buf();
+        let pool_dir = sysfs.pool_dir(id).unwrap();
+        // What a new owner that died at once leaves: its entry, adopted from ours.
+        let dead_new = old_entry.with_file_name(format!("{me}.1.50"));
+        let adopted = ledger::tests::entry(&pool_dir, 2, Some(&old_entry));
+        std::fs::remove_file(&old_entry).unwrap();
+        ledger::write_entry(&dead_new, &adopted).unwrap();
+        let settled = ledger::reconcile(&sysfs).unwrap();
+        assert_eq!(settled.len(), 1);
+        assert_eq!(
+            settled[0].handed_back_to.as_deref(),
+            Some(old_entry.as_path())
+        );
+        assert_eq!((settled[0].given_back, settled[0].still_owed()), (0, 0));
+        assert!(old_entry.exists() && !dead_new.exists());
+        assert_eq!(sysfs.read_pool(id).unwrap().total, 6);
+        // Again, but now the old owner lets go first: it takes the entry back and settles it.
+        std::fs::remove_file(&old_entry).unwrap();
+        ledger::write_entry(&dead_new, &adopted).unwrap();
+        drop(old);
+        assert!(!dead_new.exists() && !old_entry.exists());
+        assert_eq!(sysfs.read_pool(id).unwrap().total, 4);
+        assert!(ledger::ledger_entries(&sysfs).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_entry_that_is_not_as_recorded_is_not_adopted() {
+        let tree = FakeTree::new("adopt-mismatch");
+        let sysfs = tree.sysfs();
+        let id = one_g();
+        let old = PoolReservation::grow(&sysfs, id, 2).unwrap();
+        let old_entry = old.ledger_entry().unwrap().to_path_buf();
+        let good = growth_of(&old);
+        let two_m = PoolId {
+            page_size: HugePageSize::Huge2M,
+            node: None,
+        };
+        for bad in [
+            GrowthRecord {
+                pool: two_m,
+                ..good.clone()
+            },
+            GrowthRecord {
+                pages: 1,
+                ..good.clone()
+            },
+            GrowthRecord {
+                ledger_entry: "../hugetlb-pool.lock".into(),
+                ..good.clone()
+            },
+            GrowthRecord {
+                ledger_entry: format!(".{}.tmp", good.ledger_entry),
+                ..good.clone()
+            },
+        ] {
+            assert!(
+                matches!(
+                    PoolReservation::adopt(&sysfs, &bad),
+                    Err(HugetlbError::LedgerMismatch { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        // Two growths, the second wrong: neither is taken.
+        let err = PoolReservation::adopt_all(
+            &sysfs,
+            &[
+                good.clone(),
+                GrowthRecord {
+                    pages: 1,
+                    ..good.clone()
+                },
+            ],
+        );
+        assert!(matches!(err, Err(HugetlbError::LedgerMismatch { .. })));
+        assert!(old_entry.exists());
+        assert_eq!(
+            ledger::ledger_entries(&sysfs).unwrap(),
+            vec![old_entry.clone()]
+        );
+        // A growth whose entry is gone (given back already) is a reservation of nothing.
+        let gone = GrowthRecord {
+            ledger_entry: format!("{}.1.77", std::process::id()),
+            ..good.clone()
+        };
+        let nothing = PoolReservation::adopt(&sysfs, &gone).unwrap();
+        assert_eq!((nothing.added(), nothing.ledger_entry()), (0, None));
+        drop(nothing);
+        drop(old);
+        assert_eq!(sysfs.read_pool(id).unwrap().total, 4);
     }
 }

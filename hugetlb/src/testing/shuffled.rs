@@ -8,12 +8,14 @@
 //! real bytes behind it (an ordinary memfd, or 2 MiB hugetlb where the pool allows).
 
 use std::ops::Range;
+use std::os::fd::OwnedFd;
 
 use pfnstore_core::sync::Arc;
 use pfnstore_core::testing::XorShift;
 use pfnstore_core::{Geometry, PAGE_SIZE, Pfn};
 
 use crate::backing::MemfdFile;
+use crate::handover::{self, RecordProblem, RequestRecord, SourceKind, SourceRecord};
 use crate::report::Timings;
 use crate::{
     Chunk, ChunkIndex, ChunkLocation, HugePageSize, HugetlbError, Memfd, MemorySource, PfnKind,
@@ -84,6 +86,60 @@ impl ShuffledSource {
             .collect()
     }
 
+    /// Rebuilds a shuffled source another process recorded ([`MemorySource::record`]) from its
+    /// memfd: the same chunks in the same order (consecutive PFNs from
+    /// [`ShuffledSource::BASE`], memfd offsets a permutation of the slots), after checking the
+    /// memfd's page size, length and identity against the record. Nothing is mapped or faulted
+    /// (the source keeps no mapping of its own) and there is no pool growth to take over.
+    pub fn rebuild(record: &SourceRecord, memfd: OwnedFd) -> Result<ShuffledSource, HugetlbError> {
+        handover::check_kind(record, SourceKind::Shuffled)?;
+        let shuffled = PfnKind::Synthetic {
+            reason: SyntheticReason::Shuffled,
+        };
+        handover::pfn_kind_of(record, |kind| kind == shuffled)?;
+        if record.geometry != geometry_for(record.page_size) {
+            return Err(handover::invalid(None, RecordProblem::Geometry));
+        }
+        handover::check_consecutive(record, Self::BASE)?;
+        handover::check_tiling(record)?;
+        if !record.pool_growth.is_empty() {
+            return Err(handover::invalid(None, RecordProblem::UnexpectedMemfd));
+        }
+        let memfd = handover::adopt_memfd(record, memfd)?;
+        let chunks: Vec<Chunk> = record
+            .chunks
+            .iter()
+            .map(|c| Chunk {
+                base: c.base,
+                pages: record.geometry.chunk_pages(),
+                page_size: record.page_size,
+                pfn_kind: shuffled,
+                memfd_offset: c.memfd_offset,
+                host: None,
+            })
+            .collect();
+        Ok(ShuffledSource {
+            geometry: record.geometry,
+            page_size: record.page_size,
+            index: ChunkIndex::new(&chunks),
+            chunks,
+            report: SourceReport {
+                requested_bytes: record.request.requested_bytes,
+                preferred: record.page_size,
+                strict: true,
+                numa_node: None,
+                prefault: Prefault::None,
+                steps: Vec::new(),
+                obtained: Some(record.page_size),
+                pfn_kind: Some(shuffled),
+                bytes: record.memfd_len,
+                timings: Timings::default(),
+            },
+            memfd,
+            rng: XorShift::new(record.memfd_len ^ 0x5eed | 1),
+        })
+    }
+
     fn chunk_bytes(&self) -> u64 {
         self.geometry.chunk_pages() * PAGE_SIZE
     }
@@ -93,10 +149,7 @@ impl ShuffledSource {
         order: &[u64],
         rng: XorShift,
     ) -> Result<ShuffledSource, HugetlbError> {
-        let geometry = match page_size {
-            HugePageSize::Huge1G => HugePageSize::Huge1G.geometry(),
-            HugePageSize::Base4K | HugePageSize::Huge2M => HugePageSize::Huge2M.geometry(),
-        };
+        let geometry = geometry_for(page_size);
         let memfd = Arc::new(MemfdFile::create(page_size, 0)?);
         let mut source = ShuffledSource {
             geometry,
@@ -165,6 +218,14 @@ impl ShuffledSource {
     }
 }
 
+/// The geometry of a shuffled source of pages of `page_size`.
+fn geometry_for(page_size: HugePageSize) -> Geometry {
+    match page_size {
+        HugePageSize::Huge1G => HugePageSize::Huge1G.geometry(),
+        HugePageSize::Base4K | HugePageSize::Huge2M => HugePageSize::Huge2M.geometry(),
+    }
+}
+
 /// `range` in an order drawn from `rng` (Fisher-Yates), never the identity for two or more.
 fn shuffled(rng: &mut XorShift, range: Range<u64>) -> Vec<u64> {
     let mut order: Vec<u64> = (0..range.end - range.start).collect();
@@ -203,6 +264,33 @@ impl MemorySource for ShuffledSource {
 
     fn memfd(&self) -> Option<Memfd<'_>> {
         Some(Memfd::owned(&self.memfd, self.report.bytes))
+    }
+
+    fn record(&self) -> SourceRecord {
+        SourceRecord {
+            kind: SourceKind::Shuffled,
+            page_size: self.page_size,
+            geometry: self.geometry,
+            memfd_len: self.report.bytes,
+            memfd_id: handover::memfd_identity(&self.memfd),
+            chunks: handover::chunk_records(&self.chunks),
+            holes: handover::hole_records(&self.memfd),
+            request: RequestRecord {
+                requested_bytes: self.report.requested_bytes,
+                preferred: self.page_size,
+                strict: true,
+                numa_node: None,
+                grow_pool: false,
+                prefault: Prefault::None,
+                mlock: false,
+            },
+            pool_growth: Vec::new(),
+        }
+    }
+
+    /// A shuffled source never grows a pool (tests reserve pages for it): nothing to give up.
+    fn relinquish(&self) -> Result<(), HugetlbError> {
+        Ok(())
     }
 }
 
