@@ -106,7 +106,7 @@ mod config;
 mod error;
 mod file;
 mod gate;
-// pub mod handover; (waits for the memory layer's source records)
+pub mod handover;
 mod memory;
 mod store;
 pub mod subscribers;

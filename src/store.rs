@@ -366,7 +366,11 @@ impl Store {
         {
             return Err(InvariantError(format!(
                 "the allocator has {} pages allocated and {} quarantined; the metadata has {} held by files ({} of them quarantined) and {} quarantined held by none",
-                a.allocated_pages, a.quarantined_pages, total_owned, quarantined_held, quarantined_free
+                a.allocated_pages,
+                a.quarantined_pages,
+                total_owned,
+                quarantined_held,
+                quarantined_free
             )));
         }
         Ok(())

@@ -405,12 +405,10 @@ impl HugetlbSource {
     }
 }
 
-impl MemorySource for HugetlbSource {
-    fn geometry(&self) -> Geometry {
-        self.geometry
-    }
-
-    fn record(&self) -> SourceRecord {
+impl HugetlbSource {
+    /// What another process needs to rebuild this source (see
+    /// [`MemorySource::handover_record`]).
+    pub fn record(&self) -> SourceRecord {
         let pool_growth = self
             .reservations
             .lock()
@@ -435,6 +433,16 @@ impl MemorySource for HugetlbSource {
             request: handover::request_record(&self.config),
             pool_growth,
         }
+    }
+}
+
+impl MemorySource for HugetlbSource {
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn handover_record(&self) -> Option<SourceRecord> {
+        Some(self.record())
     }
 
     fn relinquish(&self) -> Result<(), HugetlbError> {

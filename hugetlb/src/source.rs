@@ -35,15 +35,20 @@ pub trait MemorySource: Send + Sync + fmt::Debug {
         None
     }
     /// What another process needs to rebuild this source from its memfd ([`crate::rebuild`]):
-    /// the first step of a handover (see [`crate::handover`]). Call it with the source
+    /// the first step of a handover (see [`crate::handover`]); `None` for a source that
+    /// cannot be handed over (the default, for sources of your own). Call it with the source
     /// quiesced: nothing may grow it, punch or fill its pages until the handover ends.
-    fn record(&self) -> SourceRecord;
+    fn handover_record(&self) -> Option<SourceRecord> {
+        None
+    }
     /// Gives up the pool growth this source owns, as the old owner of a handover, once the new
     /// owner has rebuilt the source (which adopted the growth) and confirmed: dropping the
     /// source then only unmaps its memory and closes its memfd, and gives nothing back to the
     /// pools. [`HugetlbError::NotAdopted`] (and nothing changed) if a growth of this source was
     /// not adopted by another process. Sources that own no growth have nothing to do.
-    fn relinquish(&self) -> Result<(), HugetlbError>;
+    fn relinquish(&self) -> Result<(), HugetlbError> {
+        Ok(())
+    }
 }
 
 /// Whether a chunk's PFNs are the machine's.

@@ -110,12 +110,10 @@ fn stand_in_size(geometry: &Geometry) -> HugePageSize {
     }
 }
 
-impl MemorySource for SyntheticSource {
-    fn geometry(&self) -> Geometry {
-        self.geometry
-    }
-
-    fn record(&self) -> SourceRecord {
+impl SyntheticSource {
+    /// What another process needs to rebuild this source (see
+    /// [`MemorySource::handover_record`]).
+    pub fn record(&self) -> SourceRecord {
         SourceRecord {
             kind: SourceKind::Synthetic,
             page_size: stand_in_size(&self.geometry),
@@ -135,6 +133,16 @@ impl MemorySource for SyntheticSource {
             },
             pool_growth: Vec::new(),
         }
+    }
+}
+
+impl MemorySource for SyntheticSource {
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn handover_record(&self) -> Option<SourceRecord> {
+        Some(self.record())
     }
 
     fn relinquish(&self) -> Result<(), HugetlbError> {

@@ -27,9 +27,8 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
-mod fd_passing;
 mod shuffled;
-pub use fd_passing::{recv_with_fd, send_with_fd};
+pub use crate::fd_passing::{recv_with_fd, send_with_fd};
 pub use shuffled::ShuffledSource;
 
 use pfnstore_core::sync::{Mutex, MutexGuard};

@@ -473,7 +473,7 @@ fn receive(socket: &UnixStream) {
         );
     }
     let source = rebuild(&record, Some(fd)).unwrap();
-    let mine = source.record();
+    let mine = source.handover_record().unwrap();
     assert_eq!(
         mine.chunks, record.chunks,
         "the same chunks, PFNs and offsets"
@@ -613,7 +613,7 @@ fn hand_over_to_a_child(
     pool: Option<(HugePageSize, PoolCounts)>,
     grown: u64,
 ) {
-    let record = source.record();
+    let record = source.handover_record().unwrap();
     assert_eq!(
         record.pool_growth.iter().map(|g| g.pages).sum::<u64>(),
         grown
@@ -628,7 +628,7 @@ fn hand_over_to_a_child(
     }
     assert_eq!(entries_of(child.0.id()).len(), record.pool_growth.len());
     source.relinquish().unwrap();
-    assert!(source.record().pool_growth.is_empty(), "ours no more");
+    assert!(source.handover_record().unwrap().pool_growth.is_empty(), "ours no more");
     drop(source);
     if let Some((page, before)) = pool {
         assert_eq!(
@@ -803,7 +803,7 @@ fn a_sender_killed_after_sending_leaves_the_growth_to_the_receiver() {
     let source = rebuild(&record, Some(fd)).unwrap();
     check_markers(source.as_ref(), &record);
     check_pfns_through_a_view(source.as_ref(), &record);
-    let adopted: u64 = source.record().pool_growth.iter().map(|g| g.pages).sum();
+    let adopted: u64 = source.handover_record().unwrap().pool_growth.iter().map(|g| g.pages).sum();
     assert_eq!(
         adopted, grown,
         "the dead sender's guardian gave nothing back"
@@ -911,7 +911,7 @@ fn an_ordinary_memory_source_rebuilds_and_refuses_a_wrong_memfd() {
     write_markers(&source, &record);
     let fd = || dup(source.memfd().unwrap().fd());
     let rebuilt = rebuild(&record, Some(fd())).unwrap();
-    assert_eq!(rebuilt.record(), record);
+    assert_eq!(rebuilt.handover_record().unwrap(), record);
     check_markers(rebuilt.as_ref(), &record);
     assert_eq!(rebuilt.report().pfn_kind, source.report().pfn_kind);
     assert_eq!(rebuilt.report().bytes, 2 * GIB);
@@ -1053,7 +1053,7 @@ fn a_synthetic_source_rebuilds_from_its_chunk_bases() {
     assert_eq!(record.chunks.len(), 16 << 10);
     let rebuilt = rebuild(&record, None).unwrap();
     assert_eq!(rebuilt.chunks(), source.chunks());
-    assert_eq!(rebuilt.record(), record);
+    assert_eq!(rebuilt.handover_record().unwrap(), record);
     assert_eq!(rebuilt.report().bytes, 16 << 40);
     let last = Pfn((1 << 18) + (16 << 28) - 1);
     assert_eq!(rebuilt.locate(last), source.locate(last));

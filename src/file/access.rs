@@ -202,11 +202,13 @@ impl GuestFile {
             for extent in held.extents_in(range) {
                 let memfd_offset = memory.memfd_offset(extent.pfn).unwrap_or(0);
                 let len = extent.offsets.len() * PAGE_SIZE;
+                // Canonical: maximal pieces contiguous in offsets, frames and the memfd, however
+                // the file happened to get its memory.
                 match out.last_mut() {
                     Some(last)
                         if last.offset + last.len == extent.offsets.start().byte()
-                            && last.memfd_offset + last.len == memfd_offset
-                            && memory.has_bytes() =>
+                            && last.pfn.0 + last.len / PAGE_SIZE == extent.pfn.0
+                            && last.memfd_offset + last.len == memfd_offset =>
                     {
                         last.len += len;
                     }

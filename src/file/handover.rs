@@ -10,13 +10,13 @@ use pfnstore_core::{OffsetRange, PAGE_SIZE, PageOffset, Pfn, PfnRange};
 use pfnstore_metadata::conversion::{ConversionDomain, DomainLimits};
 use pfnstore_metadata::{MetadataStore, Shareability};
 
+use super::FileInner;
 use super::extents::{Extent, Extents};
 use super::mapping::{Direction, HostMapping};
-use super::FileInner;
+use crate::StoreError;
 use crate::gate::Ops;
 use crate::handover::{FileImage, FileRun, HandoverError};
 use crate::store::{Store, internal};
-use crate::StoreError;
 
 impl FileInner {
     /// The file's image; the store's gate is closed (nothing changes meanwhile).
@@ -60,7 +60,10 @@ impl FileInner {
 
     /// Rebuilds the file `image` describes in `store` (whose allocator and physical metadata
     /// already hold its memory).
-    pub(crate) fn rebuild(store: Store, image: &FileImage) -> Result<Arc<FileInner>, HandoverError> {
+    pub(crate) fn rebuild(
+        store: Store,
+        image: &FileImage,
+    ) -> Result<Arc<FileInner>, HandoverError> {
         let inner_store = &store.inner;
         let geometry = inner_store.geometry();
         let memory = inner_store.memory();
@@ -74,7 +77,8 @@ impl FileInner {
                 .add_chunk(Pfn(base), Shareability::Private)
                 .map_err(internal)?;
         }
-        let mismatch = |e: &dyn std::fmt::Display| HandoverError::Mismatch(format!("{}: {e}", image.id));
+        let mismatch =
+            |e: &dyn std::fmt::Display| HandoverError::Mismatch(format!("{}: {e}", image.id));
         for run in &image.runs {
             let keys = run.pages.cast::<Pfn>();
             if run.shared {
@@ -83,10 +87,14 @@ impl FileInner {
                     .map_err(|e| mismatch(&e))?;
             }
             if run.backed {
-                offsets.assign_owner(keys, image.id).map_err(|e| mismatch(&e))?;
+                offsets
+                    .assign_owner(keys, image.id)
+                    .map_err(|e| mismatch(&e))?;
             }
             for (owner, count) in &run.pins {
-                offsets.pin_by(keys, *owner, *count).map_err(|e| mismatch(&e))?;
+                offsets
+                    .pin_by(keys, *owner, *count)
+                    .map_err(|e| mismatch(&e))?;
             }
             if let Some(reason) = run.quarantined {
                 offsets.quarantine(keys, reason).map_err(|e| mismatch(&e))?;
@@ -112,7 +120,10 @@ impl FileInner {
             // memfd, two PFN-adjacent chunks are not).
             let (mut at, mut pfn) = (offsets.start(), *pfn);
             while at < offsets.end() {
-                let end = memory.chunk_end(pfn)?.0.min(pfn.0 + (offsets.end().0 - at.0));
+                let end = memory
+                    .chunk_end(pfn)?
+                    .0
+                    .min(pfn.0 + (offsets.end().0 - at.0));
                 let len = end - pfn.0;
                 let extent = Extent {
                     offsets: OffsetRange::from_len(at, len).map_err(StoreError::from)?,

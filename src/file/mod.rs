@@ -25,7 +25,7 @@
 mod access;
 mod extents;
 mod fault;
-// mod handover;
+mod handover;
 mod mapping;
 mod transaction;
 

@@ -56,7 +56,7 @@ impl StoreInner {
         Ok(Image {
             geometry: self.geometry(),
             next_file: self.next_file_id(),
-            source: source.record(),
+            source: source.handover_record().ok_or(HandoverError::Unsupported)?,
             totals,
             physical,
             files,

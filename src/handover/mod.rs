@@ -94,6 +94,10 @@ pub enum HandoverError {
     /// The rebuilt store does not add up to what the sender had.
     #[error("the rebuilt store differs from the sender's: {0}")]
     Mismatch(String),
+    /// The store's memory source cannot be handed over (a source of the caller's own that
+    /// gives no record); the store is live again.
+    #[error("this store's memory source cannot be handed over")]
+    Unsupported,
     /// The receiver refused; the sender's store is live again.
     #[error("the receiver refused the store: {0}")]
     Refused(String),
@@ -117,11 +121,13 @@ pub struct HandoverReport {
 }
 
 impl crate::store::StoreInner {
-    /// Seals the store after a confirmed handover (or a rebuild that failed): another process
-    /// owns the memory, so nothing is given back when this one goes.
-    pub(crate) fn seal(&self) {
+    /// Lets the memory go after the receiver confirmed: the source gives nothing back when it
+    /// is dropped, and every handle answers `HandedOver`. Fails (changing nothing) if the
+    /// receiver did not in fact take the memory's pool growth over.
+    pub(crate) fn relinquish(&self) -> Result<(), HandoverError> {
+        self.memory().source().relinquish()?;
         self.gate().seal();
-        self.memory().source().relinquish();
+        Ok(())
     }
 }
 
@@ -151,7 +157,14 @@ impl Store {
             let bytes = snapshot::encode(&image);
             let encode = t.elapsed();
             let memfd = inner.memory().memfd();
-            wire::send(socket, &bytes, memfd.as_ref().map(|m| m.fd()))?;
+            wire::send(socket, &bytes, memfd.as_ref().map(|m| m.fd())).map_err(|e| {
+                match e.kind() {
+                    std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::UnexpectedEof => HandoverError::ReceiverGone,
+                    _ => HandoverError::Io(e),
+                }
+            })?;
             match wire::await_answer(socket) {
                 Ok(Ok(())) => Ok((bytes.len() as u64, encode)),
                 Ok(Err(reason)) => Err(HandoverError::Refused(reason)),
@@ -160,7 +173,11 @@ impl Store {
         })();
         match result {
             Ok((snapshot_bytes, encode)) => {
-                inner.seal();
+                if let Err(e) = inner.relinquish() {
+                    // The receiver confirmed but did not take the memory over: it is still ours.
+                    inner.gate().reopen();
+                    return Err(e);
+                }
                 Ok(HandoverReport {
                     snapshot_bytes,
                     quiesce,
@@ -209,14 +226,17 @@ impl Store {
         }
     }
 
-    /// Rebuilds a store from decoded snapshot bytes and an already rebuilt source, without a
-    /// socket (for tests and benches of the format).
+    /// Rebuilds a store from snapshot bytes (what [`Store::snapshot`] gives) and the memfd of
+    /// its memory (`None` for a synthetic store), without a socket: the receiving half of
+    /// [`Store::receive`], for a VMM that moves the snapshot its own way (and for tests and
+    /// benches of the format). The same checks apply; nothing is confirmed to anyone.
     pub fn receive_snapshot(
         bytes: &[u8],
-        source: Box<dyn pfnstore_hugetlb::MemorySource>,
+        memfd: Option<std::os::fd::OwnedFd>,
         options: StoreOptions,
     ) -> Result<Received, HandoverError> {
         let image = snapshot::decode(bytes)?;
+        let source = pfnstore_hugetlb::rebuild(&image.source, memfd)?;
         Store::rebuild(image, source, options)
     }
 }

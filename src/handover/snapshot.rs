@@ -171,7 +171,10 @@ impl<'a> Reader<'a> {
         if self.at == self.bytes.len() {
             Ok(())
         } else {
-            Err(self.malformed(format!("{} bytes after the end", self.bytes.len() - self.at)))
+            Err(self.malformed(format!(
+                "{} bytes after the end",
+                self.bytes.len() - self.at
+            )))
         }
     }
 }
@@ -291,10 +294,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Image, HandoverError> {
     ]);
     let computed = crc32(&bytes[..body_end]);
     if stored != computed {
-        return Err(HandoverError::Checksum {
-            stored,
-            computed,
-        });
+        return Err(HandoverError::Checksum { stored, computed });
     }
     let mut r = Reader::new(&bytes[20..body_end]);
     let (mid, chunk) = (r.u32()?, r.u32()?);
@@ -383,7 +383,11 @@ pub(crate) fn crc32(bytes: &[u8]) -> u32 {
             let mut c = i as u32;
             let mut k = 0;
             while k < 8 {
-                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
                 k += 1;
             }
             table[i] = c;

@@ -12,11 +12,14 @@ use pfnstore_hugetlb::fd_passing::{recv_with_fd, send_with_fd};
 pub(crate) const MAX_SNAPSHOT: u64 = 1 << 30;
 
 /// Sends `bytes`, with `fd` attached to the length that precedes them.
-pub(crate) fn send(socket: &UnixStream, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+pub(crate) fn send(
+    socket: &UnixStream,
+    bytes: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
     let header = (bytes.len() as u64).to_le_bytes();
-    let sent = send_with_fd(socket, &header, fd)?;
+    send_with_fd(socket, &header, fd)?;
     let mut writer = socket;
-    writer.write_all(&header[sent..])?;
     writer.write_all(bytes)?;
     writer.flush()
 }

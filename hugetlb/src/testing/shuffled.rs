@@ -239,6 +239,32 @@ fn shuffled(rng: &mut XorShift, range: Range<u64>) -> Vec<u64> {
     order
 }
 
+impl ShuffledSource {
+    /// What another process needs to rebuild this source (see
+    /// [`MemorySource::handover_record`]).
+    pub fn record(&self) -> SourceRecord {
+        SourceRecord {
+            kind: SourceKind::Shuffled,
+            page_size: self.page_size,
+            geometry: self.geometry,
+            memfd_len: self.report.bytes,
+            memfd_id: handover::memfd_identity(&self.memfd),
+            chunks: handover::chunk_records(&self.chunks),
+            holes: handover::hole_records(&self.memfd),
+            request: RequestRecord {
+                requested_bytes: self.report.requested_bytes,
+                preferred: self.page_size,
+                strict: true,
+                numa_node: None,
+                grow_pool: false,
+                prefault: Prefault::None,
+                mlock: false,
+            },
+            pool_growth: Vec::new(),
+        }
+    }
+}
+
 impl MemorySource for ShuffledSource {
     fn geometry(&self) -> Geometry {
         self.geometry
@@ -266,26 +292,8 @@ impl MemorySource for ShuffledSource {
         Some(Memfd::owned(&self.memfd, self.report.bytes))
     }
 
-    fn record(&self) -> SourceRecord {
-        SourceRecord {
-            kind: SourceKind::Shuffled,
-            page_size: self.page_size,
-            geometry: self.geometry,
-            memfd_len: self.report.bytes,
-            memfd_id: handover::memfd_identity(&self.memfd),
-            chunks: handover::chunk_records(&self.chunks),
-            holes: handover::hole_records(&self.memfd),
-            request: RequestRecord {
-                requested_bytes: self.report.requested_bytes,
-                preferred: self.page_size,
-                strict: true,
-                numa_node: None,
-                grow_pool: false,
-                prefault: Prefault::None,
-                mlock: false,
-            },
-            pool_growth: Vec::new(),
-        }
+    fn handover_record(&self) -> Option<SourceRecord> {
+        Some(self.record())
     }
 
     /// A shuffled source never grows a pool (tests reserve pages for it): nothing to give up.

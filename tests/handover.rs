@@ -1,0 +1,558 @@
+//! Live update: a store handed to another owner over a Unix socket (issue 17). In-process
+//! tests run the sender and the receiver on two threads of this process; the cross-process
+//! ones re-execute this binary as the other process (the ignored `handover_child` test) on
+//! real 1 GiB hugetlb pages where the machine can give them (else they report themselves
+//! skipped).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use common::*;
+use pfnstore::core::{Geometry, Pfn};
+use pfnstore::handover::{HandoverError, Received};
+use pfnstore::hugetlb::fd_passing::{recv_with_fd, send_with_fd};
+use pfnstore::hugetlb::{HugePageSize, HugetlbConfig, HugetlbSource, Prefault, SyntheticSource};
+use pfnstore::subscribers::{IommuMapper, Misbehaviour};
+use pfnstore::{
+    AttributeRun, ConvertMode, FileExtent, FileOptions, GuestFile, Interest, PinOwner,
+    Shareability, Store, StoreError, StoreOptions,
+};
+
+const MIB: u64 = 1 << 20;
+
+/// Everything observable about a store: each file's attribute runs, extents (frames and
+/// memfd offsets), a digest of its shared bytes, and the allocator's totals.
+#[derive(Debug, PartialEq, Eq)]
+struct Dump {
+    files: Vec<(pfnstore::FileId, u64, Vec<AttributeRun>, Vec<FileExtent>, u64)>,
+    allocator: (u64, u64, u64, u64),
+}
+
+fn digest(file: &GuestFile) -> u64 {
+    if !file.store().has_host_memory() {
+        return 0;
+    }
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    let mut page = vec![0u8; PAGE as usize];
+    for run in file.attribute_runs(0, file.size()).unwrap() {
+        if run.shareability != Shareability::Shared || !run.backed || run.quarantined.is_some() {
+            continue;
+        }
+        for p in run.range.pages() {
+            file.read(p.byte(), &mut page).unwrap();
+            for b in &page {
+                hash = (hash ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+    }
+    hash
+}
+
+fn dump(store: &Store, files: &[GuestFile]) -> Dump {
+    let t = store.stats().allocator.total;
+    Dump {
+        files: files
+            .iter()
+            .map(|f| {
+                (
+                    f.id(),
+                    f.size(),
+                    f.attribute_runs(0, f.size()).unwrap(),
+                    f.extents().unwrap(),
+                    digest(f),
+                )
+            })
+            .collect(),
+        allocator: (t.free_pages, t.allocated_pages, t.quarantined_pages, t.dirty_pages),
+    }
+}
+
+/// A store's life before the handover: shared memory with patterns, a 4 KiB page and a
+/// 2 MiB range made private inside a huge block, a pinned range, a quarantined range (a
+/// device that could neither unmap nor map back), a punched range (dirty memory), and a
+/// second, partly backed private file.
+fn live_a_little(store: &Store, unit: u64) -> Vec<GuestFile> {
+    let a = store
+        .create_file(FileOptions::new(4 * unit).shared().populated())
+        .unwrap();
+    if store.has_host_memory() {
+        for i in 0..64u64 {
+            let offset = i * (4 * unit / 64) + 123;
+            a.write(offset, format!("page {i} of file a").as_bytes()).unwrap();
+        }
+    }
+    a.convert(unit + 5 * PAGE, PAGE, Shareability::Private, ConvertMode::Preserve)
+        .unwrap();
+    a.convert(2 * unit, 2 * MIB, Shareability::Private, ConvertMode::Preserve)
+        .unwrap();
+    a.pin(3 * unit, 8 * PAGE, PinOwner(42)).unwrap();
+    let flaky = Arc::new(IommuMapper::new("flaky", store.geometry()));
+    let quarantined = pages(unit / PAGE + 100, unit / PAGE + 104);
+    flaky.inject(Misbehaviour::fail_unmap(quarantined, true));
+    let registration = store.subscribe(&dyn_sub(&flaky), Interest::All).unwrap();
+    let failed = a.convert(unit + 100 * PAGE, 4 * PAGE, Shareability::Private, ConvertMode::Preserve);
+    assert!(
+        matches!(&failed, Err(StoreError::UnmapFailed { quarantined, .. }) if !quarantined.is_empty()),
+        "{failed:?}"
+    );
+    drop(registration);
+    a.punch_hole(3 * unit + unit / 2, unit / 4).unwrap();
+    let b = store.create_file(FileOptions::new(2 * unit)).unwrap();
+    b.populate(unit / 2, unit / 2).unwrap();
+    b.convert(unit / 2, 4 * PAGE, Shareability::Shared, ConvertMode::Zero)
+        .unwrap();
+    store.check_invariants().unwrap();
+    vec![a, b]
+}
+
+fn ordinary_store(bytes: u64) -> Store {
+    let source = HugetlbSource::new(HugetlbConfig {
+        bytes,
+        page_size: HugePageSize::Base4K,
+        strict: true,
+        numa_node: None,
+        grow_pool: false,
+        prefault: Prefault::None,
+        mlock: false,
+    })
+    .unwrap();
+    Store::from_hugetlb(source, StoreOptions::default().with_shards(2)).unwrap()
+}
+
+/// Hands `store` over on a socket pair, the receiver on another thread.
+fn hand_over_in_process(store: &Store) -> (Result<pfnstore::handover::HandoverReport, HandoverError>, Result<Received, HandoverError>) {
+    let (tx, rx) = UnixStream::pair().unwrap();
+    let receiver = std::thread::spawn(move || {
+        Store::receive(&rx, StoreOptions::default().with_shards(1))
+    });
+    let sent = store.hand_over(&tx);
+    (sent, receiver.join().unwrap())
+}
+
+#[test]
+fn a_synthetic_store_survives_a_snapshot_round_trip() {
+    let source = SyntheticSource::new(Geometry::X86_64, Pfn(1 << 20), 16).unwrap();
+    let store = Store::synthetic(source, StoreOptions::default()).unwrap();
+    let files = live_a_little(&store, GIB);
+    let before = dump(&store, &files);
+    let bytes = store.snapshot().unwrap();
+    assert!(bytes.len() < 4096, "{} bytes for a 16 GiB store", bytes.len());
+    // The store is live again after a snapshot.
+    files[0]
+        .convert(0, PAGE, Shareability::Private, ConvertMode::Preserve)
+        .unwrap();
+    files[0]
+        .convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .unwrap();
+    let received = Store::receive_snapshot(&bytes, None, StoreOptions::default()).unwrap();
+    assert_eq!(dump(&received.store, &received.files), before);
+    // The rebuilt store works like the original: the pin still refuses, conversions go on.
+    let a = &received.files[0];
+    assert!(matches!(
+        a.convert(3 * GIB, PAGE, Shareability::Private, ConvertMode::Preserve),
+        Err(StoreError::Pinned { owner: PinOwner(42), .. })
+    ));
+    a.convert(GIB / 2, 2 * MIB, Shareability::Private, ConvertMode::Preserve)
+        .unwrap();
+    received.store.check_invariants().unwrap();
+}
+
+#[test]
+fn a_store_with_memory_is_handed_over_and_the_old_handles_are_closed() {
+    let store = ordinary_store(GIB);
+    let files = live_a_little(&store, 64 * MIB);
+    let before = dump(&store, &files);
+    let (sent, received) = hand_over_in_process(&store);
+    let report = sent.unwrap();
+    let received = received.unwrap();
+    assert!(report.snapshot_bytes > 0 && report.snapshot_bytes < 64 * 1024);
+    // Every handle of the old store answers HandedOver.
+    assert_eq!(files[0].translate(0).unwrap_err(), StoreError::HandedOver);
+    assert_eq!(
+        files[1]
+            .convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
+            .unwrap_err(),
+        StoreError::HandedOver
+    );
+    assert_eq!(
+        store.create_file(FileOptions::new(PAGE)).unwrap_err(),
+        StoreError::HandedOver
+    );
+    assert!(matches!(store.snapshot(), Err(HandoverError::Store(StoreError::HandedOver))));
+    // The old store gives nothing back when it goes: the new one sees the same memory.
+    drop(files);
+    drop(store);
+    assert_eq!(dump(&received.store, &received.files), before);
+    let a = &received.files[0];
+    a.write(100, b"still here").unwrap();
+    let mut buf = [0u8; 10];
+    a.read(100, &mut buf).unwrap();
+    assert_eq!(&buf, b"still here");
+    received.store.check_invariants().unwrap();
+}
+
+#[test]
+fn subscribers_register_again_and_get_the_replay() {
+    let store = ordinary_store(GIB);
+    let _files = live_a_little(&store, 64 * MIB);
+    let (sent, received) = hand_over_in_process(&store);
+    sent.unwrap();
+    let received = received.unwrap();
+    let recorder = Recorder::new("new-vmm");
+    let _reg = received
+        .store
+        .subscribe(&dyn_sub(&recorder), Interest::All)
+        .unwrap();
+    let replays: Vec<_> = recorder
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Map(pfnstore::ChangeKind::Replay, plan) => Some(plan),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(replays.len(), 2, "one replay per backed file");
+    for (plan, file) in replays.iter().zip(&received.files) {
+        assert_eq!(plan, &file.current_plan().unwrap());
+    }
+}
+
+/// Forwards the sender's snapshot to the receiver after `damage` changed it, and the answer
+/// back: a proxy between the two ends of a handover.
+fn through_a_proxy(store: &Store, damage: fn(&mut Vec<u8>)) -> (Result<pfnstore::handover::HandoverReport, HandoverError>, Result<Received, HandoverError>) {
+    let (tx, proxy_in) = UnixStream::pair().unwrap();
+    let (proxy_out, rx) = UnixStream::pair().unwrap();
+    let proxy = std::thread::spawn(move || {
+        let mut header = [0u8; 8];
+        let (n, fd) = recv_with_fd(&proxy_in, &mut header).unwrap();
+        (&proxy_in).read_exact(&mut header[n..]).unwrap();
+        let mut bytes = vec![0u8; u64::from_le_bytes(header) as usize];
+        (&proxy_in).read_exact(&mut bytes).unwrap();
+        damage(&mut bytes);
+        send_with_fd(&proxy_out, &(bytes.len() as u64).to_le_bytes(), fd.as_ref().map(|f| f.as_fd())).unwrap();
+        (&proxy_out).write_all(&bytes).unwrap();
+        let mut answer = Vec::new();
+        let _ = (&proxy_out).read_to_end(&mut answer);
+        let _ = (&proxy_in).write_all(&answer);
+    });
+    let receiver = std::thread::spawn(move || {
+        let received = Store::receive(&rx, StoreOptions::default().with_shards(1));
+        drop(rx);
+        received
+    });
+    let sent = store.hand_over(&tx);
+    let received = receiver.join().unwrap();
+    proxy.join().unwrap();
+    (sent, received)
+}
+
+#[test]
+fn a_damaged_snapshot_is_refused_and_the_sender_goes_on() {
+    let store = ordinary_store(GIB);
+    let files = live_a_little(&store, 64 * MIB);
+    let before = dump(&store, &files);
+    let cases: [(&str, fn(&mut Vec<u8>)); 4] = [
+        ("truncated", |b| b.truncate(b.len() / 2)),
+        ("bit flipped", |b| {
+            let at = b.len() / 3;
+            b[at] ^= 0x10;
+        }),
+        ("another version", |b| b[8] = 99),
+        ("not a snapshot", |b| b[0] = b'X'),
+    ];
+    for (what, damage) in cases {
+        let (sent, received) = through_a_proxy(&store, damage);
+        let received = received.map(drop).unwrap_err();
+        match what {
+            "truncated" => assert!(matches!(received, HandoverError::Truncated { .. }), "{received}"),
+            "bit flipped" => assert!(matches!(received, HandoverError::Checksum { .. }), "{received}"),
+            "another version" => assert!(
+                matches!(received, HandoverError::Version { found: 99, .. }),
+                "{received}"
+            ),
+            _ => assert!(matches!(received, HandoverError::NotASnapshot), "{received}"),
+        }
+        assert!(
+            matches!(sent, Err(HandoverError::Refused(_))),
+            "{what}: the sender was told: {sent:?}"
+        );
+        // The sender goes on as if nothing happened.
+        assert_eq!(dump(&store, &files), before, "{what}");
+        files[1]
+            .convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
+            .unwrap();
+        files[1]
+            .convert(0, PAGE, Shareability::Private, ConvertMode::Preserve)
+            .unwrap();
+    }
+    store.check_invariants().unwrap();
+}
+
+#[test]
+fn a_receiver_that_goes_away_before_confirming_leaves_the_sender_live() {
+    let store = ordinary_store(GIB);
+    let files = live_a_little(&store, 64 * MIB);
+    let before = dump(&store, &files);
+    let (tx, rx) = UnixStream::pair().unwrap();
+    let receiver = std::thread::spawn(move || {
+        // Reads the announcement and dies (the socket closes) before answering.
+        let mut header = [0u8; 8];
+        let _ = recv_with_fd(&rx, &mut header).unwrap();
+    });
+    let sent = store.hand_over(&tx);
+    receiver.join().unwrap();
+    assert!(matches!(sent, Err(HandoverError::ReceiverGone)), "{sent:?}");
+    assert_eq!(dump(&store, &files), before);
+    files[0].write(0, b"alive").unwrap();
+    store.check_invariants().unwrap();
+}
+
+#[test]
+fn operations_during_a_handover_are_refused_with_a_typed_error() {
+    let store = ordinary_store(GIB);
+    let files = live_a_little(&store, 64 * MIB);
+    let (tx, rx) = UnixStream::pair().unwrap();
+    let file = files[1].clone();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        let mut header = [0u8; 8];
+        let _ = recv_with_fd(&rx, &mut header).unwrap();
+        // The sender waits for the answer now: its store refuses operations.
+        seen_tx.send(file.translate(0)).unwrap();
+        drop(rx);
+    });
+    let sent = store.hand_over(&tx);
+    receiver.join().unwrap();
+    assert_eq!(seen_rx.recv().unwrap(), Err(StoreError::HandoverInProgress));
+    assert!(matches!(sent, Err(HandoverError::ReceiverGone)));
+    assert!(files[1].translate(0).is_ok(), "live again");
+}
+
+#[test]
+fn snapshots_grow_with_boundaries_not_with_memory() {
+    let bytes = |gib: u64, fragment: bool| {
+        let source = SyntheticSource::new(Geometry::X86_64, Pfn(1 << 20), gib).unwrap();
+        let store = Store::synthetic(source, StoreOptions::default()).unwrap();
+        let file = store
+            .create_file(FileOptions::new(gib * GIB).populated())
+            .unwrap();
+        if fragment {
+            for i in 0..1000u64 {
+                let page = i * 7919 % (gib * GIB / PAGE);
+                file.convert(page * PAGE, PAGE, Shareability::Shared, ConvertMode::Preserve)
+                    .unwrap();
+            }
+        }
+        store.snapshot().unwrap().len() as u64
+    };
+    // Uniform memory costs a few dozen bytes per GiB (an extent per allocation, whatever its
+    // size), far from a record per page; 1,000 converted pages cost about a run each.
+    let uniform = bytes(64, false);
+    assert!(uniform < 64 * 64, "{uniform} bytes for a uniform 64 GiB");
+    let fragmented = bytes(64, true);
+    let per_boundary = (fragmented - uniform) / 1000;
+    assert!(
+        (20..=64).contains(&per_boundary),
+        "{per_boundary} bytes per converted page"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Across processes, on real 1 GiB hugetlb pages: this binary re-executed as the other side.
+
+const ROLE: &str = "PFNSTORE_HANDOVER_ROLE";
+const SOCKET: &str = "PFNSTORE_HANDOVER_SOCKET";
+const DUMP: &str = "PFNSTORE_HANDOVER_DUMP";
+
+fn one_gib_pool() -> u64 {
+    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A store of 2 GiB of real 1 GiB pages, growing the pool (given back when the store's owner
+/// drops it); `None` with the reason where the machine cannot give them.
+fn hugetlb_store() -> Result<Store, String> {
+    pfnstore::hugetlb::testing::can_reserve(HugePageSize::Huge1G)?;
+    let source = HugetlbSource::new(HugetlbConfig {
+        bytes: 2 * GIB,
+        page_size: HugePageSize::Huge1G,
+        strict: true,
+        numa_node: None,
+        grow_pool: true,
+        prefault: Prefault::threads_per_cpu(),
+        mlock: false,
+    })
+    .map_err(|e| format!("2 GiB of 1 GiB pages: {e}"))?;
+    Store::from_hugetlb(source, StoreOptions::default().with_shards(2)).map_err(|e| e.to_string())
+}
+
+fn spawn_child(role: &str, socket: &std::path::Path, dump: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "handover_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .env(SOCKET, socket)
+        .env(DUMP, dump)
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for `path` to exist (a child's listening socket), failing after a generous deadline.
+fn wait_for(path: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "{} never appeared", path.display());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("pfnstore-handover-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The other process: a receiver that checks the dump and keeps working, a receiver that dies
+/// before answering, or a sender that waits to be killed.
+#[test]
+#[ignore = "run by the cross-process handover tests as their other process"]
+fn handover_child() {
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
+    let socket = std::path::PathBuf::from(std::env::var(SOCKET).unwrap());
+    let dump_path = std::path::PathBuf::from(std::env::var(DUMP).unwrap());
+    match role.as_str() {
+        "receiver" | "crash" => {
+            let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+            let (stream, _) = listener.accept().unwrap();
+            if role == "crash" {
+                // Dies with the snapshot half read, before it could answer.
+                let mut header = [0u8; 8];
+                let _ = recv_with_fd(&stream, &mut header);
+                std::process::abort();
+            }
+            let received = Store::receive(&stream, StoreOptions::default()).unwrap();
+            let want = std::fs::read_to_string(&dump_path).unwrap();
+            let got = format!("{:?}", dump(&received.store, &received.files));
+            assert_eq!(got, want, "the receiver sees another store");
+            // It keeps converting, on the same memory.
+            let a = &received.files[0];
+            a.convert(0, 2 * MIB, Shareability::Private, ConvertMode::Preserve)
+                .unwrap();
+            a.convert(0, 2 * MIB, Shareability::Shared, ConvertMode::Preserve)
+                .unwrap();
+            received.store.check_invariants().unwrap();
+            println!("receiver: ok");
+        }
+        "sender" => {
+            let store = hugetlb_store().unwrap();
+            let files = live_a_little(&store, 256 * MIB);
+            std::fs::write(&dump_path, format!("{:?}", dump(&store, &files))).unwrap();
+            wait_for(&socket);
+            let stream = UnixStream::connect(&socket).unwrap();
+            store.hand_over(&stream).unwrap();
+            std::fs::write(dump_path.with_extension("sent"), "sent").unwrap();
+            // Waits to be killed, holding its (sealed) store.
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+#[test]
+fn a_hugetlb_store_is_handed_to_another_process_which_gives_the_pool_back() {
+    let test = "a_hugetlb_store_is_handed_to_another_process_which_gives_the_pool_back";
+    let _lock = pfnstore::hugetlb::testing::hugetlb_lock();
+    let pool_before = one_gib_pool();
+    let store = match hugetlb_store() {
+        Ok(store) => store,
+        Err(reason) => return pfnstore::core::testing::skip(test, &reason),
+    };
+    let files = live_a_little(&store, 256 * MIB);
+    let dir = temp_dir("a");
+    let (socket, dump_path) = (dir.join("socket"), dir.join("dump"));
+    std::fs::write(&dump_path, format!("{:?}", dump(&store, &files))).unwrap();
+    let mut child = spawn_child("receiver", &socket, &dump_path);
+    wait_for(&socket);
+    let stream = UnixStream::connect(&socket).unwrap();
+    let report = store.hand_over(&stream).unwrap();
+    assert!(report.snapshot_bytes < 64 * 1024, "{report:?}");
+    assert_eq!(files[0].translate(0).unwrap_err(), StoreError::HandedOver);
+    // The old process lets go: the pool stays grown while the new owner holds the memory...
+    drop(files);
+    drop(store);
+    assert!(child.wait().unwrap().success(), "the receiver failed");
+    // ...and the new owner gave it back when it dropped the store.
+    assert_eq!(one_gib_pool(), pool_before, "the pool is not as it was");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_sender_killed_after_sending_leaves_the_receiver_going() {
+    let test = "a_sender_killed_after_sending_leaves_the_receiver_going";
+    let _lock = pfnstore::hugetlb::testing::hugetlb_lock();
+    if let Err(reason) = pfnstore::hugetlb::testing::can_reserve(HugePageSize::Huge1G) {
+        return pfnstore::core::testing::skip(test, &reason);
+    }
+    let pool_before = one_gib_pool();
+    let dir = temp_dir("b");
+    let (socket, dump_path) = (dir.join("socket"), dir.join("dump"));
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let mut sender = spawn_child("sender", &socket, &dump_path);
+    let (stream, _) = listener.accept().unwrap();
+    let received = Store::receive(&stream, StoreOptions::default());
+    wait_for(&dump_path.with_extension("sent"));
+    sender.kill().unwrap();
+    let _ = sender.wait();
+    let received = match received {
+        Ok(r) => r,
+        Err(e) => panic!("receive: {e}"),
+    };
+    let want = std::fs::read_to_string(&dump_path).unwrap();
+    assert_eq!(format!("{:?}", dump(&received.store, &received.files)), want);
+    let a = &received.files[0];
+    a.write(0, b"after the sender died").unwrap();
+    a.convert(0, 2 * MIB, Shareability::Private, ConvertMode::Zero)
+        .unwrap();
+    received.store.check_invariants().unwrap();
+    drop(received);
+    assert_eq!(one_gib_pool(), pool_before, "the pool is not as it was");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_receiver_killed_before_confirming_leaves_the_sender_as_it_was() {
+    let test = "a_receiver_killed_before_confirming_leaves_the_sender_as_it_was";
+    let _lock = pfnstore::hugetlb::testing::hugetlb_lock();
+    let pool_before = one_gib_pool();
+    let store = match hugetlb_store() {
+        Ok(store) => store,
+        Err(reason) => return pfnstore::core::testing::skip(test, &reason),
+    };
+    let files = live_a_little(&store, 256 * MIB);
+    let before = dump(&store, &files);
+    let dir = temp_dir("c");
+    let (socket, dump_path) = (dir.join("socket"), dir.join("dump"));
+    let mut child = spawn_child("crash", &socket, &dump_path);
+    wait_for(&socket);
+    let stream = UnixStream::connect(&socket).unwrap();
+    let sent = store.hand_over(&stream);
+    let _ = child.wait();
+    assert!(matches!(sent, Err(HandoverError::ReceiverGone)), "{sent:?}");
+    assert_eq!(dump(&store, &files), before, "nothing lost");
+    files[0].write(0, b"still the owner").unwrap();
+    store.check_invariants().unwrap();
+    drop(files);
+    drop(store);
+    assert_eq!(one_gib_pool(), pool_before, "the pool is not as it was");
+    let _ = std::fs::remove_dir_all(&dir);
+}
