@@ -3,7 +3,8 @@
 //!
 //! # Format (version 1)
 //!
-//! All integers little-endian.
+//! Fixed-size integers are little-endian; run lengths, gaps and PFNs are LEB128 varints (7 bits
+//! a byte), so that a run costs a few bytes whatever the size of its numbers.
 //!
 //! ```text
 //! magic    8 bytes  "PFNSTORE"
@@ -100,6 +101,14 @@ impl Writer {
         self.u64(v.len() as u64);
         self.0.extend_from_slice(v);
     }
+    /// LEB128: 7 bits a byte, small numbers (run lengths, gaps) in one or two bytes.
+    pub(crate) fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+    }
 }
 
 /// Reads little-endian values, failing with the offset where the input ran out.
@@ -136,6 +145,17 @@ impl<'a> Reader<'a> {
         a.copy_from_slice(b);
         Ok(u64::from_le_bytes(a))
     }
+    pub(crate) fn varint(&mut self) -> Result<u64, HandoverError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(self.malformed("a number longer than 64 bits"))
+    }
     pub(crate) fn bytes(&mut self) -> Result<&'a [u8], HandoverError> {
         let n = self.u64()?;
         let n = usize::try_from(n).map_err(|_| HandoverError::Truncated { at: self.at as u64 })?;
@@ -159,13 +179,6 @@ impl<'a> Reader<'a> {
             at: self.at as u64,
             what: what.into(),
         }
-    }
-    pub(crate) fn range<K: pfnstore_core::PageIndex>(
-        &mut self,
-    ) -> Result<pfnstore_core::PageRange<K>, HandoverError> {
-        let (start, len) = (self.u64()?, self.u64()?);
-        pfnstore_core::PageRange::from_len(K::from_raw(start), len)
-            .map_err(|e| self.malformed(format!("bad range: {e}")))
     }
     fn finished(&self) -> Result<(), HandoverError> {
         if self.at == self.bytes.len() {
@@ -212,35 +225,42 @@ pub(crate) fn encode(image: &Image) -> Vec<u8> {
     for v in [t.free, t.allocated, t.quarantined, t.dirty] {
         body.u64(v);
     }
+    // Runs are written as (gap from the previous run's end, length): within a chunk the gap
+    // is 0, so a run costs a few bytes however large its numbers.
     body.u64(image.physical.len() as u64);
+    let mut end = 0u64;
     for run in &image.physical {
-        body.u64(run.pfns.start().0);
-        body.u64(run.pfns.len());
+        body.varint(run.pfns.start().0 - end);
+        body.varint(run.pfns.len());
         body.u32(run.owner.map_or(u32::MAX, |f| f.0));
-        body.u8(quarantine_code(run.quarantined));
-        body.u8(u8::from(run.dirty));
+        body.u8(quarantine_code(run.quarantined) | (u8::from(run.dirty) << 7));
+        end = run.pfns.end().0;
     }
     body.u64(image.files.len() as u64);
     for file in &image.files {
         body.u32(file.id.0);
         body.u64(file.pages);
+        // A file's runs cover it from offset 0, one after the other: lengths only.
         body.u64(file.runs.len() as u64);
         for run in &file.runs {
-            body.u64(run.pages.start().0);
-            body.u64(run.pages.len());
-            body.u8(u8::from(run.shared) | (u8::from(run.backed) << 1));
-            body.u8(quarantine_code(run.quarantined));
-            body.u32(run.pins.len() as u32);
+            body.varint(run.pages.len());
+            let flags = u8::from(run.shared)
+                | (u8::from(run.backed) << 1)
+                | (quarantine_code(run.quarantined) << 2);
+            body.u8(flags);
+            body.varint(run.pins.len() as u64);
             for (owner, count) in &run.pins {
                 body.u32(owner.0);
                 body.u32(*count);
             }
         }
         body.u64(file.extents.len() as u64);
+        let mut end = 0u64;
         for (offsets, pfn) in &file.extents {
-            body.u64(offsets.start().0);
-            body.u64(offsets.len());
-            body.u64(pfn.0);
+            body.varint(offsets.start().0 - end);
+            body.varint(offsets.len());
+            body.varint(pfn.0);
+            end = offsets.end().0;
         }
     }
     let mut out = Vec::with_capacity(body.0.len() + 24);
@@ -307,17 +327,24 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Image, HandoverError> {
         quarantined: r.u64()?,
         dirty: r.u64()?,
     };
-    let n = r.count(22)?;
+    let n = r.count(7)?;
     let mut physical = Vec::with_capacity(n);
+    let mut end = 0u64;
     for _ in 0..n {
-        let pfns = r.range()?;
+        let start = end
+            .checked_add(r.varint()?)
+            .ok_or_else(|| r.malformed("a run past the PFN space"))?;
+        let len = r.varint()?;
+        let pfns = PfnRange::from_len(Pfn(start), len)
+            .map_err(|e| r.malformed(format!("bad run: {e}")))?;
         let owner = match r.u32()? {
             u32::MAX => None,
             id => Some(FileId(id)),
         };
-        let q = r.u8()?;
-        let quarantined = quarantine_of(q, &r)?;
-        let dirty = r.u8()? != 0;
+        let code = r.u8()?;
+        let quarantined = quarantine_of(code & 0x7f, &r)?;
+        let dirty = code & 0x80 != 0;
+        end = pfns.end().0;
         physical.push(PhysicalRun {
             pfns,
             owner,
@@ -330,18 +357,24 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Image, HandoverError> {
     for _ in 0..n {
         let id = FileId(r.u32()?);
         let pages = r.u64()?;
-        let runs_n = r.count(22)?;
+        let runs_n = r.count(3)?;
         let mut runs = Vec::with_capacity(runs_n);
+        let mut at = 0u64;
         for _ in 0..runs_n {
-            let range = r.range()?;
+            let len = r.varint()?;
+            let range = OffsetRange::from_len(pfnstore_core::PageOffset(at), len)
+                .map_err(|e| r.malformed(format!("bad run: {e}")))?;
             let flags = r.u8()?;
-            let q = r.u8()?;
-            let quarantined = quarantine_of(q, &r)?;
-            let pins_n = r.u32()? as usize;
-            let mut pins = Vec::with_capacity(pins_n.min(64));
+            let quarantined = quarantine_of(flags >> 2, &r)?;
+            let pins_n = r.varint()?;
+            if pins_n > 1 << 16 {
+                return Err(r.malformed(format!("{pins_n} pin owners on one run")));
+            }
+            let mut pins = Vec::with_capacity(pins_n as usize);
             for _ in 0..pins_n {
                 pins.push((PinOwner(r.u32()?), r.u32()?));
             }
+            at = range.end().0;
             runs.push(FileRun {
                 pages: range,
                 shared: flags & 1 != 0,
@@ -350,11 +383,21 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Image, HandoverError> {
                 pins,
             });
         }
-        let ext_n = r.count(24)?;
+        if !runs.is_empty() && at != pages {
+            return Err(r.malformed(format!("{id}'s runs cover {at} of its {pages} pages")));
+        }
+        let ext_n = r.count(3)?;
         let mut extents = Vec::with_capacity(ext_n);
+        let mut end = 0u64;
         for _ in 0..ext_n {
-            let offsets: OffsetRange = r.range()?;
-            extents.push((offsets, Pfn(r.u64()?)));
+            let start = end
+                .checked_add(r.varint()?)
+                .ok_or_else(|| r.malformed("an extent past the end"))?;
+            let len = r.varint()?;
+            let offsets = OffsetRange::from_len(pfnstore_core::PageOffset(start), len)
+                .map_err(|e| r.malformed(format!("bad extent: {e}")))?;
+            end = offsets.end().0;
+            extents.push((offsets, Pfn(r.varint()?)));
         }
         files.push(FileImage {
             id,
