@@ -65,10 +65,10 @@
 //! ```
 
 mod allocator;
+mod bits;
+mod chunk;
 mod error;
-mod extent_tree;
-mod placement;
-mod records;
+mod lock;
 mod request;
 mod shape;
 mod shard;

@@ -1,0 +1,675 @@
+//! One chunk's pages: a whole-chunk state, or a table of its mid blocks, each whole (free or
+//! allocated, no per-page data) or *mixed* (a bitmap of allocated pages, and when needed a
+//! second bitmap of allocation starts and clean free pages).
+//!
+//! Page states, and how a mixed mid block stores them:
+//!
+//! | page | `A` (allocated) | `S` |
+//! | --- | --- | --- |
+//! | free, dirty | 0 | 0 |
+//! | free, clean (scrubbed or never used) | 0 | 1 |
+//! | allocated, first page of an allocation | 1 | 1 |
+//! | allocated, any later page | 1 | 0 |
+//!
+//! `S` is kept only when it says more than "every allocated page is a one-page allocation and
+//! every free page is clean, or every free page is dirty" (the mid's `clean` mark says which):
+//! 4 KiB allocations and frees in any order never need it, so such a block costs 64 bytes.
+//! Quarantined pages are allocated pages here (the shard keeps which); a quarantined run
+//! always begins with a start, so a range that runs into one is seen crossing a start.
+
+use crate::bits;
+
+/// The geometry in the units the chunk table works with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Dims {
+    /// Pages per mid block.
+    pub m: u64,
+    /// Pages per chunk.
+    pub c: u64,
+    /// Mid blocks per chunk.
+    pub mids: u64,
+    /// log2 of `m`.
+    pub m_shift: u32,
+    /// Words of one mid block's page bitmap.
+    pub w: usize,
+    /// Words of a bitmap with one bit per mid block of a chunk.
+    pub mw: usize,
+}
+
+impl Dims {
+    pub(crate) fn new(m: u64, c: u64) -> Dims {
+        Dims {
+            m,
+            c,
+            mids: c / m,
+            m_shift: m.trailing_zeros(),
+            w: m.div_ceil(64) as usize,
+            mw: (c / m).div_ceil(64) as usize,
+        }
+    }
+}
+
+/// A chunk's state.
+#[derive(Debug)]
+pub(crate) enum Chunk {
+    /// Every page free, all clean or all dirty.
+    Free { clean: bool },
+    /// Every page allocated, as (part of) one allocation; `start`: it starts at the chunk.
+    Allocated { start: bool },
+    /// Anything else, per mid block.
+    Split(Box<Split>),
+}
+
+/// Why a page fails the "allocated, in one allocation" check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bad {
+    Free,
+    /// The page starts another allocation (or a quarantined run).
+    Start,
+}
+
+/// The mid blocks of a chunk. Bit `i` of each mark is mid block `i`.
+#[derive(Debug)]
+pub(crate) struct Split {
+    /// Every page free (whole, or mixed with free pages of both kinds).
+    free: Box<[u64]>,
+    /// Whole free: clean. Mixed without `S`: its free pages are clean.
+    clean: Box<[u64]>,
+    /// Wholly allocated as part of one allocation (not mixed).
+    alloc: Box<[u64]>,
+    /// Of `alloc`: the allocation starts at the block's first page.
+    start: Box<[u64]>,
+    /// Has page bitmaps.
+    mixed: Box<[u64]>,
+    /// Mixed, some pages free and some allocated, not the shard's cursor.
+    partial: Box<[u64]>,
+    pub free_mids: u64,
+    pub partial_mids: u64,
+    pub mixed_mids: u64,
+    /// Per mid block (only while some block is mixed): its `A` and `S` bitmaps in `words`.
+    a_slot: Vec<u32>,
+    s_slot: Vec<u32>,
+    /// The bitmaps, `w` words each, packed (a freed one is replaced by the last).
+    words: Vec<u64>,
+    /// Per bitmap: `mid << 1 | is_s`.
+    owners: Vec<u32>,
+}
+
+const NO_SLOT: u32 = u32::MAX;
+
+/// Which mark of a [`Split`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mark {
+    Free,
+    Clean,
+    Alloc,
+    Start,
+    Mixed,
+    Partial,
+}
+
+impl Split {
+    /// A table with every mid block whole free (`clean` or not) or wholly allocated.
+    pub(crate) fn new(d: &Dims, free: bool, clean_or_start: bool) -> Split {
+        let none = vec![0u64; d.mw].into_boxed_slice();
+        let mut all = none.clone();
+        bits::set_range(&mut all, 0, d.mids);
+        let pick = |yes: bool| if yes { all.clone() } else { none.clone() };
+        let mut start = none.clone();
+        if !free && clean_or_start {
+            bits::set(&mut start, 0);
+        }
+        Split {
+            free: pick(free),
+            clean: pick(free && clean_or_start),
+            alloc: pick(!free),
+            start,
+            mixed: none.clone(),
+            partial: none,
+            free_mids: if free { d.mids } else { 0 },
+            partial_mids: 0,
+            mixed_mids: 0,
+            a_slot: Vec::new(),
+            s_slot: Vec::new(),
+            words: Vec::new(),
+            owners: Vec::new(),
+        }
+    }
+
+    #[inline]
+    fn mark(&self, mark: Mark) -> &[u64] {
+        match mark {
+            Mark::Free => &self.free,
+            Mark::Clean => &self.clean,
+            Mark::Alloc => &self.alloc,
+            Mark::Start => &self.start,
+            Mark::Mixed => &self.mixed,
+            Mark::Partial => &self.partial,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn is(&self, mark: Mark, mid: u64) -> bool {
+        bits::test(self.mark(mark), mid)
+    }
+
+    /// The first mid block with `mark`.
+    #[inline]
+    pub(crate) fn first(&self, mark: Mark) -> Option<u64> {
+        bits::first_set(self.mark(mark))
+    }
+
+    /// Calls `f` for every mid block with `mark`, in order, until it returns `Some`.
+    pub(crate) fn find<T>(&self, mark: Mark, mut f: impl FnMut(u64) -> Option<T>) -> Option<T> {
+        for (i, &word) in self.mark(mark).iter().enumerate() {
+            let mut w = word;
+            while w != 0 {
+                let mid = i as u64 * 64 + u64::from(w.trailing_zeros());
+                if let Some(t) = f(mid) {
+                    return Some(t);
+                }
+                w &= w - 1;
+            }
+        }
+        None
+    }
+
+    /// Sets or clears a mark, keeping the counters.
+    #[inline]
+    pub(crate) fn put(&mut self, mark: Mark, mid: u64, on: bool) {
+        let (words, counter) = match mark {
+            Mark::Free => (&mut self.free, Some(&mut self.free_mids)),
+            Mark::Clean => (&mut self.clean, None),
+            Mark::Alloc => (&mut self.alloc, None),
+            Mark::Start => (&mut self.start, None),
+            Mark::Mixed => (&mut self.mixed, Some(&mut self.mixed_mids)),
+            Mark::Partial => (&mut self.partial, Some(&mut self.partial_mids)),
+        };
+        let was = bits::test(words, mid);
+        if was == on {
+            return;
+        }
+        if on {
+            bits::set(words, mid);
+        } else {
+            bits::clear(words, mid);
+        }
+        if let Some(counter) = counter {
+            if on {
+                *counter += 1;
+            } else {
+                *counter -= 1;
+            }
+        }
+    }
+
+    // ----- page bitmaps -----
+
+    fn new_bitmap(&mut self, d: &Dims, mid: u64, is_s: bool, fill: &[u64]) -> u32 {
+        let slot = self.owners.len() as u32;
+        self.words.extend_from_slice(fill);
+        self.owners.push((mid as u32) << 1 | u32::from(is_s));
+        if is_s {
+            self.s_slot[mid as usize] = slot;
+        } else {
+            self.a_slot[mid as usize] = slot;
+        }
+        debug_assert_eq!(self.words.len(), self.owners.len() * d.w);
+        slot
+    }
+
+    fn drop_bitmap(&mut self, d: &Dims, slot: u32) {
+        let last = self.owners.len() as u32 - 1;
+        if slot != last {
+            let (from, to) = (last as usize * d.w, slot as usize * d.w);
+            self.words.copy_within(from..from + d.w, to);
+            let owner = self.owners[last as usize];
+            self.owners[slot as usize] = owner;
+            let mid = (owner >> 1) as usize;
+            if owner & 1 == 1 {
+                self.s_slot[mid] = slot;
+            } else {
+                self.a_slot[mid] = slot;
+            }
+        }
+        self.owners.pop();
+        self.words.truncate(self.owners.len() * d.w);
+        if self.words.capacity() > 4 * self.words.len().max(8 * d.w) {
+            self.words.shrink_to(2 * self.words.len());
+            self.owners.shrink_to(2 * self.owners.len());
+        }
+    }
+
+    #[inline]
+    pub(crate) fn a(&self, d: &Dims, mid: u64) -> &[u64] {
+        let slot = self.a_slot[mid as usize] as usize;
+        &self.words[slot * d.w..(slot + 1) * d.w]
+    }
+
+    #[inline]
+    pub(crate) fn s(&self, d: &Dims, mid: u64) -> Option<&[u64]> {
+        let slot = *self.s_slot.get(mid as usize)?;
+        (slot != NO_SLOT).then(|| &self.words[slot as usize * d.w..(slot as usize + 1) * d.w])
+    }
+
+    #[inline]
+    pub(crate) fn has_s(&self, mid: u64) -> bool {
+        self.s_slot[mid as usize] != NO_SLOT
+    }
+
+    #[inline]
+    pub(crate) fn a_mut(&mut self, d: &Dims, mid: u64) -> &mut [u64] {
+        let slot = self.a_slot[mid as usize] as usize;
+        &mut self.words[slot * d.w..(slot + 1) * d.w]
+    }
+
+    /// Both bitmaps of a mixed block that has `S`.
+    fn a_s_mut(&mut self, d: &Dims, mid: u64) -> (&mut [u64], &mut [u64]) {
+        let a = self.a_slot[mid as usize] as usize;
+        let s = self.s_slot[mid as usize] as usize;
+        debug_assert!(a != s && s != NO_SLOT as usize);
+        if a < s {
+            let (lo, hi) = self.words.split_at_mut(s * d.w);
+            (&mut lo[a * d.w..(a + 1) * d.w], &mut hi[..d.w])
+        } else {
+            let (lo, hi) = self.words.split_at_mut(a * d.w);
+            (&mut hi[..d.w], &mut lo[s * d.w..(s + 1) * d.w])
+        }
+    }
+
+    /// Gives a mixed block its `S` bitmap, spelling out what the singles form implied.
+    fn materialize_s(&mut self, d: &Dims, mid: u64) {
+        if self.has_s(mid) {
+            return;
+        }
+        let mut s: Vec<u64> = self.a(d, mid).to_vec();
+        if self.is(Mark::Clean, mid) {
+            s.iter_mut().for_each(|w| *w = u64::MAX);
+            if d.m < 64 {
+                s[0] = bits::mask(0, d.m as u32);
+            }
+        }
+        self.put(Mark::Clean, mid, false);
+        self.new_bitmap(d, mid, true, &s);
+    }
+
+    /// Makes a whole block mixed (per-page bitmaps) with the same page states.
+    pub(crate) fn ensure_mixed(&mut self, d: &Dims, mid: u64) {
+        if self.is(Mark::Mixed, mid) {
+            return;
+        }
+        if self.a_slot.is_empty() {
+            self.a_slot = vec![NO_SLOT; d.mids as usize];
+            self.s_slot = vec![NO_SLOT; d.mids as usize];
+        }
+        let mut a = vec![0u64; d.w];
+        if self.is(Mark::Free, mid) {
+            // The block's clean mark stays: it is now "free pages are clean".
+            self.new_bitmap(d, mid, false, &a);
+            self.put(Mark::Free, mid, false);
+        } else {
+            debug_assert!(self.is(Mark::Alloc, mid));
+            bits::set_range(&mut a, 0, d.m);
+            self.new_bitmap(d, mid, false, &a);
+            let mut s = vec![0u64; d.w];
+            if self.is(Mark::Start, mid) {
+                bits::set(&mut s, 0);
+            }
+            self.new_bitmap(d, mid, true, &s);
+            self.put(Mark::Alloc, mid, false);
+            self.put(Mark::Start, mid, false);
+            self.put(Mark::Clean, mid, false);
+        }
+        self.put(Mark::Mixed, mid, true);
+    }
+
+    /// Recomputes the marks of a mixed block from its bitmaps, drops what they no longer need
+    /// and makes it whole again when its pages allow. Not for the shard's cursor.
+    pub(crate) fn normalize(&mut self, d: &Dims, mid: u64) {
+        if !self.is(Mark::Mixed, mid) {
+            return;
+        }
+        let a_zero = bits::all_clear(self.a(d, mid), d.m);
+        let a_ones = bits::all_set(self.a(d, mid), d.m);
+        if let Some(s) = self.s(d, mid) {
+            // Does `S` say more than the singles form?
+            let a = self.a(d, mid);
+            let mut singles = true;
+            let (mut free_clean, mut free_dirty) = (false, false);
+            for i in 0..d.w {
+                let valid = if d.m < 64 {
+                    bits::mask(0, d.m as u32)
+                } else {
+                    u64::MAX
+                };
+                singles &= a[i] & !s[i] == 0;
+                free_clean |= !a[i] & s[i] & valid != 0;
+                free_dirty |= !a[i] & !s[i] & valid != 0;
+            }
+            if a_ones && !singles {
+                // One allocation covers the block (started here or before): whole again.
+                let only_first = s
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &w)| if i == 0 { w & !1 == 0 } else { w == 0 });
+                if only_first {
+                    let start = s[0] & 1 == 1;
+                    self.demix(d, mid);
+                    self.put(Mark::Free, mid, false);
+                    self.put(Mark::Alloc, mid, true);
+                    self.put(Mark::Start, mid, start);
+                    self.put(Mark::Partial, mid, false);
+                    return;
+                }
+            }
+            if singles && !(free_clean && free_dirty) {
+                let slot = self.s_slot[mid as usize];
+                self.s_slot[mid as usize] = NO_SLOT;
+                self.drop_bitmap(d, slot);
+                self.put(Mark::Clean, mid, free_clean);
+            }
+        }
+        if a_zero && !self.has_s(mid) {
+            let clean = self.is(Mark::Clean, mid);
+            self.demix(d, mid);
+            self.put(Mark::Free, mid, true);
+            self.put(Mark::Clean, mid, clean);
+            self.put(Mark::Partial, mid, false);
+            return;
+        }
+        self.put(Mark::Free, mid, a_zero);
+        self.put(Mark::Partial, mid, !a_zero && !a_ones);
+    }
+
+    /// Drops a block's bitmaps (the caller sets its whole marks).
+    fn demix(&mut self, d: &Dims, mid: u64) {
+        let s = self.s_slot[mid as usize];
+        if s != NO_SLOT {
+            self.s_slot[mid as usize] = NO_SLOT;
+            self.drop_bitmap(d, s);
+        }
+        let a = self.a_slot[mid as usize];
+        self.a_slot[mid as usize] = NO_SLOT;
+        self.drop_bitmap(d, a);
+        self.put(Mark::Mixed, mid, false);
+        self.put(Mark::Clean, mid, false);
+        if self.mixed_mids == 0 {
+            self.a_slot = Vec::new();
+            self.s_slot = Vec::new();
+            self.words = Vec::new();
+            self.owners = Vec::new();
+        }
+    }
+
+    // ----- page queries (offsets within the block) -----
+
+    /// The first page of `[lo, hi)` that is not free.
+    pub(crate) fn first_not_free(&self, d: &Dims, mid: u64, lo: u64, hi: u64) -> Option<u64> {
+        if self.is(Mark::Mixed, mid) {
+            bits::first_set_in(self.a(d, mid), lo, hi)
+        } else if self.is(Mark::Free, mid) {
+            None
+        } else {
+            Some(lo)
+        }
+    }
+
+    /// Whether page `off` is allocated, and whether it starts an allocation.
+    pub(crate) fn page(&self, d: &Dims, mid: u64, off: u64) -> (bool, bool) {
+        if self.is(Mark::Mixed, mid) {
+            let allocated = bits::test(self.a(d, mid), off);
+            let start = allocated && self.s(d, mid).is_none_or(|s| bits::test(s, off));
+            (allocated, start)
+        } else if self.is(Mark::Alloc, mid) {
+            (true, off == 0 && self.is(Mark::Start, mid))
+        } else {
+            (false, false)
+        }
+    }
+
+    /// The first page of `[lo, hi)` that is free or starts an allocation (page `lo` may start
+    /// one when `start_ok`).
+    pub(crate) fn check_allocated(
+        &self,
+        d: &Dims,
+        mid: u64,
+        lo: u64,
+        hi: u64,
+        start_ok: bool,
+    ) -> Result<(), (u64, Bad)> {
+        if !self.is(Mark::Mixed, mid) {
+            if self.is(Mark::Alloc, mid) {
+                if lo == 0 && !start_ok && self.is(Mark::Start, mid) {
+                    return Err((0, Bad::Start));
+                }
+                return Ok(());
+            }
+            return Err((lo, Bad::Free));
+        }
+        let a = self.a(d, mid);
+        let free = bits::first_clear_in(a, lo, hi);
+        let from = lo + u64::from(start_ok);
+        let start = if from >= hi {
+            None
+        } else {
+            match self.s(d, mid) {
+                None => bits::first_set_in(a, from, hi),
+                Some(s) => first_set_in_both(a, s, from, hi),
+            }
+        };
+        match (free, start) {
+            (Some(f), Some(s)) if s < f => Err((s, Bad::Start)),
+            (Some(f), _) => Err((f, Bad::Free)),
+            (None, Some(s)) => Err((s, Bad::Start)),
+            (None, None) => Ok(()),
+        }
+    }
+
+    /// Calls `f(lo, hi, clean)` for the runs of clean and of dirty pages in `[lo, hi)`, all free.
+    pub(crate) fn clean_runs(
+        &self,
+        d: &Dims,
+        mid: u64,
+        lo: u64,
+        hi: u64,
+        mut f: impl FnMut(u64, u64, bool),
+    ) {
+        match self.s(d, mid).filter(|_| self.is(Mark::Mixed, mid)) {
+            None => f(lo, hi, self.is(Mark::Clean, mid)),
+            Some(s) => {
+                let mut p = lo;
+                while p < hi {
+                    let clean = bits::test(s, p);
+                    let next = if clean {
+                        bits::first_clear_in(s, p, hi)
+                    } else {
+                        bits::first_set_in(s, p, hi)
+                    }
+                    .unwrap_or(hi);
+                    f(p, next, clean);
+                    p = next;
+                }
+            }
+        }
+    }
+
+    // ----- page changes -----
+
+    /// Free pages `[lo, hi)` of a mixed block become allocated: one allocation, starting at
+    /// `lo` if `start` (else continuing one that began before).
+    pub(crate) fn take_pages(&mut self, d: &Dims, mid: u64, lo: u64, hi: u64, start: bool) {
+        debug_assert!(self.is(Mark::Mixed, mid));
+        if hi - lo == 1 && start && !self.has_s(mid) {
+            bits::set(self.a_mut(d, mid), lo);
+            return;
+        }
+        self.materialize_s(d, mid);
+        let (a, s) = self.a_s_mut(d, mid);
+        bits::set_range(a, lo, hi);
+        bits::clear_range(s, lo, hi);
+        if start {
+            bits::set(s, lo);
+        }
+    }
+
+    /// Allocated pages `[lo, hi)` of a mixed block become free and dirty.
+    pub(crate) fn release_pages(&mut self, d: &Dims, mid: u64, lo: u64, hi: u64) {
+        debug_assert!(self.is(Mark::Mixed, mid));
+        if !self.has_s(mid) && self.is(Mark::Clean, mid) {
+            self.materialize_s(d, mid);
+        }
+        if self.has_s(mid) {
+            let (a, s) = self.a_s_mut(d, mid);
+            bits::clear_range(a, lo, hi);
+            bits::clear_range(s, lo, hi);
+        } else {
+            bits::clear_range(self.a_mut(d, mid), lo, hi);
+        }
+    }
+
+    /// Page `off`, allocated, starts an allocation from now on.
+    pub(crate) fn set_start(&mut self, d: &Dims, mid: u64, off: u64) {
+        if !self.is(Mark::Mixed, mid) {
+            if off == 0 {
+                self.put(Mark::Start, mid, true);
+                return;
+            }
+            self.ensure_mixed(d, mid);
+        }
+        if let Some(slot) = self.s_slot.get(mid as usize).copied()
+            && slot != NO_SLOT
+        {
+            let w = d.w;
+            bits::set(
+                &mut self.words[slot as usize * w..(slot as usize + 1) * w],
+                off,
+            );
+        }
+    }
+
+    /// Free pages `[lo, hi)` of a mixed block become clean.
+    pub(crate) fn clean_pages(&mut self, d: &Dims, mid: u64, lo: u64, hi: u64) {
+        if !self.has_s(mid) {
+            if self.is(Mark::Clean, mid) {
+                return;
+            }
+            self.materialize_s(d, mid);
+        }
+        let (_, s) = self.a_s_mut(d, mid);
+        bits::set_range(s, lo, hi);
+    }
+
+    // ----- whole-chunk questions -----
+
+    /// Checks the marks, counters and bitmaps against each other. `cursor`: the block that is
+    /// the shard's cursor, if in this chunk (it is mixed and not normalized).
+    pub(crate) fn check(&self, d: &Dims, cursor: Option<u64>) -> Result<(), String> {
+        let count = |w: &[u64]| w.iter().map(|x| u64::from(x.count_ones())).sum::<u64>();
+        if count(&self.free) != self.free_mids
+            || count(&self.partial) != self.partial_mids
+            || count(&self.mixed) != self.mixed_mids
+        {
+            return Err("mid counters disagree with the marks".into());
+        }
+        let mut bitmaps = 0;
+        for mid in 0..d.mids {
+            let is = |m| self.is(m, mid);
+            if is(Mark::Alloc) && (is(Mark::Free) || is(Mark::Mixed)) {
+                return Err(format!("mid {mid} is allocated and free or mixed"));
+            }
+            if is(Mark::Start) && !is(Mark::Alloc) {
+                return Err(format!("mid {mid} has a start but is not allocated"));
+            }
+            if !is(Mark::Alloc) && !is(Mark::Free) && !is(Mark::Mixed) {
+                return Err(format!("mid {mid} has no state"));
+            }
+            if !is(Mark::Mixed) {
+                if is(Mark::Partial) {
+                    return Err(format!("whole mid {mid} marked partial"));
+                }
+                continue;
+            }
+            bitmaps += 1 + usize::from(self.has_s(mid));
+            let a = self.a(d, mid);
+            let a_zero = bits::all_clear(a, d.m);
+            let a_ones = bits::all_set(a, d.m);
+            if cursor == Some(mid) {
+                if is(Mark::Free) || is(Mark::Partial) {
+                    return Err(format!("cursor mid {mid} carries free or partial marks"));
+                }
+                continue;
+            }
+            if is(Mark::Free) != a_zero || is(Mark::Partial) != (!a_zero && !a_ones) {
+                return Err(format!("mixed mid {mid}: marks disagree with its bitmap"));
+            }
+            if a_zero && !self.has_s(mid) {
+                return Err(format!("mixed mid {mid} is wholly free and uniform"));
+            }
+            if let Some(s) = self.s(d, mid) {
+                if is(Mark::Clean) {
+                    return Err(format!("mid {mid} has S and a clean mark"));
+                }
+                let singles = (0..d.w).all(|i| a[i] & !s[i] == 0);
+                let valid = |i: usize| {
+                    if d.m < 64 && i == 0 {
+                        bits::mask(0, d.m as u32)
+                    } else {
+                        u64::MAX
+                    }
+                };
+                let clean = (0..d.w).any(|i| !a[i] & s[i] & valid(i) != 0);
+                let dirty = (0..d.w).any(|i| !a[i] & !s[i] & valid(i) != 0);
+                if singles && !(clean && dirty) {
+                    return Err(format!("mid {mid} keeps an S bitmap it does not need"));
+                }
+                if s.iter().enumerate().any(|(i, &w)| w & !valid(i) != 0) {
+                    return Err(format!("mid {mid}: S bits beyond the block"));
+                }
+            }
+            if a.iter().enumerate().any(|(i, &w)| {
+                let valid = if d.m < 64 && i == 0 {
+                    bits::mask(0, d.m as u32)
+                } else {
+                    u64::MAX
+                };
+                w & !valid != 0
+            }) {
+                return Err(format!("mid {mid}: A bits beyond the block"));
+            }
+        }
+        if bitmaps != self.owners.len() || self.words.len() != bitmaps * d.w {
+            return Err(format!(
+                "{} bitmaps stored, {bitmaps} in use",
+                self.owners.len()
+            ));
+        }
+        for (slot, &owner) in self.owners.iter().enumerate() {
+            let mid = (owner >> 1) as usize;
+            let table = if owner & 1 == 1 {
+                &self.s_slot
+            } else {
+                &self.a_slot
+            };
+            if table[mid] as usize != slot {
+                return Err(format!("bitmap {slot} is not where mid {mid} points"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The first bit of `[lo, hi)` set in both `a` and `s`.
+fn first_set_in_both(a: &[u64], s: &[u64], lo: u64, hi: u64) -> Option<u64> {
+    let mut i = lo;
+    while i < hi {
+        let word = i / 64;
+        let end = hi.min((word + 1) * 64);
+        let m = bits::mask((i % 64) as u32, (end - word * 64) as u32);
+        let both = a[word as usize] & s[word as usize] & m;
+        if both != 0 {
+            return Some(word * 64 + u64::from(both.trailing_zeros()));
+        }
+        i = end;
+    }
+    None
+}
