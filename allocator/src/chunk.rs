@@ -30,6 +30,8 @@ pub(crate) struct Dims {
     pub mids: u64,
     /// log2 of `m`.
     pub m_shift: u32,
+    /// log2 of `c`.
+    pub c_shift: u32,
     /// Words of one mid block's page bitmap.
     pub w: usize,
     /// Words of a bitmap with one bit per mid block of a chunk.
@@ -43,6 +45,7 @@ impl Dims {
             c,
             mids: c / m,
             m_shift: m.trailing_zeros(),
+            c_shift: c.trailing_zeros(),
             w: m.div_ceil(64) as usize,
             mw: (c / m).div_ceil(64) as usize,
         }
@@ -136,7 +139,7 @@ impl Split {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn mark(&self, mark: Mark) -> &[u64] {
         match mark {
             Mark::Free => &self.free,
@@ -148,7 +151,7 @@ impl Split {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn is(&self, mark: Mark, mid: u64) -> bool {
         bits::test(self.mark(mark), mid)
     }
@@ -175,7 +178,7 @@ impl Split {
     }
 
     /// Sets or clears a mark, keeping the counters.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn put(&mut self, mark: Mark, mid: u64, on: bool) {
         let (words, counter) = match mark {
             Mark::Free => (&mut self.free, Some(&mut self.free_mids)),

@@ -53,11 +53,13 @@ struct Cursor {
 /// Collects the dirty parts of an allocation, merging touching pieces.
 #[derive(Debug, Default)]
 struct DirtyCollector {
-    ranges: DirtyRanges,
+    /// Ranges before the open one (none in the usual case: one dirty range or none).
+    closed: Option<DirtyRanges>,
     open: Option<(u64, u64)>,
 }
 
 impl DirtyCollector {
+    #[inline]
     fn piece(&mut self, lo: u64, hi: u64, clean: bool) {
         if clean {
             return;
@@ -66,18 +68,27 @@ impl DirtyCollector {
             Some((_, e)) if *e == lo => *e = hi,
             open => {
                 if let Some((s, e)) = open.take() {
-                    self.ranges.push(pfn_range(s, e));
+                    self.closed
+                        .get_or_insert_with(DirtyRanges::new)
+                        .push(pfn_range(s, e));
                 }
                 *open = Some((lo, hi));
             }
         }
     }
 
-    fn finish(mut self) -> DirtyRanges {
-        if let Some((s, e)) = self.open {
-            self.ranges.push(pfn_range(s, e));
+    #[inline]
+    fn finish(self) -> DirtyRanges {
+        match (self.closed, self.open) {
+            (None, None) => DirtyRanges::new(),
+            (None, Some((s, e))) => pfn_range(s, e).into(),
+            (Some(mut ranges), open) => {
+                if let Some((s, e)) = open {
+                    ranges.push(pfn_range(s, e));
+                }
+                ranges
+            }
         }
-        self.ranges
     }
 }
 
@@ -88,6 +99,10 @@ pub(crate) struct ShardState {
     slots: Vec<Slot>,
     /// (base, slot), sorted by base.
     by_base: Vec<(u64, usize)>,
+    /// When the shard's chunks lie close together: slot + 1 (0: not ours) by chunk index
+    /// from `dense_lo` on, so that finding a page's chunk is one load, not a search.
+    dense: Vec<u32>,
+    dense_lo: u64,
     /// Per slot: every page free.
     all_free: Vec<u64>,
     /// Per slot: some mid blocks wholly free, not all (a partly used chunk).
@@ -102,15 +117,11 @@ pub(crate) struct ShardState {
     allocated_pages: u64,
 }
 
-fn put_bit(words: &mut Vec<u64>, i: usize, on: bool) {
-    if words.len() <= i / 64 {
-        words.resize(i / 64 + 1, 0);
-    }
-    if on {
-        bits::set(words, i as u64);
-    } else {
-        bits::clear(words, i as u64);
-    }
+/// Sets or clears bit `i` of a per-slot set (sized for every slot by `reindex`).
+#[inline]
+fn put_bit(words: &mut [u64], i: usize, on: bool) {
+    let (w, b) = (i / 64, 1u64 << (i % 64));
+    words[w] = if on { words[w] | b } else { words[w] & !b };
 }
 
 impl ShardState {
@@ -119,6 +130,8 @@ impl ShardState {
             d: Dims::new(shape.mid, shape.chunk),
             slots: Vec::new(),
             by_base: Vec::new(),
+            dense: Vec::new(),
+            dense_lo: 0,
             all_free: Vec::new(),
             mid_free: Vec::new(),
             partial: Vec::new(),
@@ -133,11 +146,39 @@ impl ShardState {
 
     #[inline]
     fn slot_of(&self, pfn: u64) -> Option<usize> {
+        if !self.dense.is_empty() {
+            let i = (pfn >> self.d.c_shift).wrapping_sub(self.dense_lo);
+            return match self.dense.get(i as usize) {
+                Some(&s) if s != 0 => Some(s as usize - 1),
+                _ => None,
+            };
+        }
         let base = align_down(pfn, self.d.c);
         self.by_base
             .binary_search_by_key(&base, |e| e.0)
             .ok()
             .map(|i| self.by_base[i].1)
+    }
+
+    /// Rebuilds the direct chunk index after chunks came or went.
+    fn reindex(&mut self) {
+        self.dense = Vec::new();
+        let (Some(&(lo, _)), Some(&(hi, _))) = (self.by_base.first(), self.by_base.last()) else {
+            return;
+        };
+        let (lo, hi) = (lo >> self.d.c_shift, hi >> self.d.c_shift);
+        if hi - lo >= 4 * self.by_base.len() as u64 + 64 {
+            return; // scattered chunks: binary search
+        }
+        self.dense_lo = lo;
+        self.dense = vec![0; (hi - lo + 1) as usize];
+        for &(base, slot) in &self.by_base {
+            self.dense[((base >> self.d.c_shift) - lo) as usize] = slot as u32 + 1;
+        }
+        let words = self.slots.len().div_ceil(64).max(1);
+        for sets in [&mut self.all_free, &mut self.mid_free, &mut self.partial] {
+            sets.resize(words, 0);
+        }
     }
 
     fn owns(&self, pfn: u64) -> bool {
@@ -187,6 +228,7 @@ impl ShardState {
         });
         let at = self.by_base.partition_point(|e| e.0 < base);
         self.by_base.insert(at, (base, slot));
+        self.reindex();
         self.chunk_changed(slot);
     }
 
@@ -226,6 +268,7 @@ impl ShardState {
             }
             self.chunk_changed(slot);
         }
+        self.reindex();
         Ok(())
     }
 
@@ -379,47 +422,40 @@ impl ShardState {
         Ok(())
     }
 
-    /// The dirty parts of `[start, end)`, which is free.
-    fn dirty_of(&self, start: u64, end: u64) -> DirtyRanges {
+    /// The dirty parts of `[p, hi)`, which is free and inside the chunk in `slot`.
+    fn dirty_piece(&self, slot: usize, p: u64, hi: u64, out: &mut DirtyCollector) {
         let d = self.d;
-        let mut out = DirtyCollector::default();
-        let mut p = start;
-        while p < end {
-            let slot = self.slot_of(p).expect("checked free, so owned");
-            let base = self.slots[slot].base;
-            let hi = end.min(base + d.c);
-            match &self.slots[slot].chunk {
-                Chunk::Free { clean } => out.piece(p, hi, *clean),
-                Chunk::Allocated { .. } => unreachable!("checked free"),
-                Chunk::Split(t) => {
-                    let mut q = p;
-                    while q < hi {
-                        let mid = (q - base) >> d.m_shift;
-                        let mb = base + (mid << d.m_shift);
-                        let mhi = hi.min(mb + d.m);
-                        t.clean_runs(&d, mid, q - mb, mhi - mb, |lo, hi, clean| {
-                            out.piece(mb + lo, mb + hi, clean)
-                        });
-                        q = mhi;
-                    }
+        let base = self.slots[slot].base;
+        match &self.slots[slot].chunk {
+            Chunk::Free { clean } => out.piece(p, hi, *clean),
+            Chunk::Allocated { .. } => unreachable!("checked free"),
+            Chunk::Split(t) => {
+                let mut q = p;
+                while q < hi {
+                    let mid = (q - base) >> d.m_shift;
+                    let mb = base + (mid << d.m_shift);
+                    let mhi = hi.min(mb + d.m);
+                    t.clean_runs(&d, mid, q - mb, mhi - mb, |lo, hi, clean| {
+                        out.piece(mb + lo, mb + hi, clean)
+                    });
+                    q = mhi;
                 }
             }
-            p = hi;
         }
-        out.finish()
     }
 
     // ----- page changes (after validation) -----
 
     /// Marks free `[start, end)` allocated, as one allocation; returns its dirty parts.
     fn take(&mut self, start: u64, end: u64) -> DirtyRanges {
-        let dirty = self.dirty_of(start, end);
         let d = self.d;
+        let mut dirty = DirtyCollector::default();
         let mut p = start;
         while p < end {
             let slot = self.slot_of(p).expect("checked free, so owned");
             let base = self.slots[slot].base;
             let hi = end.min(base + d.c);
+            self.dirty_piece(slot, p, hi, &mut dirty);
             let whole = p == base && hi == base + d.c;
             let cursor_here = self.cursor.is_some_and(|c| c.slot == slot);
             let collapse = match &self.slots[slot].chunk {
@@ -462,7 +498,7 @@ impl ShardState {
             p = hi;
         }
         self.allocated_pages += end - start;
-        dirty
+        dirty.finish()
     }
 
     /// Marks allocated `[start, end)` free and dirty.
@@ -737,9 +773,60 @@ impl ShardState {
         {
             return Some(done);
         }
+        if !clean_only
+            && pages == align
+            && (pages == self.d.m || pages == self.d.c)
+            && let Some(done) = self.alloc_whole_block(pages)
+        {
+            return Some(done);
+        }
         let start = self.place(pages, align, clean_only)?;
         let dirty = self.take(start, start + pages);
         Some((pfn_range(start, start + pages), dirty))
+    }
+
+    /// The hot path of a 2 MiB or 1 GiB request: a whole free block without page bitmaps.
+    /// `None` sends the request down the general path (which also finds out whether there is
+    /// room at all).
+    #[inline]
+    fn alloc_whole_block(&mut self, pages: u64) -> Option<(PfnRange, DirtyRanges)> {
+        let d = self.d;
+        self.retire_cursor_if_free();
+        let (start, clean) = if pages == d.c {
+            let slot = bits::first_set(&self.all_free)? as usize;
+            let base = self.slots[slot].base;
+            let clean = match &self.slots[slot].chunk {
+                Chunk::Free { clean } => *clean,
+                _ => return None,
+            };
+            self.slots[slot].chunk = Chunk::Allocated { start: true };
+            self.chunk_changed(slot);
+            (base, clean)
+        } else {
+            let (slot, mid) = self.whole_free_mid()?;
+            let base = self.slots[slot].base;
+            let t = self.split_mut(slot);
+            if t.is(Mark::Mixed, mid) {
+                return None;
+            }
+            let clean = t.is(Mark::Clean, mid);
+            t.put(Mark::Free, mid, false);
+            t.put(Mark::Clean, mid, false);
+            t.put(Mark::Alloc, mid, true);
+            t.put(Mark::Start, mid, true);
+            self.chunk_changed(slot);
+            (base + (mid << d.m_shift), clean)
+        };
+        self.allocated_pages += pages;
+        let range = pfn_range(start, start + pages);
+        Some((
+            range,
+            if clean {
+                DirtyRanges::new()
+            } else {
+                range.into()
+            },
+        ))
     }
 
     /// The hot path of a 4 KiB request: the first free page of the cursor block.
@@ -844,7 +931,10 @@ impl ShardState {
 
     pub(crate) fn free(&mut self, range: PfnRange) -> Result<(), Fault> {
         let (start, end) = (range.start().0, range.end().0);
-        if end - start == 1 && self.free_one_in_cursor(start) {
+        if end - start == 1 && self.free_one(start) {
+            return Ok(());
+        }
+        if self.free_whole_block(start, end) {
             return Ok(());
         }
         self.check_allocated(start, end, true)?;
@@ -853,36 +943,84 @@ impl ShardState {
         Ok(())
     }
 
-    /// The hot path of a 4 KiB free: a one-page allocation in the cursor block. Returns
+    /// The hot path of a 4 KiB free: a one-page allocation in a mixed block. Returns
     /// whether it applied (else the general path runs, validation included).
     #[inline]
-    fn free_one_in_cursor(&mut self, pfn: u64) -> bool {
+    fn free_one(&mut self, pfn: u64) -> bool {
         let d = self.d;
-        let Some(c) = self.cursor else {
-            return false;
-        };
-        let off = pfn.wrapping_sub(c.base);
-        if off >= d.m || !self.quarantined.is_empty() {
+        if !self.quarantined.is_empty() {
             return false;
         }
-        let Chunk::Split(t) = &mut self.slots[c.slot].chunk else {
-            return false;
-        };
-        let (allocated, start) = t.page(&d, c.mid, off);
-        if !allocated || !start {
-            return false;
-        }
-        if off + 1 < d.m {
-            if let (true, false) = t.page(&d, c.mid, off + 1) {
-                t.set_start(&d, c.mid, off + 1);
+        let (slot, mid, off, in_cursor) = match self.cursor {
+            Some(c) if pfn.wrapping_sub(c.base) < d.m => (c.slot, c.mid, pfn - c.base, true),
+            _ => {
+                let Some(slot) = self.slot_of(pfn) else {
+                    return false;
+                };
+                let off = pfn - self.slots[slot].base;
+                (slot, off >> d.m_shift, off & (d.m - 1), false)
             }
-            t.release_pages(&d, c.mid, off, off + 1);
-            self.allocated_pages -= 1;
-        } else {
-            t.release_pages(&d, c.mid, off, off + 1);
-            self.allocated_pages -= 1;
+        };
+        let Chunk::Split(t) = &mut self.slots[slot].chunk else {
+            return false;
+        };
+        if !t.is(Mark::Mixed, mid) {
+            return false;
+        }
+        if t.page(&d, mid, off) != (true, true) {
+            return false;
+        }
+        let last = off + 1 == d.m;
+        if !last && let (true, false) = t.page(&d, mid, off + 1) {
+            t.set_start(&d, mid, off + 1);
+        }
+        t.release_pages(&d, mid, off, off + 1);
+        self.allocated_pages -= 1;
+        if !in_cursor {
+            if t.has_s(mid) || bits::all_clear(t.a(&d, mid), d.m) {
+                t.normalize(&d, mid);
+            } else {
+                t.put(Mark::Partial, mid, true);
+            }
+            self.chunk_changed(slot);
+        }
+        if last {
             self.split_after(pfn + 1);
         }
+        true
+    }
+
+    /// The hot path of a 2 MiB or 1 GiB free: exactly one whole block that starts an
+    /// allocation. Returns whether it applied (else the general path runs).
+    #[inline]
+    fn free_whole_block(&mut self, start: u64, end: u64) -> bool {
+        let d = self.d;
+        if !self.quarantined.is_empty() {
+            return false;
+        }
+        let Some(slot) = self.slot_of(start) else {
+            return false;
+        };
+        let base = self.slots[slot].base;
+        match &mut self.slots[slot].chunk {
+            Chunk::Allocated { start: true } if start == base && end == base + d.c => {
+                self.slots[slot].chunk = Chunk::Free { clean: false };
+            }
+            Chunk::Split(t) if end - start == d.m && start & (d.m - 1) == 0 => {
+                let mid = (start - base) >> d.m_shift;
+                if !t.is(Mark::Alloc, mid) || !t.is(Mark::Start, mid) {
+                    return false;
+                }
+                t.put(Mark::Alloc, mid, false);
+                t.put(Mark::Start, mid, false);
+                t.put(Mark::Free, mid, true);
+                t.put(Mark::Clean, mid, false);
+            }
+            _ => return false,
+        }
+        self.chunk_changed(slot);
+        self.allocated_pages -= end - start;
+        self.split_after(end);
         true
     }
 
