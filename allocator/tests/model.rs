@@ -570,13 +570,22 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 2000, ..ProptestConfig::default() })]
 
     #[test]
-    fn allocator_matches_the_per_page_model(shards in 1usize..=3, ops in prop::collection::vec(op(), 1..48)) {
+    fn allocator_matches_the_per_page_model(
+        shards in 1usize..=3,
+        initial in prop::collection::vec((0..SLOTS, any::<bool>()), 0..5),
+        ops in prop::collection::vec(op(), 1..64),
+    ) {
         let geometry = Geometry::new(MID_ORDER, CHUNK_ORDER).unwrap();
         let alloc = Allocator::new(AllocatorConfig { geometry, shards }).unwrap();
         let mut model = Model::new(shards);
         let home = alloc.home_shard().0;
         let mut owned: Vec<PfnRange> = Vec::new();
         let mut handed: Vec<Allocation> = Vec::new();
+        // Most sequences start with some memory, so that the operations reach deep states.
+        let ops = initial
+            .into_iter()
+            .map(|(slot, dirty)| Op::AddChunk { slot, dirty, to: None, misalign: false })
+            .chain(ops);
         for op in ops {
             match op {
                 Op::AddChunk { slot, dirty, to, misalign } => {
