@@ -20,11 +20,6 @@ pub(crate) fn set(words: &mut [u64], i: u64) {
     words[(i / 64) as usize] |= 1 << (i % 64);
 }
 
-#[inline]
-pub(crate) fn clear(words: &mut [u64], i: u64) {
-    words[(i / 64) as usize] &= !(1 << (i % 64));
-}
-
 /// Calls `f(word index, mask)` for the words that bits `[lo, hi)` touch.
 #[inline]
 fn for_words(lo: u64, hi: u64, mut f: impl FnMut(usize, u64)) {

@@ -186,6 +186,7 @@ impl ShardState {
     }
 
     /// Updates the shard's chunk sets after a change in `slot`.
+    #[inline]
     fn chunk_changed(&mut self, slot: usize) {
         let mids = self.d.mids;
         let (all, some, partial) = match &self.slots[slot].chunk {
@@ -805,7 +806,10 @@ impl ShardState {
         } else {
             let (slot, mid) = self.whole_free_mid()?;
             let base = self.slots[slot].base;
-            let t = self.split_mut(slot);
+            let t = match &mut self.slots[slot].chunk {
+                Chunk::Split(t) => t,
+                _ => self.split_mut(slot),
+            };
             if t.is(Mark::Mixed, mid) {
                 return None;
             }
@@ -1015,6 +1019,16 @@ impl ShardState {
                 t.put(Mark::Start, mid, false);
                 t.put(Mark::Free, mid, true);
                 t.put(Mark::Clean, mid, false);
+                // The block after it, in the same chunk and whole: does the allocation go on
+                // into it? (Mixed blocks and the next chunk take the general way below.)
+                if mid + 1 < d.mids && !t.is(Mark::Mixed, mid + 1) {
+                    if t.is(Mark::Alloc, mid + 1) && !t.is(Mark::Start, mid + 1) {
+                        t.put(Mark::Start, mid + 1, true);
+                    }
+                    self.chunk_changed(slot);
+                    self.allocated_pages -= d.m;
+                    return true;
+                }
             }
             _ => return false,
         }
