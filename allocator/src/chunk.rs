@@ -90,8 +90,8 @@ pub(crate) struct Split {
     slots: Vec<[u32; 2]>,
     /// The bitmaps, `w` words each, packed (a freed one is replaced by the last).
     words: Vec<u64>,
-    /// Per bitmap: `mid << 1 | is_s`.
-    owners: Vec<u32>,
+    /// Bitmaps in `words`.
+    bitmaps: u32,
 }
 
 const NO_SLOT: u32 = u32::MAX;
@@ -125,7 +125,7 @@ impl Split {
             mixed_mids: 0,
             slots: Vec::new(),
             words: Vec::new(),
-            owners: Vec::new(),
+            bitmaps: 0,
         };
         for g in 0..d.mw {
             let valid = bits::mask(0, (d.mids - g as u64 * 64).min(64) as u32);
@@ -197,28 +197,34 @@ impl Split {
     // ----- page bitmaps -----
 
     fn new_bitmap(&mut self, d: &Dims, mid: u64, is_s: bool, fill: &[u64]) -> u32 {
-        let slot = self.owners.len() as u32;
+        let slot = self.bitmaps;
         self.words.extend_from_slice(fill);
-        self.owners.push((mid as u32) << 1 | u32::from(is_s));
+        self.bitmaps += 1;
         self.slots[mid as usize][usize::from(is_s)] = slot;
-        debug_assert_eq!(self.words.len(), self.owners.len() * d.w);
+        debug_assert_eq!(self.words.len(), self.bitmaps as usize * d.w);
         slot
     }
 
+    /// Frees bitmap `slot`: the last one moves into its place (found by a scan of the slot
+    /// array, which costs less than a back-pointer per bitmap would in memory; bitmaps are
+    /// freed once per block that becomes whole again, not per page).
     fn drop_bitmap(&mut self, d: &Dims, slot: u32) {
-        let last = self.owners.len() as u32 - 1;
+        let last = self.bitmaps - 1;
         if slot != last {
             let (from, to) = (last as usize * d.w, slot as usize * d.w);
             self.words.copy_within(from..from + d.w, to);
-            let owner = self.owners[last as usize];
-            self.owners[slot as usize] = owner;
-            self.slots[(owner >> 1) as usize][(owner & 1) as usize] = slot;
+            let owner = self
+                .slots
+                .iter_mut()
+                .flat_map(|s| s.iter_mut())
+                .find(|s| **s == last)
+                .expect("every bitmap has its block");
+            *owner = slot;
         }
-        self.owners.pop();
-        self.words.truncate(self.owners.len() * d.w);
+        self.bitmaps = last;
+        self.words.truncate(last as usize * d.w);
         if self.words.capacity() > 4 * self.words.len().max(8 * d.w) {
             self.words.shrink_to(2 * self.words.len());
-            self.owners.shrink_to(2 * self.owners.len());
         }
     }
 
@@ -378,7 +384,6 @@ impl Split {
         if self.mixed_mids == 0 {
             self.slots = Vec::new();
             self.words = Vec::new();
-            self.owners = Vec::new();
         }
     }
 
@@ -622,16 +627,19 @@ impl Split {
                 return Err(format!("mid {mid}: A bits beyond the block"));
             }
         }
-        if bitmaps != self.owners.len() || self.words.len() != bitmaps * d.w {
-            return Err(format!(
-                "{} bitmaps stored, {bitmaps} in use",
-                self.owners.len()
-            ));
+        if bitmaps != self.bitmaps as usize || self.words.len() != bitmaps * d.w {
+            return Err(format!("{} bitmaps stored, {bitmaps} in use", self.bitmaps));
         }
-        for (slot, &owner) in self.owners.iter().enumerate() {
-            let mid = (owner >> 1) as usize;
-            if self.slots[mid][(owner & 1) as usize] as usize != slot {
-                return Err(format!("bitmap {slot} is not where mid {mid} points"));
+        let mut seen = vec![false; bitmaps];
+        for (mid, s) in self.slots.iter().enumerate() {
+            for (k, &slot) in s.iter().enumerate() {
+                let wanted = self.is(Mark::Mixed, mid as u64) && (k == 0 || self.has_s(mid as u64));
+                if wanted != (slot != NO_SLOT) || (wanted && seen[slot as usize]) {
+                    return Err(format!("mid {mid}: bitmap slot {slot} is wrong"));
+                }
+                if wanted {
+                    seen[slot as usize] = true;
+                }
             }
         }
         Ok(())
