@@ -162,6 +162,10 @@ impl ShardState {
 
     /// Rebuilds the direct chunk index after chunks came or went.
     fn reindex(&mut self) {
+        let words = self.slots.len().div_ceil(64).max(1);
+        for sets in [&mut self.all_free, &mut self.mid_free, &mut self.partial] {
+            sets.resize(words, 0);
+        }
         self.dense = Vec::new();
         let (Some(&(lo, _)), Some(&(hi, _))) = (self.by_base.first(), self.by_base.last()) else {
             return;
@@ -174,10 +178,6 @@ impl ShardState {
         self.dense = vec![0; (hi - lo + 1) as usize];
         for &(base, slot) in &self.by_base {
             self.dense[((base >> self.d.c_shift) - lo) as usize] = slot as u32 + 1;
-        }
-        let words = self.slots.len().div_ceil(64).max(1);
-        for sets in [&mut self.all_free, &mut self.mid_free, &mut self.partial] {
-            sets.resize(words, 0);
         }
     }
 

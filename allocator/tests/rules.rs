@@ -525,3 +525,27 @@ fn cancel_restores_the_accounting() {
     );
     a.check_invariants().unwrap();
 }
+
+/// Chunks far apart (a sparse PFN space): the shard finds a page's chunk by search instead of
+/// its direct index, and everything else works the same.
+#[test]
+fn scattered_chunks_are_found_by_search() {
+    let far = 1 << 20; // chunk index 2^20: 1 PiB away
+    let a = one_shard(&[0, far, 3]);
+    let big = alloc(&a, C, C);
+    let two = alloc(&a, M, M);
+    let one = alloc(&a, 1, 1);
+    for r in [big, two, one] {
+        assert!([0, far, 3].contains(&(r.start().0 / C)), "{r:?}");
+    }
+    a.free(one).unwrap();
+    a.free(two).unwrap();
+    a.free(big).unwrap();
+    assert_eq!(
+        a.free(range(far * C, 1)),
+        Err(AllocError::DoubleFree { pfn: Pfn(far * C) })
+    );
+    a.remove_chunk(Pfn(3 * C)).unwrap();
+    assert_eq!(a.stats().total.free_chunks, 2);
+    a.check_invariants().unwrap();
+}
