@@ -72,29 +72,27 @@ pub(crate) enum Bad {
 }
 
 /// The mid blocks of a chunk: per mid block a bit in each [`Mark`], interleaved so that the
-/// six marks of 64 blocks share one 48-byte stretch (a free touches one cache line of marks,
-/// not six: the random-order frees of a full 16 GiB miss the cache on every step otherwise).
+/// seven marks of 64 blocks share one 56-byte stretch (a free touches one cache line of marks,
+/// not seven: the random-order frees of a full 16 GiB miss the cache on every step otherwise).
 ///
 /// The marks: `Free` (every page free: whole, or mixed with free pages of both kinds),
 /// `Clean` (whole free: clean; mixed without `S`: its free pages are clean), `Alloc` (wholly
 /// allocated as part of one allocation, not mixed), `Start` (of `Alloc`: the allocation starts
 /// at the block's first page), `Mixed` (has page bitmaps), `Partial` (mixed, some pages free
-/// and some allocated, not the shard's cursor).
+/// and some allocated, not the shard's cursor), `HasS` (mixed, with an `S` bitmap).
 #[derive(Debug)]
 pub(crate) struct Split {
     marks: Box<[u64]>,
     pub free_mids: u64,
     pub partial_mids: u64,
     pub mixed_mids: u64,
-    /// Per mid block (only while some block is mixed): its `A` and `S` bitmaps in `words`.
-    slots: Vec<[u32; 2]>,
-    /// The bitmaps, `w` words each, packed (a freed one is replaced by the last).
-    words: Vec<u64>,
-    /// Bitmaps in `words`.
-    bitmaps: u32,
+    /// Page bitmaps `A` per group of 64 mid blocks (block `i` at `(i % 64) * w`), allocated
+    /// while some block of the group is mixed: a block's bitmap is then one load from the
+    /// table, with no index to follow (a random free costs one cache miss in the bitmaps).
+    a_groups: Box<[Option<Box<[u64]>>]>,
+    /// The same for `S`, while some block of the group has one.
+    s_groups: Box<[Option<Box<[u64]>>]>,
 }
-
-const NO_SLOT: u32 = u32::MAX;
 
 /// Which mark of a [`Split`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,9 +103,10 @@ pub(crate) enum Mark {
     Start = 3,
     Mixed = 4,
     Partial = 5,
+    HasS = 6,
 }
 
-const MARKS: usize = 6;
+const MARKS: usize = 7;
 
 /// The word of `marks` that holds `mark` of mid block `mid`.
 #[inline(always)]
@@ -123,9 +122,8 @@ impl Split {
             free_mids: 0,
             partial_mids: 0,
             mixed_mids: 0,
-            slots: Vec::new(),
-            words: Vec::new(),
-            bitmaps: 0,
+            a_groups: (0..d.mw).map(|_| None).collect(),
+            s_groups: (0..d.mw).map(|_| None).collect(),
         };
         for g in 0..d.mw {
             let valid = bits::mask(0, (d.mids - g as u64 * 64).min(64) as u32);
@@ -196,74 +194,91 @@ impl Split {
 
     // ----- page bitmaps -----
 
-    fn new_bitmap(&mut self, d: &Dims, mid: u64, is_s: bool, fill: &[u64]) -> u32 {
-        let slot = self.bitmaps;
-        self.words.extend_from_slice(fill);
-        self.bitmaps += 1;
-        self.slots[mid as usize][usize::from(is_s)] = slot;
-        debug_assert_eq!(self.words.len(), self.bitmaps as usize * d.w);
-        slot
+    /// Bitmap `which` (0: `A`, 1: `S`) of block `mid`, whose group must be allocated.
+    #[inline(always)]
+    fn bitmap(&self, d: &Dims, which: usize, mid: u64) -> &[u64] {
+        let groups = if which == 0 {
+            &self.a_groups
+        } else {
+            &self.s_groups
+        };
+        let group = groups[(mid / 64) as usize]
+            .as_deref()
+            .expect("a mixed block's group is allocated");
+        let at = (mid % 64) as usize * d.w;
+        &group[at..at + d.w]
     }
 
-    /// Frees bitmap `slot`: the last one moves into its place (found by a scan of the slot
-    /// array, which costs less than a back-pointer per bitmap would in memory; bitmaps are
-    /// freed once per block that becomes whole again, not per page).
-    fn drop_bitmap(&mut self, d: &Dims, slot: u32) {
-        let last = self.bitmaps - 1;
-        if slot != last {
-            let (from, to) = (last as usize * d.w, slot as usize * d.w);
-            self.words.copy_within(from..from + d.w, to);
-            let owner = self
-                .slots
-                .iter_mut()
-                .flat_map(|s| s.iter_mut())
-                .find(|s| **s == last)
-                .expect("every bitmap has its block");
-            *owner = slot;
+    #[inline(always)]
+    fn bitmap_mut(&mut self, d: &Dims, which: usize, mid: u64) -> &mut [u64] {
+        let groups = if which == 0 {
+            &mut self.a_groups
+        } else {
+            &mut self.s_groups
+        };
+        let group = groups[(mid / 64) as usize]
+            .as_deref_mut()
+            .expect("a mixed block's group is allocated");
+        let at = (mid % 64) as usize * d.w;
+        &mut group[at..at + d.w]
+    }
+
+    /// Gives block `mid` bitmap `which` with the contents `fill`.
+    fn new_bitmap(&mut self, d: &Dims, which: usize, mid: u64, fill: &[u64]) {
+        let groups = if which == 0 {
+            &mut self.a_groups
+        } else {
+            &mut self.s_groups
+        };
+        let group = &mut groups[(mid / 64) as usize];
+        if group.is_none() {
+            *group = Some(vec![0u64; 64 * d.w].into_boxed_slice());
         }
-        self.bitmaps = last;
-        self.words.truncate(last as usize * d.w);
-        if self.words.capacity() > 4 * self.words.len().max(8 * d.w) {
-            self.words.shrink_to(2 * self.words.len());
+        self.bitmap_mut(d, which, mid).copy_from_slice(fill);
+    }
+
+    /// Clears block `mid`'s bitmap `which` and frees its group when no block of the group
+    /// keeps one (`mark` says which blocks do, and must already be cleared for `mid`).
+    fn drop_bitmap(&mut self, d: &Dims, which: usize, mid: u64, mark: Mark) {
+        self.bitmap_mut(d, which, mid).fill(0);
+        let g = (mid / 64) as usize;
+        if self.marks[g * MARKS + mark as usize] == 0 {
+            let groups = if which == 0 {
+                &mut self.a_groups
+            } else {
+                &mut self.s_groups
+            };
+            groups[g] = None;
         }
     }
 
     #[inline]
     pub(crate) fn a(&self, d: &Dims, mid: u64) -> &[u64] {
-        let slot = self.slots[mid as usize][0] as usize;
-        &self.words[slot * d.w..(slot + 1) * d.w]
+        self.bitmap(d, 0, mid)
     }
 
     #[inline]
     pub(crate) fn s(&self, d: &Dims, mid: u64) -> Option<&[u64]> {
-        let slot = self.slots.get(mid as usize)?[1];
-        (slot != NO_SLOT).then(|| &self.words[slot as usize * d.w..(slot as usize + 1) * d.w])
+        self.is(Mark::HasS, mid).then(|| self.bitmap(d, 1, mid))
     }
 
     #[inline]
     pub(crate) fn has_s(&self, mid: u64) -> bool {
-        self.slots
-            .get(mid as usize)
-            .is_some_and(|s| s[1] != NO_SLOT)
+        self.is(Mark::HasS, mid)
     }
 
     #[inline]
     pub(crate) fn a_mut(&mut self, d: &Dims, mid: u64) -> &mut [u64] {
-        let slot = self.slots[mid as usize][0] as usize;
-        &mut self.words[slot * d.w..(slot + 1) * d.w]
+        self.bitmap_mut(d, 0, mid)
     }
 
     /// Both bitmaps of a mixed block that has `S`.
     fn a_s_mut(&mut self, d: &Dims, mid: u64) -> (&mut [u64], &mut [u64]) {
-        let [a, s] = self.slots[mid as usize].map(|x| x as usize);
-        debug_assert!(a != s && s != NO_SLOT as usize);
-        if a < s {
-            let (lo, hi) = self.words.split_at_mut(s * d.w);
-            (&mut lo[a * d.w..(a + 1) * d.w], &mut hi[..d.w])
-        } else {
-            let (lo, hi) = self.words.split_at_mut(a * d.w);
-            (&mut hi[..d.w], &mut lo[s * d.w..(s + 1) * d.w])
-        }
+        let g = (mid / 64) as usize;
+        let at = (mid % 64) as usize * d.w;
+        let a = self.a_groups[g].as_deref_mut().expect("mixed");
+        let s = self.s_groups[g].as_deref_mut().expect("has S");
+        (&mut a[at..at + d.w], &mut s[at..at + d.w])
     }
 
     /// Gives a mixed block its `S` bitmap, spelling out what the singles form implied.
@@ -279,7 +294,8 @@ impl Split {
             }
         }
         self.put(Mark::Clean, mid, false);
-        self.new_bitmap(d, mid, true, &s);
+        self.new_bitmap(d, 1, mid, &s);
+        self.put(Mark::HasS, mid, true);
     }
 
     /// Makes a whole block mixed (per-page bitmaps) with the same page states.
@@ -287,23 +303,21 @@ impl Split {
         if self.is(Mark::Mixed, mid) {
             return;
         }
-        if self.slots.is_empty() {
-            self.slots = vec![[NO_SLOT; 2]; d.mids as usize];
-        }
         let mut a = vec![0u64; d.w];
         if self.is(Mark::Free, mid) {
             // The block's clean mark stays: it is now "free pages are clean".
-            self.new_bitmap(d, mid, false, &a);
+            self.new_bitmap(d, 0, mid, &a);
             self.put(Mark::Free, mid, false);
         } else {
             debug_assert!(self.is(Mark::Alloc, mid));
             bits::set_range(&mut a, 0, d.m);
-            self.new_bitmap(d, mid, false, &a);
+            self.new_bitmap(d, 0, mid, &a);
             let mut s = vec![0u64; d.w];
             if self.is(Mark::Start, mid) {
                 bits::set(&mut s, 0);
             }
-            self.new_bitmap(d, mid, true, &s);
+            self.new_bitmap(d, 1, mid, &s);
+            self.put(Mark::HasS, mid, true);
             self.put(Mark::Alloc, mid, false);
             self.put(Mark::Start, mid, false);
             self.put(Mark::Clean, mid, false);
@@ -351,9 +365,8 @@ impl Split {
                 }
             }
             if singles && !(free_clean && free_dirty) {
-                let slot = self.slots[mid as usize][1];
-                self.slots[mid as usize][1] = NO_SLOT;
-                self.drop_bitmap(d, slot);
+                self.put(Mark::HasS, mid, false);
+                self.drop_bitmap(d, 1, mid, Mark::HasS);
                 self.put(Mark::Clean, mid, free_clean);
             }
         }
@@ -371,20 +384,13 @@ impl Split {
 
     /// Drops a block's bitmaps (the caller sets its whole marks).
     fn demix(&mut self, d: &Dims, mid: u64) {
-        let s = self.slots[mid as usize][1];
-        if s != NO_SLOT {
-            self.slots[mid as usize][1] = NO_SLOT;
-            self.drop_bitmap(d, s);
+        if self.is(Mark::HasS, mid) {
+            self.put(Mark::HasS, mid, false);
+            self.drop_bitmap(d, 1, mid, Mark::HasS);
         }
-        let a = self.slots[mid as usize][0];
-        self.slots[mid as usize][0] = NO_SLOT;
-        self.drop_bitmap(d, a);
         self.put(Mark::Mixed, mid, false);
+        self.drop_bitmap(d, 0, mid, Mark::Mixed);
         self.put(Mark::Clean, mid, false);
-        if self.mixed_mids == 0 {
-            self.slots = Vec::new();
-            self.words = Vec::new();
-        }
     }
 
     // ----- page queries (offsets within the block) -----
@@ -522,14 +528,8 @@ impl Split {
             }
             self.ensure_mixed(d, mid);
         }
-        if let Some(slot) = self.slots.get(mid as usize).map(|s| s[1])
-            && slot != NO_SLOT
-        {
-            let w = d.w;
-            bits::set(
-                &mut self.words[slot as usize * w..(slot as usize + 1) * w],
-                off,
-            );
+        if self.has_s(mid) {
+            bits::set(self.bitmap_mut(d, 1, mid), off);
         }
     }
 
@@ -561,7 +561,6 @@ impl Split {
         {
             return Err("mid counters disagree with the marks".into());
         }
-        let mut bitmaps = 0;
         for mid in 0..d.mids {
             let is = |m| self.is(m, mid);
             if is(Mark::Alloc) && (is(Mark::Free) || is(Mark::Mixed)) {
@@ -579,7 +578,6 @@ impl Split {
                 }
                 continue;
             }
-            bitmaps += 1 + usize::from(self.has_s(mid));
             let a = self.a(d, mid);
             let a_zero = bits::all_clear(a, d.m);
             let a_ones = bits::all_set(a, d.m);
@@ -627,19 +625,32 @@ impl Split {
                 return Err(format!("mid {mid}: A bits beyond the block"));
             }
         }
-        if bitmaps != self.bitmaps as usize || self.words.len() != bitmaps * d.w {
-            return Err(format!("{} bitmaps stored, {bitmaps} in use", self.bitmaps));
+        for g in 0..d.mw {
+            let marked = |mark: Mark| self.marks[g * MARKS + mark as usize] != 0;
+            if marked(Mark::Mixed) != self.a_groups[g].is_some()
+                || marked(Mark::HasS) != self.s_groups[g].is_some()
+            {
+                return Err(format!("mid group {g}: bitmaps allocated unlike the marks"));
+            }
         }
-        let mut seen = vec![false; bitmaps];
-        for (mid, s) in self.slots.iter().enumerate() {
-            for (k, &slot) in s.iter().enumerate() {
-                let wanted = self.is(Mark::Mixed, mid as u64) && (k == 0 || self.has_s(mid as u64));
-                if wanted != (slot != NO_SLOT) || (wanted && seen[slot as usize]) {
-                    return Err(format!("mid {mid}: bitmap slot {slot} is wrong"));
+        for mid in 0..d.mids {
+            for (which, mark) in [(0, Mark::Mixed), (1, Mark::HasS)] {
+                let groups = if which == 0 {
+                    &self.a_groups
+                } else {
+                    &self.s_groups
+                };
+                if !self.is(mark, mid)
+                    && let Some(group) = &groups[(mid / 64) as usize]
+                    && group[(mid % 64) as usize * d.w..][..d.w]
+                        .iter()
+                        .any(|&w| w != 0)
+                {
+                    return Err(format!("mid {mid}: a stale bitmap"));
                 }
-                if wanted {
-                    seen[slot as usize] = true;
-                }
+            }
+            if self.is(Mark::HasS, mid) && !self.is(Mark::Mixed, mid) {
+                return Err(format!("whole mid {mid} has an S bitmap"));
             }
         }
         Ok(())

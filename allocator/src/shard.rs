@@ -634,12 +634,13 @@ impl ShardState {
 
     fn place_small(&mut self, pages: u64, align: u64) -> Option<u64> {
         let d = self.d;
+        let mut packing_skipped = false;
         if let Some(c) = self.cursor
             && let Chunk::Split(t) = &self.slots[c.slot].chunk
         {
             let a = t.a(&d, c.mid);
-            let packing = bits::all_clear(a, d.m) && self.partial.iter().any(|&w| w != 0);
-            if !packing && let Some(off) = bits::find_clear_run(a, d.m, pages, align) {
+            packing_skipped = bits::all_clear(a, d.m) && self.partial.iter().any(|&w| w != 0);
+            if !packing_skipped && let Some(off) = bits::find_clear_run(a, d.m, pages, align) {
                 return Some(c.base + off);
             }
         }
@@ -668,7 +669,15 @@ impl ShardState {
             self.set_cursor(slot, mid);
             return Some(self.slots[slot].base + mid * d.m);
         }
-        if pages == 1 {
+        if packing_skipped
+            && let Some(c) = self.cursor
+            && let Chunk::Split(t) = &self.slots[c.slot].chunk
+            && let Some(off) = bits::find_clear_run(t.a(&d, c.mid), d.m, pages, align)
+        {
+            // The wholly free cursor waited for partly used blocks, and none could serve.
+            return Some(c.base + off);
+        }
+        if pages == 1 && align == 1 {
             // Every free page is in one of the places searched above.
             return None;
         }

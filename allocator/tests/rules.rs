@@ -549,3 +549,19 @@ fn scattered_chunks_are_found_by_search() {
     assert_eq!(a.stats().total.free_chunks, 2);
     a.check_invariants().unwrap();
 }
+
+/// A wholly free cursor block waits while partly used blocks have room; when none of them
+/// has room for the request (here: one page aligned to two, and the only free page of the
+/// partly used block is odd), the cursor serves it rather than the request failing.
+#[test]
+fn a_waiting_cursor_still_serves_what_partly_used_blocks_cannot() {
+    let a = one_shard(&[0]);
+    let pages: Vec<PfnRange> = (0..C).map(|_| alloc(&a, 1, 1)).collect();
+    let last_mid = pages.last().unwrap().start().0 / M;
+    a.free(range(5 * M + 1, 1)).unwrap();
+    for p in &pages[(last_mid * M) as usize..((last_mid + 1) * M) as usize] {
+        a.free(*p).unwrap();
+    }
+    assert_eq!(alloc(&a, 1, 2), range(last_mid * M, 1));
+    a.check_invariants().unwrap();
+}
