@@ -507,6 +507,12 @@ impl Split {
     /// Allocated pages `[lo, hi)` of a mixed block become free and dirty.
     pub(crate) fn release_pages(&mut self, d: &Dims, mid: u64, lo: u64, hi: u64) {
         debug_assert!(self.is(Mark::Mixed, mid));
+        if hi - lo == 1 && !self.has_s(mid) && !self.is(Mark::Clean, mid) {
+            // One page in singles form with dirty free pages: only its `A` bit changes.
+            let word = &mut self.a_mut(d, mid)[(lo / 64) as usize];
+            *word &= !(1 << (lo % 64));
+            return;
+        }
         if !self.has_s(mid) && self.is(Mark::Clean, mid) {
             self.materialize_s(d, mid);
         }

@@ -39,7 +39,13 @@ fn pfn_range(start: u64, end: u64) -> PfnRange {
 struct Slot {
     base: u64,
     chunk: Chunk,
+    /// Which of the shard's chunk sets hold this chunk (`ALL_FREE | SOME_FREE | PARTIAL`).
+    class: u8,
 }
+
+const ALL_FREE: u8 = 1;
+const SOME_FREE: u8 = 2;
+const PARTIAL: u8 = 4;
 
 /// The mid block that small requests carve from first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,22 +191,30 @@ impl ShardState {
         self.slot_of(pfn).is_some()
     }
 
-    /// Updates the shard's chunk sets after a change in `slot`.
+    /// Updates the shard's chunk sets after a change in `slot` (only what changed).
     #[inline]
     fn chunk_changed(&mut self, slot: usize) {
         let mids = self.d.mids;
-        let (all, some, partial) = match &self.slots[slot].chunk {
-            Chunk::Free { .. } => (true, false, false),
-            Chunk::Allocated { .. } => (false, false, false),
-            Chunk::Split(t) => (
-                t.free_mids == mids,
-                t.free_mids > 0 && t.free_mids < mids,
-                t.partial_mids > 0,
-            ),
+        let class = match &self.slots[slot].chunk {
+            Chunk::Free { .. } => ALL_FREE,
+            Chunk::Allocated { .. } => 0,
+            Chunk::Split(t) => {
+                (if t.free_mids == mids { ALL_FREE } else { 0 })
+                    | (if t.free_mids > 0 && t.free_mids < mids {
+                        SOME_FREE
+                    } else {
+                        0
+                    })
+                    | (if t.partial_mids > 0 { PARTIAL } else { 0 })
+            }
         };
-        put_bit(&mut self.all_free, slot, all);
-        put_bit(&mut self.mid_free, slot, some);
-        put_bit(&mut self.partial, slot, partial);
+        if class == self.slots[slot].class {
+            return;
+        }
+        self.slots[slot].class = class;
+        put_bit(&mut self.all_free, slot, class & ALL_FREE != 0);
+        put_bit(&mut self.mid_free, slot, class & SOME_FREE != 0);
+        put_bit(&mut self.partial, slot, class & PARTIAL != 0);
     }
 
     fn split_mut(&mut self, slot: usize) -> &mut Split {
@@ -226,6 +240,7 @@ impl ShardState {
         self.slots.push(Slot {
             base,
             chunk: Chunk::Free { clean: !dirty },
+            class: 0,
         });
         let at = self.by_base.partition_point(|e| e.0 < base);
         self.by_base.insert(at, (base, slot));
@@ -267,6 +282,8 @@ impl ShardState {
             {
                 c.slot = slot;
             }
+            // The sets' bits at `slot` were the removed chunk's: write them all.
+            self.slots[slot].class = u8::MAX;
             self.chunk_changed(slot);
         }
         self.reindex();
@@ -980,11 +997,18 @@ impl ShardState {
         if !t.is(Mark::Mixed, mid) {
             return false;
         }
-        if t.page(&d, mid, off) != (true, true) {
+        let bit = |w: &[u64], p: u64| w[(p / 64) as usize] >> (p % 64) & 1 != 0;
+        let last = off + 1 == d.m;
+        let a = t.a(&d, mid);
+        // Allocated, and a start (always, in singles form); does the allocation go on?
+        let (start, goes_on) = match t.s(&d, mid) {
+            None => (true, false),
+            Some(s) => (bit(s, off), !last && bit(a, off + 1) && !bit(s, off + 1)),
+        };
+        if !bit(a, off) || !start {
             return false;
         }
-        let last = off + 1 == d.m;
-        if !last && let (true, false) = t.page(&d, mid, off + 1) {
+        if goes_on {
             t.set_start(&d, mid, off + 1);
         }
         t.release_pages(&d, mid, off, off + 1);
