@@ -124,7 +124,7 @@ pub(crate) struct ShardState {
 }
 
 /// Sets or clears bit `i` of a per-slot set (sized for every slot by `reindex`).
-#[inline]
+#[inline(always)]
 fn put_bit(words: &mut [u64], i: usize, on: bool) {
     let (w, b) = (i / 64, 1u64 << (i % 64));
     words[w] = if on { words[w] | b } else { words[w] & !b };
@@ -192,7 +192,7 @@ impl ShardState {
     }
 
     /// Updates the shard's chunk sets after a change in `slot` (only what changed).
-    #[inline]
+    #[inline(always)]
     fn chunk_changed(&mut self, slot: usize) {
         let mids = self.d.mids;
         let class = match &self.slots[slot].chunk {
