@@ -265,8 +265,9 @@ impl Allocator {
     /// free, its dirty sub-ranges dirty and the rest clean again, so that a caller that could not
     /// use the memory (and wrote nothing to it) leaves the accounting as it found it. Freeing
     /// and then marking the clean parts clean does the same in two steps, with a window in
-    /// which another thread can take the clean pages as dirty ones. Fails, changing nothing,
-    /// as [`Allocator::free`] of the range would.
+    /// which another thread can take the clean pages as dirty ones. The clean parts are taken
+    /// on the caller's word: pass the allocation unchanged, and only if nothing was written to
+    /// its memory. Fails, changing nothing, as [`Allocator::free`] of the range would.
     pub fn cancel(&self, allocation: &Allocation) -> Result<(), AllocError> {
         let (range, dirty) = (allocation.range, &allocation.dirty);
         self.on_owner(range.start(), |state| state.cancel(range, dirty))
