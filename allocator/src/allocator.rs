@@ -3,9 +3,10 @@
 use std::collections::HashMap;
 
 use pfnstore_core::sync::atomic::{AtomicU64, Ordering};
-use pfnstore_core::sync::{CachePadded, Mutex, RwLock, current_thread_index};
+use pfnstore_core::sync::{CachePadded, RwLock, current_thread_index};
 use pfnstore_core::{Geometry, Pfn, PfnRange, RangeError};
 
+use crate::lock::ShardLock;
 use crate::shape::Shape;
 use crate::shard::{Fault, ShardState};
 use crate::stats::{AllocatorStats, Usage};
@@ -23,7 +24,7 @@ pub struct AllocatorConfig {
 
 #[derive(Debug)]
 struct Shard {
-    state: Mutex<ShardState>,
+    state: ShardLock<ShardState>,
     /// Pages in the shard's chunks. Written under `state`'s lock; read without it to pick a
     /// shard for a new chunk and to reject requests that no shard can ever hold.
     pages: AtomicU64,
@@ -53,7 +54,7 @@ impl Allocator {
         let shards = (0..config.shards)
             .map(|_| {
                 CachePadded::new(Shard {
-                    state: Mutex::new(ShardState::new(shape)),
+                    state: ShardLock::new(ShardState::new(shape)),
                     pages: AtomicU64::new(0),
                 })
             })
@@ -142,9 +143,10 @@ impl Allocator {
             owners.insert(chunk, shard);
         }
         let target = &self.shards[index];
-        let mut state = target.state.lock();
-        state.add_chunk(base.0, dirty);
-        target.pages.fetch_add(self.shape.chunk, Ordering::Relaxed);
+        target.state.with(|state| {
+            state.add_chunk(base.0, dirty);
+            target.pages.fetch_add(self.shape.chunk, Ordering::Relaxed);
+        });
         Ok(())
     }
 
@@ -219,8 +221,7 @@ impl Allocator {
     ) -> Option<(PfnRange, DirtyRanges)> {
         self.shards[index]
             .state
-            .lock()
-            .alloc(pages, align, clean_only)
+            .with(|state| state.alloc(pages, align, clean_only))
     }
 
     /// The mutation the loom models must catch: the placement is chosen under one lock
@@ -235,13 +236,11 @@ impl Allocator {
     ) -> Option<(PfnRange, DirtyRanges)> {
         let start = self.shards[index]
             .state
-            .lock()
-            .place(pages, align, clean_only)?;
+            .with(|state| state.place(pages, align, clean_only))?;
         Some(
             self.shards[index]
                 .state
-                .lock()
-                .carve_unchecked(start, start + pages),
+                .with(|state| state.carve_unchecked(start, start + pages)),
         )
     }
 
@@ -259,6 +258,19 @@ impl Allocator {
     /// and dirty. Fails, changing nothing, if any page is not part of that one allocation.
     pub fn free(&self, range: PfnRange) -> Result<(), AllocError> {
         self.on_owner(range.start(), |state| state.free(range))
+            .map(|_| ())
+    }
+
+    /// Gives `allocation` back exactly as [`Allocator::alloc`] handed it out: its pages become
+    /// free, its dirty sub-ranges dirty and the rest clean again, so that a caller that could not
+    /// use the memory (and wrote nothing to it) leaves the accounting as it found it. Freeing
+    /// and then marking the clean parts clean does the same in two steps, with a window in
+    /// which another thread can take the clean pages as dirty ones. The clean parts are taken
+    /// on the caller's word: pass the allocation unchanged, and only if nothing was written to
+    /// its memory. Fails, changing nothing, as [`Allocator::free`] of the range would.
+    pub fn cancel(&self, allocation: &Allocation) -> Result<(), AllocError> {
+        let (range, dirty) = (allocation.range, &allocation.dirty);
+        self.on_owner(range.start(), |state| state.cancel(range, dirty))
             .map(|_| ())
     }
 
@@ -282,11 +294,11 @@ impl Allocator {
     fn on_owner<T>(
         &self,
         first: Pfn,
-        op: impl Fn(&mut ShardState) -> Result<T, Fault>,
+        mut op: impl FnMut(&mut ShardState) -> Result<T, Fault>,
     ) -> Result<(T, ShardId), AllocError> {
         let home = self.home();
         let mut tried = home;
-        let mut outcome = op(&mut self.shards[home].state.lock());
+        let mut outcome = self.shards[home].state.with(&mut op);
         // The table may change under us (a chunk removed and re-added elsewhere): follow it
         // until the shard it names says the same as the last one.
         while matches!(outcome, Err(Fault::StartNotOwned)) {
@@ -298,7 +310,7 @@ impl Allocator {
             match owner {
                 Some(s) if s.0 != tried => {
                     tried = s.0;
-                    outcome = op(&mut self.shards[tried].state.lock());
+                    outcome = self.shards[tried].state.with(&mut op);
                 }
                 _ => break,
             }
@@ -324,7 +336,11 @@ impl Allocator {
     /// Usage of each shard and in total. Shards are read one after another, so the total
     /// is a consistent snapshot only while no other thread changes the allocator.
     pub fn stats(&self) -> AllocatorStats {
-        let shards: Vec<Usage> = self.shards.iter().map(|s| s.state.lock().usage()).collect();
+        let shards: Vec<Usage> = self
+            .shards
+            .iter()
+            .map(|s| s.state.with(|state| state.usage()))
+            .collect();
         let mut total = Usage::default();
         for s in &shards {
             total.absorb(s);
@@ -340,10 +356,14 @@ impl Allocator {
         let owners = self.owners.read().clone();
         let mut seen = 0;
         for (index, shard) in self.shards.iter().enumerate() {
-            let state = shard.state.lock();
-            state.check().map_err(|e| format!("shard {index}: {e}"))?;
+            let bases = shard.state.with(|state| {
+                state
+                    .check()
+                    .map(|()| state.chunk_bases().collect::<Vec<u64>>())
+            });
+            let bases = bases.map_err(|e| format!("shard {index}: {e}"))?;
             let mut chunks = 0;
-            for base in state.chunk_bases() {
+            for base in bases {
                 chunks += 1;
                 let owner = owners.get(&self.geometry.chunk_index(Pfn(base)));
                 if owner != Some(&ShardId(index)) {

@@ -1,7 +1,8 @@
 //! # pfnstore-allocator: a lock-sharded allocator of PFN ranges
 //!
-//! pfnstore hands physical page ranges to VMs. This crate decides which ones, keeping only
-//! per-extent metadata (a free gigabyte costs one record, not 262,144) and keeping huge
+//! pfnstore hands physical page ranges to VMs. This crate decides which ones, keeping at most
+//! two bits per 4 KiB page and only where pages of one 2 MiB block differ (a free or wholly
+//! allocated 2 MiB or 1 GiB block costs a bit or two, not 512 or 262,144), and keeping huge
 //! mappings possible.
 //!
 //! ## Concepts
@@ -9,40 +10,46 @@
 //! * **Chunks.** Memory arrives in chunks (1 GiB on x86-64: the largest block of the
 //!   [`Geometry`](pfnstore_core::Geometry)), added with [`Allocator::add_chunk`] as the memory
 //!   source grows and removed with [`Allocator::remove_chunk`] once wholly free.
-//! * **Shards.** Each chunk belongs to one shard; a shard has its own lock (from
-//!   [`pfnstore_core::sync`], so loom can check it) and its own runs. A thread allocates from
-//!   its *home shard* (by thread index, or a [`ShardHint`]) and *steals* from the other
-//!   shards, one lock at a time, only when its own cannot serve. Frees, scrub reports and
-//!   quarantines go to the shard that owns the range; a range never spans shards.
-//! * **Runs and records.** Per shard: maximal *free runs* (coalesced on free), the *clean*
-//!   runs among them, one *allocation record* per allocation (split when a hole is punched)
-//!   and *quarantined* runs. Together they tile the shard's chunks exactly, which
-//!   [`Allocator::check_invariants`] verifies and [`Allocator::stats`] reports.
+//! * **Shards.** Each chunk belongs to one shard; a shard has its own lock (built from
+//!   [`pfnstore_core::sync`]'s atomics, so loom can check it) and its own pages. A thread
+//!   allocates from its *home shard* (by thread index, or a [`ShardHint`]) and *steals* from
+//!   the other shards, one lock at a time, only when its own cannot serve. Frees, scrub
+//!   reports and quarantines go to the shard that owns the range; a range never spans shards.
+//! * **Blocks and pages.** A chunk is wholly free, wholly allocated, or split into mid blocks
+//!   (2 MiB), each wholly free, wholly allocated, or *mixed*: a bitmap of allocated pages, and
+//!   where needed a second one that marks where allocations start and which free pages are
+//!   clean. The start marks are what lets `free` validate a range without a record per
+//!   allocation. Per chunk and per shard, counts and small bitmaps say where whole free
+//!   blocks and partly used blocks are, so every search for a block is a few word scans.
 //! * **Dirty tracking.** Freed pages are dirty: they held a VM's data. An [`Allocation`]
 //!   lists its dirty sub-ranges ([`DirtyRanges`]: a slice, with no heap allocation in the
 //!   usual all-dirty or all-clean case) so that the caller scrubs exactly those; scrubbed
 //!   free pages are reported back with [`Allocator::mark_clean`]; a request can ask for
-//!   clean pages only ([`AllocRequest::clean_only`]). Chunks are added clean or dirty.
+//!   clean pages only ([`AllocRequest::clean_only`]); [`Allocator::cancel`] gives an unused
+//!   allocation back exactly as it came. Chunks are added clean or dirty.
 //! * **Quarantine.** Allocated pages that must never be reused (their unmap failed) are
 //!   handed back with [`Allocator::quarantine`]: they stay out of use and accounted.
 //!
+//! Free, allocated and quarantined pages tile the shard's chunks exactly, which
+//! [`Allocator::check_invariants`] verifies and [`Allocator::stats`] reports.
+//!
 //! ## Placement
 //!
-//! Free runs live in a treap per shard whose nodes carry, per subtree, the largest of five
-//! capacities of a run (its length, its mid- and chunk-aligned lengths, the largest piece
-//! that splits no free mid block, the largest mid-aligned piece outside free chunks). Each
-//! rule is one O(log runs) descent for the lowest-addressed run with enough of one capacity,
-//! so 10,000 holes cost a few more levels, not a walk:
+//! * A 4 KiB request takes the first free page of the shard's *cursor*, the mid block small
+//!   requests carve from (LLFree's reserved block, per shard); when it is full, a partly used
+//!   block becomes the cursor, and only when none has room is a whole free block broken
+//!   (in a partly used chunk first). Other small requests search the same way for a run
+//!   that fits inside one block.
+//! * A 2 MiB request takes a whole free mid block, from a partly used chunk when there is
+//!   one, so that whole free chunks stay whole for 1 GiB requests.
+//! * A 1 GiB request takes a whole free chunk.
+//! * Anything else (several blocks, odd alignments, clean-only requests, small runs that only
+//!   fit across a block boundary) takes the first fit in address order.
 //!
-//! * a request of a chunk or more, or chunk-aligned, takes whole free chunks;
-//! * a mid-aligned request (2 MiB) goes into a partly used chunk whenever one can hold it and
-//!   breaks a free chunk only otherwise;
-//! * a small request packs into already split mid blocks first, then splits a mid block of a
-//!   partly used chunk, and breaks a free chunk last.
-//!
-//! For alignments of one page, a mid block or a chunk the rules are exact: `alloc` fails
-//! with [`AllocError::OutOfMemory`] only when no shard it may use has a fitting free range.
-//! The details are in `IMPLEMENTATION.md` beside this crate.
+//! The rules are exact: `alloc` fails with [`AllocError::OutOfMemory`] only when no shard it
+//! may use has a fitting free range. A 2 MiB or 1 GiB request that fails does so in O(1)
+//! (the counts say there is no whole free block); the walk is only for the rare shapes
+//! above. The details are in `IMPLEMENTATION.md` beside this crate.
 //!
 //! ## Errors
 //!
@@ -65,10 +72,10 @@
 //! ```
 
 mod allocator;
+mod bits;
+mod chunk;
 mod error;
-mod extent_tree;
-mod placement;
-mod records;
+mod lock;
 mod request;
 mod shape;
 mod shard;

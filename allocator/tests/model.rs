@@ -10,8 +10,9 @@
 //! `PFNSTORE_MODEL_CASES`.
 
 use pfnstore_allocator::{
-    AllocError, AllocRequest, Allocator, AllocatorConfig, ShardHint, ShardId, Usage,
+    AllocError, AllocRequest, Allocation, Allocator, AllocatorConfig, ShardHint, ShardId, Usage,
 };
+use pfnstore_core::testing::XorShift;
 use pfnstore_core::{Geometry, Pfn, PfnRange, RangeError};
 use proptest::prelude::*;
 
@@ -45,7 +46,7 @@ fn align_down(x: u64, a: u64) -> u64 {
     x / a * a
 }
 
-/// The capacities of a run `[s, e)`, restated from the crate documentation.
+/// A free run `[s, e)` and the capacities the statistics report.
 struct Caps {
     s: u64,
     e: u64,
@@ -66,32 +67,6 @@ impl Caps {
     }
     fn chunk(&self) -> u64 {
         self.e.saturating_sub(self.chunk_start())
-    }
-    fn has_whole_mid(&self) -> bool {
-        self.mid_start() + M <= self.e
-    }
-    fn has_whole_chunk(&self) -> bool {
-        self.chunk_start() + C <= self.e
-    }
-    fn head_mid(&self) -> u64 {
-        self.chunk_start() - self.mid_start()
-    }
-    fn tail_after_chunks(&self) -> u64 {
-        self.e - align_down(self.e, C)
-    }
-    fn sliver(&self) -> u64 {
-        if self.has_whole_mid() {
-            (self.mid_start() - self.s).max(self.e - align_down(self.e, M))
-        } else {
-            self.len()
-        }
-    }
-    fn partial_mid(&self) -> u64 {
-        if self.has_whole_chunk() {
-            self.head_mid().max(self.tail_after_chunks())
-        } else {
-            self.mid()
-        }
     }
 }
 
@@ -137,68 +112,6 @@ impl Model {
             }
         }
         runs
-    }
-
-    fn leftmost(runs: &[(u64, u64)], cap: impl Fn(&Caps) -> u64, min: u64) -> Option<Caps> {
-        runs.iter()
-            .map(|&(s, e)| Caps { s, e })
-            .find(|c| cap(c) >= min)
-    }
-
-    /// The placement rules, restated on a list of runs.
-    fn place(runs: &[(u64, u64)], n: u64, a: u64) -> Option<u64> {
-        if a == C || n >= C {
-            if let Some(r) = Self::leftmost(runs, Caps::chunk, n) {
-                return Some(r.chunk_start());
-            }
-            if a == C {
-                return None;
-            }
-        }
-        let unusual = |runs: &[(u64, u64)]| {
-            if let Some(r) = Self::leftmost(runs, Caps::len, n + a - 1) {
-                return Some(align_up(r.s, a));
-            }
-            if a < M
-                && let Some(r) = Self::leftmost(runs, Caps::mid, n)
-            {
-                return Some(r.mid_start());
-            }
-            Self::leftmost(runs, Caps::chunk, n).map(|r| r.chunk_start())
-        };
-        if a > M {
-            return unusual(runs);
-        }
-        if a == M || n >= M {
-            if let Some(r) = Self::leftmost(runs, Caps::partial_mid, n) {
-                if !r.has_whole_chunk() || r.head_mid() >= n {
-                    return Some(r.mid_start());
-                }
-                return Some(align_down(r.e - n, M));
-            }
-            if let Some(r) = Self::leftmost(runs, Caps::mid, n) {
-                return Some(r.mid_start());
-            }
-            if a == M {
-                return None;
-            }
-        }
-        if a > 1 {
-            return unusual(runs);
-        }
-        if let Some(r) = Self::leftmost(runs, Caps::sliver, n) {
-            if !r.has_whole_mid() || r.mid_start() - r.s >= n {
-                return Some(r.s);
-            }
-            return Some(r.e - n);
-        }
-        if let Some(r) = Self::leftmost(runs, Caps::partial_mid, n) {
-            if !r.has_whole_chunk() || r.head_mid() >= n {
-                return Some(r.s);
-            }
-            return Some(r.e - n);
-        }
-        Self::leftmost(runs, Caps::len, n).map(|r| r.s)
     }
 
     fn take(&mut self, s: u64, e: u64) -> Vec<PfnRange> {
@@ -274,10 +187,39 @@ impl Model {
         Ok(())
     }
 
+    /// Whether `shard` has room for `n` pages aligned to `a` (clean ones if asked).
+    fn fits(&self, shard: usize, n: u64, a: u64, clean_only: bool) -> bool {
+        self.runs(shard, clean_only)
+            .iter()
+            .any(|&(s, e)| align_up(s, a) + n <= e)
+    }
+
+    /// Mid blocks of `shard` with some free and some held pages.
+    fn partly_used_mids(&self, shard: usize) -> Vec<u64> {
+        (0..SPACE / M)
+            .filter(|b| {
+                let pages = || (b * M..(b + 1) * M).map(|p| self.page(p));
+                self.owner_of(b * M) == Some(shard)
+                    && pages().any(|p| matches!(p, Page::Free { .. }))
+                    && pages().any(|p| !matches!(p, Page::Free { .. }))
+            })
+            .collect()
+    }
+
+    fn wholly_free(&self, start: u64, len: u64) -> bool {
+        (start..start + len).all(|p| matches!(self.page(p), Page::Free { .. }))
+    }
+
+    /// Checks the allocator's answer `got` to `req` against the contract and, if it is right,
+    /// applies it: the request goes to the first shard (in the hint's order) that has room
+    /// (the rules are exact: a request fails only if no shard it may use has a fitting free
+    /// range); the range is free, aligned, in that shard; its dirty list is exact; and the
+    /// placement rules that keep huge blocks whole hold.
     fn alloc(
         &mut self,
         req: AllocRequest,
         home: usize,
+        got: Option<(PfnRange, usize)>,
     ) -> Result<(PfnRange, usize, Vec<PfnRange>), AllocError> {
         let (n, a) = (req.pages, req.align_pages);
         if n == 0 {
@@ -303,22 +245,62 @@ impl Model {
         }
         for step in 0..tries {
             let shard = (first + step) % self.shards;
-            let runs = self.runs(shard, req.clean_only);
-            let placed = Self::place(&runs, n, a);
-            if a == 1 || a == M || a == C {
-                // The rules are exact for these alignments: they find a place iff one exists.
-                let exists = runs.iter().any(|&(s, e)| align_up(s, a) + n <= e);
-                assert_eq!(
-                    placed.is_some(),
-                    exists,
-                    "exactness for {n} pages aligned {a} in {runs:?}"
-                );
+            if !self.fits(shard, n, a, req.clean_only) {
+                continue;
             }
-            if let Some(s) = placed {
-                let dirty = self.take(s, s + n);
-                return Ok((range(s, s + n), shard, dirty));
+            let Some((r, got_shard)) = got else {
+                panic!("{req:?}: shard {shard} has room but alloc failed");
+            };
+            let (s, e) = (r.start().0, r.end().0);
+            assert_eq!(
+                got_shard, shard,
+                "{req:?} went to {got_shard}, {shard} has room"
+            );
+            assert!(r.len() == n && s % a == 0, "{req:?} got {r:?}");
+            for p in s..e {
+                assert_eq!(self.owner_of(p), Some(shard), "{req:?} got {r:?}");
+                match self.page(p) {
+                    Page::Free { clean } => assert!(clean || !req.clean_only, "{r:?} not clean"),
+                    other => panic!("{req:?} got {r:?}: page {p} is {other:?}"),
+                }
             }
+            let placed_by_rules = !req.clean_only;
+            if placed_by_rules
+                && n < M
+                && a < M
+                && s / M == (e - 1) / M
+                && self.wholly_free(align_down(s, M), M)
+            {
+                // A small request breaks a whole free mid block only if no partly used one
+                // has room inside it.
+                for b in self.partly_used_mids(shard) {
+                    let inside = (b * M..(b + 1) * M)
+                        .step_by(a as usize)
+                        .any(|p| p + n <= (b + 1) * M && self.wholly_free(p, n));
+                    assert!(
+                        !inside,
+                        "{req:?} broke a free mid block at {s}; mid {b} had room"
+                    );
+                }
+            }
+            if placed_by_rules && n == M && a == M && self.wholly_free(align_down(s, C), C) {
+                // A 2M request breaks a whole free chunk only if no partly used chunk has a
+                // whole free mid block.
+                for b in (0..SPACE / M).filter(|b| self.owner_of(b * M) == Some(shard)) {
+                    let chunk = align_down(b * M, C);
+                    assert!(
+                        !self.wholly_free(b * M, M) || self.wholly_free(chunk, C),
+                        "{req:?} broke the free chunk at {s}; mid {b} was free"
+                    );
+                }
+            }
+            let dirty = self.take(s, e);
+            return Ok((r, shard, dirty));
         }
+        assert!(
+            got.is_none(),
+            "{req:?}: no shard has room, yet alloc gave {got:?}"
+        );
         Err(AllocError::OutOfMemory {
             pages: n,
             align_pages: a,
@@ -394,6 +376,16 @@ impl Model {
         self.check_allocated(r, true)?;
         for p in r.pfns() {
             self.pages[p.0 as usize] = Page::Free { clean: false };
+        }
+        Ok(())
+    }
+
+    /// Gives an allocation back as it was handed out: its dirty parts dirty, the rest clean.
+    fn cancel(&mut self, a: &Allocation) -> Result<(), AllocError> {
+        self.check_allocated(a.range, true)?;
+        for p in a.range.pfns() {
+            let dirty = a.dirty.iter().any(|d| d.contains(p));
+            self.pages[p.0 as usize] = Page::Free { clean: !dirty };
         }
         Ok(())
     }
@@ -512,6 +504,16 @@ enum Op {
         offset: u64,
         len: u64,
     },
+    /// Gives back an allocation exactly as it was handed out (`Allocator::cancel`).
+    Cancel {
+        pick: usize,
+    },
+    /// Interleaved sizes, then frees in a random order: allocates each of `sizes` (pages,
+    /// alignment) and frees what it got, shuffled by `seed`.
+    Churn {
+        sizes: Vec<(u64, u64)>,
+        seed: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -537,6 +539,14 @@ fn op() -> impl Strategy<Value = Op> {
         5 => (any::<usize>(), 0u64..8, 1u64..24).prop_map(|(pick, offset, len)| Op::FreeOwned { pick, offset, len }),
         2 => (0..SPACE + 4, 1u64..24).prop_map(|(start, len)| Op::MarkClean { start, len }),
         1 => (any::<usize>(), 0u64..8, 1u64..8).prop_map(|(pick, offset, len)| Op::Quarantine { pick, offset, len }),
+        1 => any::<usize>().prop_map(|pick| Op::Cancel { pick }),
+        2 => (prop::collection::vec(prop_oneof![
+                4 => Just((1u64, 1u64)),
+                2 => Just((M, M)),
+                1 => (2u64..=6, prop_oneof![Just(1u64), Just(2)]),
+                1 => Just((C, C)),
+            ], 1..12), any::<u64>())
+            .prop_map(|(sizes, seed)| Op::Churn { sizes, seed }),
     ]
 }
 
@@ -560,12 +570,22 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 2000, ..ProptestConfig::default() })]
 
     #[test]
-    fn allocator_matches_the_per_page_model(shards in 1usize..=3, ops in prop::collection::vec(op(), 1..48)) {
+    fn allocator_matches_the_per_page_model(
+        shards in 1usize..=3,
+        initial in prop::collection::vec((0..SLOTS, any::<bool>()), 0..5),
+        ops in prop::collection::vec(op(), 1..64),
+    ) {
         let geometry = Geometry::new(MID_ORDER, CHUNK_ORDER).unwrap();
         let alloc = Allocator::new(AllocatorConfig { geometry, shards }).unwrap();
         let mut model = Model::new(shards);
         let home = alloc.home_shard().0;
         let mut owned: Vec<PfnRange> = Vec::new();
+        let mut handed: Vec<Allocation> = Vec::new();
+        // Most sequences start with some memory, so that the operations reach deep states.
+        let ops = initial
+            .into_iter()
+            .map(|(slot, dirty)| Op::AddChunk { slot, dirty, to: None, misalign: false })
+            .chain(ops);
         for op in ops {
             match op {
                 Op::AddChunk { slot, dirty, to, misalign } => {
@@ -588,8 +608,9 @@ proptest! {
                     if clean_only {
                         req = req.clean_only();
                     }
-                    let ours = alloc.alloc(req).map(|a| (a.range, a.shard.0, Vec::from(a.dirty)));
-                    let expected = model.alloc(req, home);
+                    let ours = alloc.alloc(req);
+                    let expected = model.alloc(req, home, ours.as_ref().ok().map(|a| (a.range, a.shard.0)));
+                    let ours = ours.map(|a| { handed.push(a.clone()); (a.range, a.shard.0, Vec::from(a.dirty)) });
                     prop_assert_eq!(&ours, &expected, "{:?}", req);
                     if let Ok((r, _, _)) = ours {
                         owned.push(r);
@@ -615,6 +636,30 @@ proptest! {
                 Op::MarkClean { start, len } => {
                     let r = range(start, start + len);
                     prop_assert_eq!(alloc.mark_clean(r), model.mark_clean(r));
+                }
+                Op::Cancel { pick } => {
+                    if !handed.is_empty() {
+                        let a = &handed[pick % handed.len()];
+                        prop_assert_eq!(alloc.cancel(a), model.cancel(a), "cancel {:?}", a);
+                    }
+                }
+                Op::Churn { sizes, seed } => {
+                    let mut got: Vec<PfnRange> = Vec::new();
+                    for (pages, align) in sizes {
+                        let req = AllocRequest::new(pages).aligned(align);
+                        let ours = alloc.alloc(req);
+                        let expected = model.alloc(req, home, ours.as_ref().ok().map(|a| (a.range, a.shard.0)));
+                        let ours = ours.map(|a| (a.range, a.shard.0, Vec::from(a.dirty)));
+                        prop_assert_eq!(&ours, &expected, "churn {:?}", req);
+                        if let Ok((r, _, _)) = ours {
+                            got.push(r);
+                        }
+                    }
+                    let mut rng = XorShift::new(seed | 1);
+                    while !got.is_empty() {
+                        let r = got.swap_remove(rng.below(got.len() as u64) as usize);
+                        prop_assert_eq!(alloc.free(r), model.free(r), "churn free {:?}", r);
+                    }
                 }
                 Op::Quarantine { pick, offset, len } => {
                     if let Some(r) = sub_range(&owned, pick, offset, len) {

@@ -203,3 +203,86 @@ fn threads_never_share_a_page_and_accounting_is_exact() {
     );
     alloc.check_invariants().unwrap();
 }
+
+/// Interleaved sizes and random-order frees: threads (more than shards) allocate runs of 4K
+/// frames interleaved with 2M blocks and small multi-page ranges until they hold a share of
+/// memory, then free everything in a random order, several rounds. Pages are claimed in the
+/// ownership array as above; after every round of every thread the memory must come back to
+/// whole free chunks, with exact accounting.
+#[test]
+fn interleaved_sizes_and_random_order_frees() {
+    const THREADS: u32 = 4;
+    const ROUNDS: u32 = 6;
+    let geometry = Geometry::new(4, 9).unwrap(); // 16-page mid blocks, 512-page chunks
+    let (mid, chunk) = (geometry.mid_pages(), geometry.chunk_pages());
+    let chunks = 8;
+    let alloc = Arc::new(
+        Allocator::new(AllocatorConfig {
+            geometry,
+            shards: 2,
+        })
+        .unwrap(),
+    );
+    for c in 0..chunks {
+        alloc.add_chunk(Pfn(c * chunk), c % 2 == 0).unwrap();
+    }
+    let owners = Arc::new(Owners(
+        (0..chunks * chunk).map(|_| AtomicU32::new(0)).collect(),
+    ));
+    let start = Arc::new(Barrier::new(THREADS as usize));
+    let handles: Vec<_> = (1..=THREADS)
+        .map(|me| {
+            let (alloc, owners, start) = (alloc.clone(), owners.clone(), start.clone());
+            thread::spawn(move || {
+                start.wait();
+                let mut rng = XorShift::new(0xfeed_0000 + u64::from(me));
+                let share = chunks * chunk / u64::from(THREADS) / 2;
+                for _ in 0..ROUNDS {
+                    let mut held: Vec<PfnRange> = Vec::new();
+                    let mut pages = 0;
+                    while pages < share {
+                        let (n, align) = match rng.below(16) {
+                            0 => (mid, mid),
+                            1 => (2 + rng.below(5), 1),
+                            _ => (1, 1),
+                        };
+                        match alloc.alloc(AllocRequest::new(n).aligned(align)) {
+                            Ok(a) => {
+                                owners.claim(a.range, me);
+                                pages += n;
+                                held.push(a.range);
+                            }
+                            Err(_) => break,
+                        }
+                        if held.len().is_multiple_of(32) {
+                            thread::yield_now();
+                        }
+                    }
+                    // Free in a random order.
+                    while !held.is_empty() {
+                        let r = held.swap_remove(rng.below(held.len() as u64) as usize);
+                        owners.release(r, me);
+                        alloc.free(r).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    alloc.check_invariants().unwrap();
+    let s = alloc.stats().total;
+    // The two shards own alternate chunks, so no two free chunks of one shard touch.
+    assert_eq!(
+        (
+            s.free_pages,
+            s.allocated_pages,
+            s.free_chunks,
+            s.free_extents
+        ),
+        (chunks * chunk, 0, chunks, chunks),
+        "everything free again, as whole chunks"
+    );
+    assert_eq!(s.free_mid_blocks, chunks * chunk / mid);
+}

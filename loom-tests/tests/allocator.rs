@@ -7,7 +7,7 @@
 //!
 //! Showing that the models can fail: built with the test-only mutation
 //! `--cfg pfnstore_loom_mutation="allocator_split_alloc"`, the allocator chooses a placement
-//! under one lock acquisition and takes it under another. Both models then must find an
+//! under one lock acquisition and takes it under another. Models 1 and 2 then must find an
 //! interleaving in which two threads get the same page; under that cfg they are
 //! `should_panic(expected = "owned twice")`, so they pass only if loom reports it:
 //!
@@ -15,6 +15,12 @@
 //! RUSTFLAGS='--cfg pfnstore_loom --cfg pfnstore_loom_mutation="allocator_split_alloc"' \
 //!     cargo test --release --target-dir target/loom-mutation -p pfnstore-loom-tests --test allocator
 //! ```
+//!
+//! With `allocator_racy_lock` the shard lock's uncontended path tests with a load and takes
+//! with a plain store (instead of one compare-and-swap): two threads then run a shard's
+//! critical section at once, and loom's checked cell reports it ("Causality violation") in
+//! models 1, 2 and 9. `scripts/test-all.sh` builds each allocator mutation on its own, so that
+//! each one's own failure is what the models must find.
 #![cfg(pfnstore_loom)]
 
 use pfnstore_allocator::{AllocRequest, Allocator, AllocatorConfig, ShardHint, ShardId};
@@ -65,8 +71,15 @@ fn two_shards() -> Allocator {
 /// threads still hold and the invariants hold.
 #[test]
 #[cfg_attr(
-    pfnstore_loom_mutation = "allocator_split_alloc",
+    all(
+        pfnstore_loom_mutation = "allocator_split_alloc",
+        not(pfnstore_loom_mutation = "allocator_racy_lock")
+    ),
     should_panic(expected = "owned twice")
+)]
+#[cfg_attr(
+    pfnstore_loom_mutation = "allocator_racy_lock",
+    should_panic(expected = "Causality violation")
 )]
 fn alloc_and_free_on_one_shard() {
     model_builder().check(|| {
@@ -105,8 +118,15 @@ fn alloc_and_free_on_one_shard() {
 /// shard 0. No page is owned twice; accounting is exact after join.
 #[test]
 #[cfg_attr(
-    pfnstore_loom_mutation = "allocator_split_alloc",
+    all(
+        pfnstore_loom_mutation = "allocator_split_alloc",
+        not(pfnstore_loom_mutation = "allocator_racy_lock")
+    ),
     should_panic(expected = "owned twice")
+)]
+#[cfg_attr(
+    pfnstore_loom_mutation = "allocator_racy_lock",
+    should_panic(expected = "Causality violation")
 )]
 fn stealing_and_cross_shard_free() {
     model_builder().check(|| {
@@ -155,5 +175,41 @@ fn stealing_and_cross_shard_free() {
             2
         );
         alloc.check_invariants().unwrap();
+    });
+}
+
+/// Model 9: the shard lock. Two threads free pages of one shard at once while one of them
+/// also allocates; loom's checked cell around the shard sees every access, so two threads
+/// inside one shard's critical section at once fail the model. Afterwards the accounting is
+/// exact.
+#[test]
+#[cfg_attr(
+    pfnstore_loom_mutation = "allocator_racy_lock",
+    should_panic(expected = "Causality violation")
+)]
+fn frees_on_one_shard_are_serialised() {
+    model_builder().check(|| {
+        let alloc = Arc::new(two_shards());
+        alloc.add_chunk_to(Pfn(0), true, ShardId(0)).unwrap();
+        let only0 = ShardHint::Only(ShardId(0));
+        let a = alloc.alloc(AllocRequest::new(1).hint(only0)).unwrap();
+        let b = alloc.alloc(AllocRequest::new(2).hint(only0)).unwrap();
+        let other = {
+            let alloc = alloc.clone();
+            thread::spawn(move || {
+                alloc.free(b.range).unwrap();
+                alloc.alloc(AllocRequest::new(1).hint(only0)).unwrap().range
+            })
+        };
+        alloc.free(a.range).unwrap();
+        let c = other.join().unwrap();
+        let s = alloc.stats();
+        assert_eq!(
+            (s.total.allocated_pages, s.total.free_pages),
+            (1, 3),
+            "accounting after join"
+        );
+        alloc.check_invariants().unwrap();
+        alloc.free(c).unwrap();
     });
 }
