@@ -471,24 +471,12 @@ impl StoreInner {
     pub(crate) fn untake(&self, file: FileId, taken: Taken) -> Result<(), StoreError> {
         let range = taken.range;
         self.physical.release_owner(range, file).map_err(internal)?;
-        self.allocator.free(range).map_err(internal)?;
-        // `free` leaves everything dirty: mark clean what was clean when it was taken.
-        let mut next = range.start();
         for dirty in taken.allocation.dirty.iter() {
-            if next < dirty.start() {
-                self.allocator
-                    .mark_clean(PfnRange::new(next, dirty.start())?)
-                    .map_err(internal)?;
-            }
             self.physical.set_dirty(*dirty, true).map_err(internal)?;
-            next = dirty.end();
         }
-        if next < range.end() {
-            self.allocator
-                .mark_clean(PfnRange::new(next, range.end())?)
-                .map_err(internal)?;
-        }
-        Ok(())
+        // The dirty parts were scrubbed meanwhile, but they are given back as they came: a
+        // failed operation changes no accounting.
+        self.allocator.cancel(&taken.allocation).map_err(internal)
     }
 
     /// Takes `pfns` away from `file` (which held them): the healthy pages go back to the
