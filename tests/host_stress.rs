@@ -486,8 +486,11 @@ impl Harness {
             for round in 0..self.plan.rounds {
                 barrier.wait();
                 if !self.failed.load(Ordering::SeqCst) {
-                    let models: Vec<_> = self.models.iter().map(lock).collect();
-                    let checked = catch_unwind(AssertUnwindSafe(|| self.check_all(&models)));
+                    let mut models: Vec<_> = self.models.iter().map(lock).collect();
+                    let checked = catch_unwind(AssertUnwindSafe(|| {
+                        self.check_all(&models)?;
+                        self.exercise(&mut models, round)
+                    }));
                     match checked {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => self.fail(&format!("check after round {round}"), e),
@@ -669,6 +672,123 @@ impl Harness {
             "kvm audit: {:?}",
             self.mmu.audit()
         );
+        Ok(())
+    }
+
+    /// With every thread stopped, the transitions random operations rarely reach: every page
+    /// of every file private at once (each unit revoked) and back; a whole file punched (its
+    /// memory released) and populated again. The pins go first, each by its owner.
+    fn exercise(
+        &self,
+        models: &mut [MutexGuard<'_, ThreadModel>],
+        round: usize,
+    ) -> Result<(), String> {
+        for (t, model) in models.iter_mut().enumerate() {
+            for (f, first, pages) in std::mem::take(&mut model.pins) {
+                self.files[f]
+                    .unpin(first * PAGE, pages * PAGE, PinOwner(t as u32))
+                    .map_err(|e| format!("unpin for thread {t}: {e}"))?;
+                for p in first..first + pages {
+                    let slot = self.specs[f].slot(p).expect("a page of a window");
+                    model.files[f][slot].pins -= 1;
+                }
+            }
+        }
+        let vmas_of = |file: &GuestFile| -> Result<(), String> {
+            let extents = file.extents().map_err(|e| e.to_string())?;
+            let unit = file.stats().protection_unit / PAGE;
+            check_protection(
+                file,
+                0..file.size() / PAGE,
+                unit,
+                self.granule,
+                &extents,
+                &read_maps(),
+            )
+        };
+        if round % 2 == 0 {
+            for (f, file) in self.files.iter().enumerate() {
+                file.convert(0, file.size(), Shareability::Private, ConvertMode::Preserve)
+                    .map_err(|e| format!("file {f} to private: {e}"))?;
+                vmas_of(file).map_err(|e| format!("file {f} wholly private: {e}"))?;
+                // Not a byte of it is readable through its mapping.
+                let region = file.host_mapping().ok_or("no host mapping")?;
+                let base = region.addr.as_ptr() as u64;
+                each_vma(&read_maps(), base, base + region.len, |vma, at| {
+                    ensure!(
+                        vma.perms.starts_with("---"),
+                        "file {f} is wholly private, yet offset {:#x} is mapped {}",
+                        at - base,
+                        vma.perms
+                    );
+                    Ok(())
+                })?;
+            }
+            // Back to what the model says, run by run (outside the windows: the initial state).
+            for (f, file) in self.files.iter().enumerate() {
+                let spec = &self.specs[f];
+                let shared_at = |p: u64| match spec.slot(p) {
+                    Some(slot) => models[spec.owner_of(p, self.plan.threads)].files[f][slot].shared,
+                    None => spec.shared,
+                };
+                let mut p = 0;
+                while p < spec.pages {
+                    let shared = shared_at(p);
+                    let mut q = p + 1;
+                    // Outside the windows, pages are all alike: jump to the next window edge.
+                    while q < spec.pages && shared_at(q) == shared {
+                        q = match spec.slot(q) {
+                            Some(_) => q + 1,
+                            None => spec
+                                .windows
+                                .iter()
+                                .map(|w| w.start)
+                                .filter(|s| *s > q)
+                                .min()
+                                .unwrap_or(spec.pages),
+                        };
+                    }
+                    if shared {
+                        file.convert(
+                            p * PAGE,
+                            (q - p) * PAGE,
+                            Shareability::Shared,
+                            ConvertMode::Preserve,
+                        )
+                        .map_err(|e| {
+                            format!("file {f} pages {p:#x}..{q:#x} back to shared: {e}")
+                        })?;
+                    }
+                    p = q;
+                }
+                vmas_of(file).map_err(|e| format!("file {f} restored: {e}"))?;
+            }
+        } else {
+            let f = (round / 2) % self.files.len();
+            let file = &self.files[f];
+            file.punch_hole(0, file.size())
+                .map_err(|e| format!("punching all of file {f}: {e}"))?;
+            ensure!(
+                file.stats().held_pages == 0,
+                "file {f} holds {} pages with nothing backed",
+                file.stats().held_pages
+            );
+            vmas_of(file).map_err(|e| format!("file {f} punched: {e}"))?;
+            file.populate(0, file.size())
+                .map_err(|e| format!("populating all of file {f}: {e}"))?;
+            vmas_of(file).map_err(|e| format!("file {f} populated again: {e}"))?;
+            for (t, model) in models.iter_mut().enumerate() {
+                for w in &self.specs[f].windows {
+                    for p in w.clone() {
+                        if self.specs[f].owner_of(p, self.plan.threads) == t {
+                            let page = &mut model.files[f][self.specs[f].slot(p).expect("in")];
+                            page.content = Content::ZERO;
+                            page.backed = true;
+                        }
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
