@@ -706,7 +706,7 @@ impl Harness {
                 &read_maps(),
             )
         };
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             for (f, file) in self.files.iter().enumerate() {
                 file.convert(0, file.size(), Shareability::Private, ConvertMode::Preserve)
                     .map_err(|e| format!("file {f} to private: {e}"))?;
