@@ -627,15 +627,34 @@ impl Harness {
                 &vmas,
             )
             .map_err(|e| format!("file {f}: {e}"))?;
+            let chunk = self.store.geometry().chunk_pages();
             for e in &extents {
-                frames.push((e.pfn.0, e.pfn.0 + e.len / PAGE, f, e.offset));
-                let owner = self.store.owner_of(e.pfn).map_err(|e| e.to_string())?;
-                ensure!(
-                    owner == Some(file.id()),
-                    "{} backing offset {:#x} of file {f} belongs to {owner:?}",
-                    e.pfn,
-                    e.offset
-                );
+                // An extent is contiguous in the memfd; its frames only within a chunk (two
+                // chunks may be neighbours in the memfd and not in PFNs): `pfn` names the
+                // first, the file translates the rest.
+                let (mut offset, end, mut pfn) = (e.offset, e.offset + e.len, e.pfn);
+                loop {
+                    let run = (pfn.0 / chunk + 1) * chunk - pfn.0;
+                    let run = run.min((end - offset) / PAGE);
+                    frames.push((pfn.0, pfn.0 + run, f, offset));
+                    let owner = self.store.owner_of(pfn).map_err(|e| e.to_string())?;
+                    ensure!(
+                        owner == Some(file.id()),
+                        "{pfn} backing offset {offset:#x} of file {f} belongs to {owner:?}"
+                    );
+                    offset += run * PAGE;
+                    if offset >= end {
+                        break;
+                    }
+                    pfn = file
+                        .translate(offset)
+                        .map_err(|e| e.to_string())?
+                        .ok_or_else(|| {
+                            format!(
+                                "offset {offset:#x} of file {f} is in an extent but has no frame"
+                            )
+                        })?;
+                }
             }
             held += file.stats().held_pages;
             self.tick();
@@ -1913,10 +1932,15 @@ fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
 
+/// The process's mappings. Under a sanitizer (`PFNSTORE_SANITIZER` set, as
+/// scripts/sanitize.sh does) only those of memfds: the sanitizer's runtime maps and unmaps
+/// anonymous memory of its own as it goes.
 fn maps_lines() -> Vec<String> {
+    let sanitized = std::env::var_os("PFNSTORE_SANITIZER").is_some();
     std::fs::read_to_string("/proc/self/maps")
         .unwrap_or_default()
         .lines()
+        .filter(|l| !sanitized || l.contains("memfd:"))
         .map(str::to_string)
         .collect()
 }
