@@ -119,6 +119,43 @@ fi
 note "toolchain: ${toolchain:-default} ($version); rustup toolchains: $($have_rustup && rustup toolchain list 2>/dev/null | tr '\n' ' ')"
 note "mode: $how"
 
+# A planted bug per sanitizer, built and run exactly as the tests are: if it is not reported,
+# the setup (flags, options, suppressions) hides reports and the run means nothing.
+write_canaries() {
+    cat >"$work/canary_thread.rs" <<'RUST'
+// Two threads write one word with no synchronisation: a data race.
+fn main() {
+    let word = Box::into_raw(Box::new(0u64)) as usize;
+    // SAFETY: none: the race is the point.
+    let other = std::thread::spawn(move || unsafe { std::ptr::write_volatile(word as *mut u64, 1) });
+    // SAFETY: as above.
+    unsafe { std::ptr::write_volatile(word as *mut u64, 2) };
+    other.join().unwrap();
+}
+RUST
+    cat >"$work/canary_address.rs" <<'RUST'
+// A read one byte past the end of a heap allocation.
+fn main() {
+    let v = vec![7u8; 10];
+    // SAFETY: none: the overflow is the point.
+    let past = unsafe { std::ptr::read_volatile(v.as_ptr().add(v.len())) };
+    println!("{past}");
+}
+RUST
+}
+write_canaries
+
+# Whether sanitizer $1, with rustc flags $2, reports its planted bug (pattern $3).
+canary_reported() {
+    local san=$1 flags=$2 pattern=$3
+    # shellcheck disable=SC2086
+    rustc_of "$toolchain" --edition 2021 -O $flags --target "$host" \
+        -o "$work/canary_$san" "$work/canary_$san.rs" >"$work/canary_$san.build" 2>&1 ||
+        { cat "$work/canary_$san.build"; return 1; }
+    "$work/canary_$san" >"$work/canary_$san.log" 2>&1
+    grep -qE "$pattern" "$work/canary_$san.log"
+}
+
 selection=()
 for t in "${TESTS[@]}"; do
     # shellcheck disable=SC2206
@@ -152,6 +189,21 @@ run_sanitizer() {
             ;;
     esac
     note "== $san: RUSTFLAGS='$flags' ${extra[*]} --target $host --target-dir target/sanitize-$san"
+    local pattern
+    case $san in
+        thread) pattern='^WARNING: ThreadSanitizer:' ;;
+        address) pattern='^==[0-9]*==ERROR: (AddressSanitizer|LeakSanitizer):' ;;
+    esac
+    local canary="reported"
+    if $build_std; then
+        canary="not run (built with -Zbuild-std)"
+    elif canary_reported "$san" "$flags" "$pattern"; then
+        note "$san: the planted bug is reported: the setup shows reports"
+    else
+        sed "s/^/  [$san canary] /" "$work/canary_$san.log" | head -20
+        summary+=("$san: not trusted: a planted bug was NOT reported with these flags and options [$how]")
+        return 1
+    fi
     local t0=$SECONDS
     if ! RUSTFLAGS="$flags" "${cargo_cmd[@]}" test --locked "${extra[@]}" \
         --target "$host" --target-dir "target/sanitize-$san" "${selection[@]}" --no-run \
@@ -176,11 +228,6 @@ run_sanitizer() {
     done < <(sed -n 's/^test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed; \([0-9]*\) ignored.*/\1 \2 \3/p' "$log")
     local skipped
     skipped=$(wc -l <"$skips")
-    local pattern
-    case $san in
-        thread) pattern='^WARNING: ThreadSanitizer:' ;;
-        address) pattern='^==[0-9]*==ERROR: (AddressSanitizer|LeakSanitizer):' ;;
-    esac
     local reports
     reports=$(grep -cE "$pattern" "$log")
     local in_ours
@@ -199,7 +246,7 @@ run_sanitizer() {
     fi
     local sup=""
     [ -n "$suppressions" ] && sup=", $(grep -c '^race:' "$suppressions") suppressions for std internals"
-    summary+=("$san: $((passed + failed)) tests run ($passed passed, $failed failed, $ignored ignored, $skipped of the passed skipped), $reports reports ($in_ours with a frame in pfnstore code), ${secs} s [$how$sup]")
+    summary+=("$san: $((passed + failed)) tests run ($passed passed, $failed failed, $ignored ignored, $skipped of the passed skipped), $reports reports ($in_ours with a frame in pfnstore code), ${secs} s [$how$sup; planted bug $canary]")
     [ "$failed" -eq 0 ] && [ "$reports" -eq 0 ]
 }
 
