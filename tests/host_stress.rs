@@ -19,12 +19,18 @@
 //! when one of its pages is backed and shared, and maps the memfd at the file's extents), and
 //! that no frame backs two offsets. At the end everything is converted to shared and checked
 //! once more (PRESERVE kept every private byte), the files go, the allocator is empty, and a
-//! hugetlb pool is back to its old size.
+//! hugetlb pool is back to its old size. With the threads stopped, the checkpoints also drive
+//! the transitions random operations rarely reach: every file wholly private at once (each unit
+//! revoked, not a byte readable) and back, and a whole file punched (its memory released) and
+//! populated again.
+//!
+//! Two smaller tests: the VMM reading bytes a guest thread is writing (torn only between
+//! 8-byte words, and no data race), and file lives in a loop that must leave no descriptor and
+//! no mapping behind.
 //!
 //! `PFNSTORE_STRESS_SCALE` multiplies the operations per round (default 1; the sanitizer
 //! script lowers it with `PFNSTORE_STRESS_DIVISOR`). A watchdog aborts the process when no
 //! operation completes for five minutes: that is a deadlock, not slowness.
-
 //!
 //! The parts: `stamps` (the bytes), `model` (what threads know, how a scenario is laid out),
 //! `harness` (threads and rounds), `ops` (one thread's operations), `checks` (the checks between
