@@ -128,7 +128,10 @@ impl Harness {
 
     pub(crate) fn fail(&self, who: &str, message: String) {
         self.failed.store(true, Ordering::SeqCst);
-        lock(&self.failures).push(format!("{}: {who}: {message}", self.name));
+        lock(&self.failures).push(format!(
+            "{} (seed {:#x}): {who}: {message}",
+            self.name, self.plan.seed
+        ));
     }
 
     pub(crate) fn tick(&self) {
@@ -171,8 +174,9 @@ impl Harness {
         });
         self.assert_ok();
         let report = format!(
-            "{}: {} ops ({} refused as the model predicted, {} out of memory, {} at the mapping limit), {} protection probes, {} known false invariant reports (PFN gaps)",
+            "{} (seed {:#x}): {} ops ({} refused as the model predicted, {} out of memory, {} at the mapping limit), {} protection probes, {} known false invariant reports (PFN gaps)",
             self.name,
+            self.plan.seed,
             self.tally.ops.load(Ordering::Relaxed),
             self.tally.refused.load(Ordering::Relaxed),
             self.tally.out_of_memory.load(Ordering::Relaxed),

@@ -96,16 +96,20 @@ pub(crate) struct Plan {
     pub(crate) pfn_gaps: bool,
 }
 
+fn env_number(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|s| s.parse::<u64>().ok())
+}
+
+/// `ops` times `PFNSTORE_STRESS_SCALE`, divided by `PFNSTORE_STRESS_DIVISOR` (both 1 unless
+/// set).
 pub(crate) fn scaled(ops: usize) -> usize {
-    let scale = std::env::var("PFNSTORE_STRESS_SCALE")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok())
-        .unwrap_or(1)
-        .max(1);
-    let divisor = std::env::var("PFNSTORE_STRESS_DIVISOR")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok())
-        .unwrap_or(1)
-        .max(1);
+    let scale = env_number("PFNSTORE_STRESS_SCALE").unwrap_or(1).max(1) as usize;
+    let divisor = env_number("PFNSTORE_STRESS_DIVISOR").unwrap_or(1).max(1) as usize;
     (ops * scale / divisor).max(20)
+}
+
+/// A scenario's seed, mixed with `PFNSTORE_STRESS_SEED` for soak runs that want other
+/// sequences (0, the same every run, unless set).
+pub(crate) fn seeded(seed: u64) -> u64 {
+    seed ^ env_number("PFNSTORE_STRESS_SEED").unwrap_or(0)
 }
