@@ -141,7 +141,8 @@ fn shuffled_chunks_keep_files_apart_under_concurrency() {
     let _serial = serial();
     // 2 MiB chunks in shuffled memfd order: a copy that runs from one chunk into the
     // PFN-next one reaches some other chunk's bytes.
-    let source = ShuffledSource::new(HugePageSize::Base4K, 32, seeded(0x5F)).expect("shuffled source");
+    let source =
+        ShuffledSource::new(HugePageSize::Base4K, 32, seeded(0x5F)).expect("shuffled source");
     let order = source.order();
     let store = Store::new(Box::new(source), StoreOptions::default().with_shards(2)).unwrap();
     eprintln!("shuffled memfd order of the chunks: {order:?}");
