@@ -28,7 +28,13 @@ const MIB: u64 = 1 << 20;
 /// memfd offsets), a digest of its shared bytes, and the allocator's totals.
 #[derive(Debug, PartialEq, Eq)]
 struct Dump {
-    files: Vec<(pfnstore::FileId, u64, Vec<AttributeRun>, Vec<FileExtent>, u64)>,
+    files: Vec<(
+        pfnstore::FileId,
+        u64,
+        Vec<AttributeRun>,
+        Vec<FileExtent>,
+        u64,
+    )>,
     allocator: (u64, u64, u64, u64),
 }
 
@@ -67,7 +73,12 @@ fn dump(store: &Store, files: &[GuestFile]) -> Dump {
                 )
             })
             .collect(),
-        allocator: (t.free_pages, t.allocated_pages, t.quarantined_pages, t.dirty_pages),
+        allocator: (
+            t.free_pages,
+            t.allocated_pages,
+            t.quarantined_pages,
+            t.dirty_pages,
+        ),
     }
 }
 
@@ -82,19 +93,35 @@ fn live_a_little(store: &Store, unit: u64) -> Vec<GuestFile> {
     if store.has_host_memory() {
         for i in 0..64u64 {
             let offset = i * (4 * unit / 64) + 123;
-            a.write(offset, format!("page {i} of file a").as_bytes()).unwrap();
+            a.write(offset, format!("page {i} of file a").as_bytes())
+                .unwrap();
         }
     }
-    a.convert(unit + 5 * PAGE, PAGE, Shareability::Private, ConvertMode::Preserve)
-        .unwrap();
-    a.convert(2 * unit, 2 * MIB, Shareability::Private, ConvertMode::Preserve)
-        .unwrap();
+    a.convert(
+        unit + 5 * PAGE,
+        PAGE,
+        Shareability::Private,
+        ConvertMode::Preserve,
+    )
+    .unwrap();
+    a.convert(
+        2 * unit,
+        2 * MIB,
+        Shareability::Private,
+        ConvertMode::Preserve,
+    )
+    .unwrap();
     a.pin(3 * unit, 8 * PAGE, PinOwner(42)).unwrap();
     let flaky = Arc::new(IommuMapper::new("flaky", store.geometry()));
     let quarantined = pages(unit / PAGE + 100, unit / PAGE + 104);
     flaky.inject(Misbehaviour::fail_unmap(quarantined, true));
     let registration = store.subscribe(&dyn_sub(&flaky), Interest::All).unwrap();
-    let failed = a.convert(unit + 100 * PAGE, 4 * PAGE, Shareability::Private, ConvertMode::Preserve);
+    let failed = a.convert(
+        unit + 100 * PAGE,
+        4 * PAGE,
+        Shareability::Private,
+        ConvertMode::Preserve,
+    );
     assert!(
         matches!(&failed, Err(StoreError::UnmapFailed { quarantined, .. }) if !quarantined.is_empty()),
         "{failed:?}"
@@ -124,11 +151,15 @@ fn ordinary_store(bytes: u64) -> Store {
 }
 
 /// Hands `store` over on a socket pair, the receiver on another thread.
-fn hand_over_in_process(store: &Store) -> (Result<pfnstore::handover::HandoverReport, HandoverError>, Result<Received, HandoverError>) {
+fn hand_over_in_process(
+    store: &Store,
+) -> (
+    Result<pfnstore::handover::HandoverReport, HandoverError>,
+    Result<Received, HandoverError>,
+) {
     let (tx, rx) = UnixStream::pair().unwrap();
-    let receiver = std::thread::spawn(move || {
-        Store::receive(&rx, StoreOptions::default().with_shards(1))
-    });
+    let receiver =
+        std::thread::spawn(move || Store::receive(&rx, StoreOptions::default().with_shards(1)));
     let sent = store.hand_over(&tx);
     (sent, receiver.join().unwrap())
 }
@@ -140,7 +171,11 @@ fn a_synthetic_store_survives_a_snapshot_round_trip() {
     let files = live_a_little(&store, GIB);
     let before = dump(&store, &files);
     let bytes = store.snapshot().unwrap();
-    assert!(bytes.len() < 4096, "{} bytes for a 16 GiB store", bytes.len());
+    assert!(
+        bytes.len() < 4096,
+        "{} bytes for a 16 GiB store",
+        bytes.len()
+    );
     // The store is live again after a snapshot.
     files[0]
         .convert(0, PAGE, Shareability::Private, ConvertMode::Preserve)
@@ -154,10 +189,18 @@ fn a_synthetic_store_survives_a_snapshot_round_trip() {
     let a = &received.files[0];
     assert!(matches!(
         a.convert(3 * GIB, PAGE, Shareability::Private, ConvertMode::Preserve),
-        Err(StoreError::Pinned { owner: PinOwner(42), .. })
+        Err(StoreError::Pinned {
+            owner: PinOwner(42),
+            ..
+        })
     ));
-    a.convert(GIB / 2, 2 * MIB, Shareability::Private, ConvertMode::Preserve)
-        .unwrap();
+    a.convert(
+        GIB / 2,
+        2 * MIB,
+        Shareability::Private,
+        ConvertMode::Preserve,
+    )
+    .unwrap();
     received.store.check_invariants().unwrap();
 }
 
@@ -182,7 +225,10 @@ fn a_store_with_memory_is_handed_over_and_the_old_handles_are_closed() {
         store.create_file(FileOptions::new(PAGE)).unwrap_err(),
         StoreError::HandedOver
     );
-    assert!(matches!(store.snapshot(), Err(HandoverError::Store(StoreError::HandedOver))));
+    assert!(matches!(
+        store.snapshot(),
+        Err(HandoverError::Store(StoreError::HandedOver))
+    ));
     // The old store gives nothing back when it goes: the new one sees the same memory.
     drop(files);
     drop(store);
@@ -223,7 +269,13 @@ fn subscribers_register_again_and_get_the_replay() {
 
 /// Forwards the sender's snapshot to the receiver after `damage` changed it, and the answer
 /// back: a proxy between the two ends of a handover.
-fn through_a_proxy(store: &Store, damage: fn(&mut Vec<u8>)) -> (Result<pfnstore::handover::HandoverReport, HandoverError>, Result<Received, HandoverError>) {
+fn through_a_proxy(
+    store: &Store,
+    damage: fn(&mut Vec<u8>),
+) -> (
+    Result<pfnstore::handover::HandoverReport, HandoverError>,
+    Result<Received, HandoverError>,
+) {
     let (tx, proxy_in) = UnixStream::pair().unwrap();
     let (proxy_out, rx) = UnixStream::pair().unwrap();
     let proxy = std::thread::spawn(move || {
@@ -233,7 +285,12 @@ fn through_a_proxy(store: &Store, damage: fn(&mut Vec<u8>)) -> (Result<pfnstore:
         let mut bytes = vec![0u8; u64::from_le_bytes(header) as usize];
         (&proxy_in).read_exact(&mut bytes).unwrap();
         damage(&mut bytes);
-        send_with_fd(&proxy_out, &(bytes.len() as u64).to_le_bytes(), fd.as_ref().map(|f| f.as_fd())).unwrap();
+        send_with_fd(
+            &proxy_out,
+            &(bytes.len() as u64).to_le_bytes(),
+            fd.as_ref().map(|f| f.as_fd()),
+        )
+        .unwrap();
         (&proxy_out).write_all(&bytes).unwrap();
         let mut answer = Vec::new();
         let _ = (&proxy_out).read_to_end(&mut answer);
@@ -268,13 +325,22 @@ fn a_damaged_snapshot_is_refused_and_the_sender_goes_on() {
         let (sent, received) = through_a_proxy(&store, damage);
         let received = received.map(drop).unwrap_err();
         match what {
-            "truncated" => assert!(matches!(received, HandoverError::Truncated { .. }), "{received}"),
-            "bit flipped" => assert!(matches!(received, HandoverError::Checksum { .. }), "{received}"),
+            "truncated" => assert!(
+                matches!(received, HandoverError::Truncated { .. }),
+                "{received}"
+            ),
+            "bit flipped" => assert!(
+                matches!(received, HandoverError::Checksum { .. }),
+                "{received}"
+            ),
             "another version" => assert!(
                 matches!(received, HandoverError::Version { found: 99, .. }),
                 "{received}"
             ),
-            _ => assert!(matches!(received, HandoverError::NotASnapshot), "{received}"),
+            _ => assert!(
+                matches!(received, HandoverError::NotASnapshot),
+                "{received}"
+            ),
         }
         assert!(
             matches!(sent, Err(HandoverError::Refused(_))),
@@ -343,8 +409,13 @@ fn snapshots_grow_with_boundaries_not_with_memory() {
         if fragment {
             for i in 0..1000u64 {
                 let page = i * 7919 % (gib * GIB / PAGE);
-                file.convert(page * PAGE, PAGE, Shareability::Shared, ConvertMode::Preserve)
-                    .unwrap();
+                file.convert(
+                    page * PAGE,
+                    PAGE,
+                    Shareability::Shared,
+                    ConvertMode::Preserve,
+                )
+                .unwrap();
             }
         }
         store.snapshot().unwrap().len() as u64
@@ -394,9 +465,19 @@ fn hugetlb_store() -> Result<Store, String> {
     Store::from_hugetlb(source, StoreOptions::default().with_shards(2)).map_err(|e| e.to_string())
 }
 
-fn spawn_child(role: &str, socket: &std::path::Path, dump: &std::path::Path) -> std::process::Child {
+fn spawn_child(
+    role: &str,
+    socket: &std::path::Path,
+    dump: &std::path::Path,
+) -> std::process::Child {
     std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "handover_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "handover_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(ROLE, role)
         .env(SOCKET, socket)
         .env(DUMP, dump)
@@ -408,7 +489,11 @@ fn spawn_child(role: &str, socket: &std::path::Path, dump: &std::path::Path) -> 
 fn wait_for(path: &std::path::Path) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while !path.exists() {
-        assert!(std::time::Instant::now() < deadline, "{} never appeared", path.display());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
@@ -520,7 +605,10 @@ fn a_sender_killed_after_sending_leaves_the_receiver_going() {
         Err(e) => panic!("receive: {e}"),
     };
     let want = std::fs::read_to_string(&dump_path).unwrap();
-    assert_eq!(format!("{:?}", dump(&received.store, &received.files)), want);
+    assert_eq!(
+        format!("{:?}", dump(&received.store, &received.files)),
+        want
+    );
     let a = &received.files[0];
     a.write(0, b"after the sender died").unwrap();
     a.convert(0, 2 * MIB, Shareability::Private, ConvertMode::Zero)

@@ -109,7 +109,6 @@ fn plan(seed: u64, ops: usize, boundary: u64) -> Plan {
         boundary,
         long: 1100,
         seed: seeded(seed),
-        pfn_gaps: false,
     }
 }
 
@@ -199,10 +198,7 @@ fn real_2m_hugetlb_keeps_files_apart_under_concurrency() {
             "real 2M",
             store,
             four_thread_files(1024, 2048),
-            Plan {
-                pfn_gaps: true,
-                ..plan(0x2A, 1200, 512)
-            },
+            plan(0x2A, 1200, 512),
         )
         .run();
     }
@@ -242,12 +238,9 @@ fn real_1g_hugetlb_keeps_files_apart_under_concurrency() {
             "real 1G",
             store,
             specs,
-            Plan {
-                pfn_gaps: true,
-                // Fewer: the reference KVM MMU checks every block it maps against a plan of
-                // the whole file, which costs more the more fragmented the 1 GiB chunk gets.
-                ..plan(0x16, 500, 512)
-            },
+            // Fewer: the reference KVM MMU checks every block it maps against a plan of the
+            // whole file, which costs more the more fragmented the 1 GiB chunk gets.
+            plan(0x16, 500, 512),
         )
         .run();
     }
@@ -272,7 +265,7 @@ fn file_lives(store: &Store, cycle: u64) {
     let c = store
         .create_file(FileOptions::new(6 * MIB).shared())
         .unwrap();
-    // Subscribed once the files exist (see tests/stress.rs for the bug with the other order).
+    // Subscribed after the files exist (the harness subscribes before): a replay's path.
     let mmu = Arc::new(KvmMmu::new("kvm", store));
     let all = store.subscribe(&dyn_sub(&mmu), Interest::All).unwrap();
     let iommu = Arc::new(IommuMapper::new("iommu", store.geometry()));

@@ -146,19 +146,15 @@ fn concurrent_files_keep_every_invariant() {
     store.check_invariants().unwrap();
 }
 
-// Defects the host-memory stress test (tests/host_stress.rs) found in code the synthetic
-// stress above never reached. Each is a minimal reproduction that FAILS ON MAIN; it is
-// `#[ignore]`d so that the suite stays green until the fix lands. Run them with
-// `cargo test --test stress -- --ignored`; remove the `#[ignore]` with the fix.
+// Regressions for defects the host-memory stress test (tests/host_stress.rs) found in code the
+// synthetic stress above never reached. Each reproduction failed on the code before its fix.
 
-/// BUG: a subscriber registered while the store has no file is never called for the files
-/// created afterwards. The registry bumps its generation only when it activates an existing
-/// domain; with none, it stays at 0, which is also the generation a new file's cached
-/// (empty) subscriber list starts with, so the file's operations never look again. A KVM MMU
-/// registered at VMM start, before guest memory exists, keeps translations to punched and
-/// converted memory. (The stress test above subscribes after creating its files.)
+/// A subscriber registered while the store has no file must be called for the files created
+/// afterwards. The registry once bumped its generation only when it activated an existing
+/// domain; with none it stayed at 0, the generation a new file's cached (empty) subscriber list
+/// starts with, so the file's operations never looked again. A KVM MMU registered at VMM
+/// start, before guest memory exists, kept translations to punched and converted memory.
 #[test]
-#[ignore = "BUG, fails on main: subscribers registered before the first file never hear of it"]
 fn a_subscriber_registered_before_the_first_file_hears_of_its_changes() {
     let store = synthetic(tiny(), 4, 1);
     let early = Recorder::new("early");
@@ -225,13 +221,11 @@ impl pfnstore::hugetlb::MemorySource for GappedSource {
     }
 }
 
-/// BUG: `Store::check_invariants` fails on a healthy store whose chunks are not contiguous in
-/// PFN space (every real 2 MiB hugetlb store): it visits the physical metadata's whole span in
-/// one call, which fails with `NotManaged` at the first gap; the error is swallowed ("visit
-/// chunk by chunk instead" is not done), so no page counts as owned and every file that holds
-/// memory is reported: "file 0 holds 128 pages, the physical metadata gives it 0".
+/// `Store::check_invariants` must accept a healthy store whose chunks are not contiguous in
+/// PFN space (every real 2 MiB hugetlb store). It once visited the physical metadata's whole
+/// span in one call, which failed with `NotManaged` at the first gap, and reported "file 0
+/// holds 128 pages, the physical metadata gives it 0".
 #[test]
-#[ignore = "BUG, fails on main: check_invariants reports a healthy store whose PFNs have gaps"]
 fn check_invariants_accepts_a_healthy_store_with_gaps_between_its_chunks() {
     let store = pfnstore::Store::new(
         Box::new(GappedSource::new()),

@@ -27,8 +27,13 @@ fn store(gib: u64, conversions: u64) -> Store {
     let pages = gib * GIB / PAGE;
     for _ in 0..conversions {
         let page = rng.below(pages);
-        file.convert(page * PAGE, PAGE, Shareability::Shared, ConvertMode::Preserve)
-            .expect("convert");
+        file.convert(
+            page * PAGE,
+            PAGE,
+            Shareability::Shared,
+            ConvertMode::Preserve,
+        )
+        .expect("convert");
     }
     // The file must outlive this function: the store holds files weakly.
     std::mem::forget(file);
@@ -44,8 +49,16 @@ fn benches(c: &mut Criterion) {
     for (name, gib, conversions) in [
         ("1 TiB uniform", 1024, 0),
         ("16 TiB uniform", 16 * 1024, 0),
-        ("1 TiB, 1% of pages converted", 1024, 1024 * GIB / PAGE / 100),
-        ("16 TiB, same boundaries as 1 TiB at 1%", 16 * 1024, 1024 * GIB / PAGE / 100),
+        (
+            "1 TiB, 1% of pages converted",
+            1024,
+            1024 * GIB / PAGE / 100,
+        ),
+        (
+            "16 TiB, same boundaries as 1 TiB at 1%",
+            16 * 1024,
+            1024 * GIB / PAGE / 100,
+        ),
     ] {
         let s = store(gib, conversions);
         let bytes = s.snapshot().expect("snapshot");

@@ -628,7 +628,10 @@ fn hand_over_to_a_child(
     }
     assert_eq!(entries_of(child.0.id()).len(), record.pool_growth.len());
     source.relinquish().unwrap();
-    assert!(source.handover_record().unwrap().pool_growth.is_empty(), "ours no more");
+    assert!(
+        source.handover_record().unwrap().pool_growth.is_empty(),
+        "ours no more"
+    );
     drop(source);
     if let Some((page, before)) = pool {
         assert_eq!(
@@ -803,7 +806,13 @@ fn a_sender_killed_after_sending_leaves_the_growth_to_the_receiver() {
     let source = rebuild(&record, Some(fd)).unwrap();
     check_markers(source.as_ref(), &record);
     check_pfns_through_a_view(source.as_ref(), &record);
-    let adopted: u64 = source.handover_record().unwrap().pool_growth.iter().map(|g| g.pages).sum();
+    let adopted: u64 = source
+        .handover_record()
+        .unwrap()
+        .pool_growth
+        .iter()
+        .map(|g| g.pages)
+        .sum();
     assert_eq!(
         adopted, grown,
         "the dead sender's guardian gave nothing back"

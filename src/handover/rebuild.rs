@@ -120,8 +120,11 @@ fn alloc_at(
     start: pfnstore_core::Pfn,
     end: u64,
 ) -> Result<(), HandoverError> {
-    let range = pfnstore_core::PfnRange::new(start, pfnstore_core::Pfn(end)).map_err(StoreError::from)?;
-    per_chunk(inner, range, |pfns| inner.allocator().alloc_at(pfns).map(drop))
+    let range =
+        pfnstore_core::PfnRange::new(start, pfnstore_core::Pfn(end)).map_err(StoreError::from)?;
+    per_chunk(inner, range, |pfns| {
+        inner.allocator().alloc_at(pfns).map(drop)
+    })
 }
 
 /// Runs an allocator operation on `range` one chunk at a time: the allocator refuses ranges

@@ -3,7 +3,6 @@
 
 use std::os::unix::fs::FileExt;
 use std::sync::MutexGuard;
-use std::sync::atomic::Ordering;
 
 use pfnstore::{ConvertMode, GuestFile, PinOwner, Shareability, StoreError};
 
@@ -153,8 +152,8 @@ impl Harness {
                 vmas_of(file).map_err(|e| format!("file {f} wholly private: {e}"))?;
                 // Not a byte of it is readable through its mapping.
                 let region = file.host_mapping().ok_or("no host mapping")?;
-                let base = region.addr.as_ptr() as u64;
-                each_vma(&read_maps(), base, base + region.len, |vma, at| {
+                let base = region.as_ptr() as u64;
+                each_vma(&read_maps(), base, base + region.len(), |vma, at| {
                     ensure!(
                         vma.perms.starts_with("---"),
                         "file {f} is wholly private, yet offset {:#x} is mapped {}",
@@ -232,21 +231,10 @@ impl Harness {
         Ok(())
     }
 
-    /// `Store::check_invariants`, except for one known false report: on memory whose chunks
-    /// have gaps between their PFNs (real hugetlb pages) it counts no page as owned. That bug
-    /// has its reproduction in tests/stress.rs
-    /// (`check_invariants_accepts_a_healthy_store_with_gaps_between_its_chunks`); meanwhile
-    /// `check_all` checks the same accounting itself (owner of every extent, allocated pages =
-    /// held pages).
     pub(crate) fn store_invariants(&self) -> Result<(), String> {
-        match self.store.check_invariants() {
-            Ok(()) => Ok(()),
-            Err(e) if self.plan.pfn_gaps && e.0.contains("the physical metadata gives it") => {
-                self.tally.gap_bug.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) => Err(format!("store: {e}")),
-        }
+        self.store
+            .check_invariants()
+            .map_err(|e| format!("store: {e}"))
     }
 
     pub(crate) fn memfd_file(&self) -> Result<std::fs::File, String> {

@@ -77,7 +77,7 @@ pub(crate) fn check_protection(
     vmas: &[Vma],
 ) -> Result<(), String> {
     let region = file.host_mapping().ok_or("no host mapping")?;
-    let base = region.addr.as_ptr() as u64;
+    let base = region.as_ptr() as u64;
     let size = file.size() / PAGE;
     let id = file.id();
     let mut u = pages.start / unit * unit;

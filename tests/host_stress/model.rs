@@ -92,8 +92,6 @@ pub(crate) struct Plan {
     /// The longest range an operation on a thread's own file takes.
     pub(crate) long: u64,
     pub(crate) seed: u64,
-    /// The memory's chunks may have gaps between their PFNs (real hugetlb pages).
-    pub(crate) pfn_gaps: bool,
 }
 
 fn env_number(name: &str) -> Option<u64> {

@@ -512,7 +512,7 @@ impl Ctx<'_, '_> {
                     private.is_none(),
                     "host address of private page {private:?}"
                 );
-                let base = file.host_mapping().ok_or("no host mapping")?.addr.as_ptr() as u64;
+                let base = file.host_mapping().ok_or("no host mapping")?.as_ptr() as u64;
                 ensure!(
                     addr.as_ptr() as u64 == base + offset,
                     "host address {addr:?} is not mapping base {base:#x} + {offset:#x}"
