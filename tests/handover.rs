@@ -28,14 +28,18 @@ const MIB: u64 = 1 << 20;
 /// memfd offsets), a digest of its shared bytes, and the allocator's totals.
 #[derive(Debug, PartialEq, Eq)]
 struct Dump {
-    files: Vec<(
-        pfnstore::FileId,
-        u64,
-        Vec<AttributeRun>,
-        Vec<FileExtent>,
-        u64,
-    )>,
+    files: Vec<FileDump>,
     allocator: (u64, u64, u64, u64),
+}
+
+/// One file of a [`Dump`].
+#[derive(Debug, PartialEq, Eq)]
+struct FileDump {
+    id: pfnstore::FileId,
+    size: u64,
+    attributes: Vec<AttributeRun>,
+    extents: Vec<FileExtent>,
+    shared_digest: u64,
 }
 
 fn digest(file: &GuestFile) -> u64 {
@@ -63,14 +67,12 @@ fn dump(store: &Store, files: &[GuestFile]) -> Dump {
     Dump {
         files: files
             .iter()
-            .map(|f| {
-                (
-                    f.id(),
-                    f.size(),
-                    f.attribute_runs(0, f.size()).unwrap(),
-                    f.extents().unwrap(),
-                    digest(f),
-                )
+            .map(|f| FileDump {
+                id: f.id(),
+                size: f.size(),
+                attributes: f.attribute_runs(0, f.size()).unwrap(),
+                extents: f.extents().unwrap(),
+                shared_digest: digest(f),
             })
             .collect(),
         allocator: (
@@ -312,7 +314,8 @@ fn a_damaged_snapshot_is_refused_and_the_sender_goes_on() {
     let store = ordinary_store(GIB);
     let files = live_a_little(&store, 64 * MIB);
     let before = dump(&store, &files);
-    let cases: [(&str, fn(&mut Vec<u8>)); 4] = [
+    type Damage = fn(&mut Vec<u8>);
+    let cases: [(&str, Damage); 4] = [
         ("truncated", |b| b.truncate(b.len() / 2)),
         ("bit flipped", |b| {
             let at = b.len() / 3;

@@ -200,7 +200,7 @@ impl Store {
         inner.close_gate()?;
         let bytes = inner.image().map(|image| snapshot::encode(&image));
         inner.gate().reopen();
-        Ok(bytes?)
+        bytes
     }
 
     /// Receives a store handed over by the process at the other end of `socket` and takes it
