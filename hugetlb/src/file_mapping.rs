@@ -58,6 +58,17 @@ struct Regions {
     /// Covers `0..len` without gaps; one entry per kernel region.
     map: RangeMap<u64, Region>,
     next_piece: u64,
+    /// Vectors reused by every change, so that converting memory back and forth allocates
+    /// nothing once they have grown (conversions are the hot path of a confidential guest).
+    scratch: Scratch,
+}
+
+/// See [`Regions::scratch`]; each is empty between changes.
+#[derive(Debug, Default)]
+struct Scratch {
+    saved: Vec<(Range<u64>, Region)>,
+    changes: Vec<(Range<u64>, Mapped)>,
+    spans: Vec<Range<u64>>,
 }
 
 impl Regions {
@@ -70,6 +81,14 @@ impl Regions {
         } else {
             0
         }
+    }
+
+    /// Puts the `saved` entries back into the map, and the vector back into the scratch.
+    fn restore(&mut self, mut saved: Vec<(Range<u64>, Region)>) {
+        for (range, region) in saved.drain(..) {
+            self.map.insert(range, region);
+        }
+        self.scratch.saved = saved;
     }
 }
 
@@ -194,7 +213,11 @@ impl FileMapping {
             len,
             align,
             budget,
-            regions: RwLock::new(Regions { map, next_piece: 0 }),
+            regions: RwLock::new(Regions {
+                map,
+                next_piece: 0,
+                scratch: Scratch::default(),
+            }),
         })
     }
 
@@ -346,7 +369,7 @@ impl FileMapping {
             });
             return Err(vma::os_error_at("mmap", page_size, err, offset));
         }
-        self.commit(staged);
+        self.commit(&mut regions, staged);
         Ok(())
     }
 
@@ -370,10 +393,10 @@ impl FileMapping {
         if let Err(err) = self.reserve_range(offset, len) {
             // Whether the old pages are still mapped is unknown: refuse access to them either
             // way (the map already says reserved).
-            self.commit(staged);
+            self.commit(&mut regions, staged);
             return Err(vma::os_error_at("mmap", HugePageSize::Base4K, err, offset));
         }
-        self.commit(staged);
+        self.commit(&mut regions, staged);
         Ok(())
     }
 
@@ -390,21 +413,41 @@ impl FileMapping {
         let end = self.check_whole(offset, len, HugePageSize::Base4K)?;
         let mut regions = self.regions.write();
         check_cuts(&regions, offset, end)?;
-        let changes: Vec<(Range<u64>, Mapped)> = regions
-            .map
-            .overlapping(offset..end)
-            .filter_map(|(r, region)| match region {
+        let mut changes = std::mem::take(&mut regions.scratch.changes);
+        changes.clear();
+        changes.extend(regions.map.overlapping(offset..end).filter_map(
+            |(r, region)| match region {
                 Region::Mapped(m) if m.protection != protection => {
                     Some((r.start.max(offset)..r.end.min(end), *m))
                 }
                 _ => None,
-            })
-            .collect();
+            },
+        ));
+        let mut spans = std::mem::take(&mut regions.scratch.spans);
+        spans.clear();
+        let result =
+            self.protect_changes(&mut regions, offset, end, protection, &changes, &mut spans);
+        regions.scratch.changes = changes;
+        regions.scratch.spans = spans;
+        result
+    }
+
+    /// [`FileMapping::protect`] of `changes` (the mapped runs of `offset..end` whose protection
+    /// differs), with `spans` as scratch.
+    fn protect_changes(
+        &self,
+        regions: &mut Regions,
+        offset: u64,
+        end: u64,
+        protection: Protection,
+        changes: &[(Range<u64>, Mapped)],
+        spans: &mut Vec<Range<u64>>,
+    ) -> Result<(), HugetlbError> {
         if changes.is_empty() {
             return Ok(());
         }
-        let staged = self.stage(&mut regions, offset, end, |regions| {
-            for (range, m) in &changes {
+        let staged = self.stage(regions, offset, end, |regions| {
+            for (range, m) in changes {
                 let piece = regions.piece_id(m.page_size);
                 let changed = Mapped {
                     protection,
@@ -415,8 +458,7 @@ impl FileMapping {
             }
         })?;
         // One mprotect per span of adjacent changes.
-        let mut spans: Vec<Range<u64>> = Vec::new();
-        for (range, _) in &changes {
+        for (range, _) in changes {
             match spans.last_mut() {
                 Some(last) if last.end == range.start => last.end = range.end,
                 _ => spans.push(range.clone()),
@@ -433,11 +475,11 @@ impl FileMapping {
                     .filter(|done| self.mprotect(done, old).is_err())
                     .cloned()
                     .collect();
-                self.undo(&mut regions, staged);
+                self.undo(regions, staged);
                 // Spans that could not be changed back keep the new protection; the map says
                 // what the kernel has.
-                self.record(&mut regions, |regions| {
-                    for (range, m) in &changes {
+                self.record(regions, |regions| {
+                    for (range, m) in changes {
                         if stuck
                             .iter()
                             .any(|s| s.start <= range.start && range.end <= s.end)
@@ -459,7 +501,7 @@ impl FileMapping {
                 return Err(vma::os_error_at("mprotect", page_size, err, span.start));
             }
         }
-        self.commit(staged);
+        self.commit(regions, staged);
         Ok(())
     }
 
@@ -558,20 +600,21 @@ impl FileMapping {
         let before = regions.map.len() as i64;
         // The change plus its neighbours on either side, with which it may merge or split.
         let window = offset.saturating_sub(1)..(end + 1).min(self.len);
-        let saved: Vec<(Range<u64>, Region)> = regions
-            .map
-            .overlapping(window)
-            .map(|(r, v)| (r.clone(), *v))
-            .collect();
+        let mut saved = std::mem::take(&mut regions.scratch.saved);
+        saved.clear();
+        saved.extend(
+            regions
+                .map
+                .overlapping(window)
+                .map(|(r, v)| (r.clone(), *v)),
+        );
         change(regions);
         let delta = regions.map.len() as i64 - before;
         let staged = Staged { saved, delta };
         if delta > 0
             && let Err(would_be) = self.budget.take(delta.unsigned_abs())
         {
-            for (range, region) in staged.saved {
-                regions.map.insert(range, region);
-            }
+            regions.restore(staged.saved);
             return Err(HugetlbError::MapCountLimit {
                 offset,
                 regions: would_be,
@@ -583,19 +626,19 @@ impl FileMapping {
 
     /// Takes back a staged change that the kernel refused.
     fn undo(&self, regions: &mut Regions, staged: Staged) {
-        for (range, region) in staged.saved {
-            regions.map.insert(range, region);
-        }
+        regions.restore(staged.saved);
         if staged.delta > 0 {
             self.budget.give(staged.delta.unsigned_abs());
         }
     }
 
     /// Keeps a staged change the kernel made.
-    fn commit(&self, staged: Staged) {
+    fn commit(&self, regions: &mut Regions, mut staged: Staged) {
         if staged.delta < 0 {
             self.budget.give(staged.delta.unsigned_abs());
         }
+        staged.saved.clear();
+        regions.scratch.saved = staged.saved;
     }
 
     /// Applies a change the kernel already made, whether or not it fits the budget.
