@@ -482,10 +482,19 @@ impl StoreInner {
     /// Takes `pfns` away from `file` (which held them): the healthy pages go back to the
     /// allocator, dirty; the quarantined ones stay out of use for good, held by no file.
     pub(crate) fn release(&self, file: FileId, pfns: PfnRange) -> Result<(), StoreError> {
+        // Runs split only where quarantine starts or ends: the physical runs also split at every
+        // shareability flip, and one release per flip would cost a fragmented file's punch
+        // (or destruction) a metadata change per converted page.
         let mut runs: Vec<(PfnRange, bool)> = Vec::new();
         self.physical
             .visit_runs(pfns, |run, a| {
-                runs.push((run, a.quarantined.is_some()));
+                let quarantined = a.quarantined.is_some();
+                match runs.last_mut() {
+                    Some((last, q)) if *q == quarantined && last.end() == run.start() => {
+                        *last = last.hull(&run);
+                    }
+                    _ => runs.push((run, quarantined)),
+                }
                 ControlFlow::Continue(())
             })
             .map_err(internal)?;

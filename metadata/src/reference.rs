@@ -135,6 +135,21 @@ impl ReferenceStore {
             .all(|p| self.page(p).as_ref().map(Attributes::mapping) == first)
     }
 
+    /// The 1G and then the 2M blocks that hold a page of `range`.
+    fn blocks_of(&self, range: PfnRange) -> Vec<(PageSize, PfnRange)> {
+        [PageSize::Size1G, PageSize::Size2M]
+            .into_iter()
+            .flat_map(|size| {
+                let step = self.geometry.pages(size);
+                let first = range.start().align_down(step).0;
+                (first..range.end().0)
+                    .step_by(step as usize)
+                    .map(move |start| (size, Pfn(start)))
+            })
+            .map(|(size, start)| (size, self.block(start, size)))
+            .collect()
+    }
+
     fn block(&self, pfn: Pfn, size: PageSize) -> PfnRange {
         let start = pfn.align_down(self.geometry.pages(size));
         PfnRange::from_len(start, self.geometry.pages(size)).expect("blocks of the span are valid")
@@ -207,17 +222,7 @@ impl ReferenceStore {
         for pfn in range.pfns() {
             check(pfn, self.page(pfn).as_ref().expect("checked managed"))?;
         }
-        let blocks: Vec<(PageSize, PfnRange)> = [PageSize::Size1G, PageSize::Size2M]
-            .into_iter()
-            .flat_map(|size| {
-                let step = self.geometry.pages(size);
-                let first = range.start().align_down(step).0;
-                (first..range.end().0)
-                    .step_by(step as usize)
-                    .map(move |start| (size, Pfn(start)))
-            })
-            .map(|(size, start)| (size, self.block(start, size)))
-            .collect();
+        let blocks = self.blocks_of(range);
         let before: Vec<bool> = blocks.iter().map(|(_, b)| self.uniform(*b)).collect();
         for pfn in range.pfns() {
             let i = self.index(pfn);
@@ -253,6 +258,59 @@ impl ReferenceStore {
             },
             |a| a.shareability = to,
         )
+    }
+
+    /// See [`crate::MetadataStore::set_shareability_of`].
+    pub fn set_shareability_of(
+        &mut self,
+        ranges: &[PfnRange],
+        to: Shareability,
+    ) -> Result<MappingChange, MetadataError> {
+        for range in ranges {
+            range.check_within(&self.span)?;
+        }
+        let mut sorted = ranges.to_vec();
+        sorted.sort_by_key(|r| r.start());
+        for range in &sorted {
+            self.managed(*range)?;
+        }
+        let mut pages: Vec<Pfn> = sorted.iter().flat_map(|r| r.pfns()).collect();
+        pages.sort();
+        pages.dedup();
+        for &pfn in &pages {
+            let a = self.page(pfn).as_ref().expect("checked managed");
+            if let Some(owner) = a.pins.first_owner() {
+                return Err(MetadataError::Pinned {
+                    first_pfn: pfn,
+                    owner,
+                });
+            }
+            if a.quarantined.is_some() {
+                return Err(MetadataError::Quarantined { first_pfn: pfn });
+            }
+        }
+        let mut change = MappingChange::new(self.geometry);
+        let (Some(first), Some(last)) = (pages.first(), pages.last()) else {
+            return Ok(change);
+        };
+        let hull = PfnRange::new(*first, Pfn(last.0 + 1))?;
+        let blocks = self.blocks_of(hull);
+        let before: Vec<bool> = blocks.iter().map(|(_, b)| self.uniform(*b)).collect();
+        for pfn in pages {
+            let i = self.index(pfn);
+            self.pages[i]
+                .as_mut()
+                .expect("checked managed")
+                .shareability = to;
+        }
+        for ((size, block), was) in blocks.iter().zip(before) {
+            match (was, self.uniform(*block)) {
+                (true, false) => change.record(Transition::Split, *size, block.start()),
+                (false, true) => change.record(Transition::Merge, *size, block.start()),
+                _ => {}
+            }
+        }
+        Ok(change)
     }
 
     /// See [`crate::MetadataStore::pin`].

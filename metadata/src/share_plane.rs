@@ -413,6 +413,32 @@ impl SharePlane {
         *self = SharePlane::from_iter(new_first, count, new_flips, shape);
     }
 
+    /// Sets each of `ranges` (ascending, disjoint, not adjacent, inside the chunk) to `to`, in
+    /// one pass over the plane: O(flips + ranges), where as many [`Self::set`]s would rebuild
+    /// the list once each.
+    pub(crate) fn set_many(&mut self, ranges: &[(u32, u32)], to: Shareability, shape: PlaneShape) {
+        let pages = shape.pages;
+        match ranges {
+            [] => return,
+            [(lo, hi)] => return self.set(*lo, *hi, to, shape),
+            _ => {}
+        }
+        if let SharePlane::Dense { flips, bits } = self {
+            for &(lo, hi) in ranges {
+                *flips = bits.set(lo, hi, to, pages, *flips);
+            }
+            if !shape.dense_wanted(*flips as usize) {
+                let first = from_bit(bits.words[0]);
+                let flips: Vec<u32> = bits.all_flips(pages, *flips as usize);
+                *self = SharePlane::from_list(first, &flips, shape);
+            }
+            return;
+        }
+        let (first, old) = self.list().expect("Dense was handled above");
+        let (first, flips) = sweep(first, old, ranges, to, pages);
+        *self = SharePlane::from_list(first, &flips, shape);
+    }
+
     fn from_list(first: Shareability, flips: &[u32], shape: PlaneShape) -> SharePlane {
         SharePlane::from_iter(first, flips.len(), flips.iter().copied(), shape)
     }
@@ -649,6 +675,58 @@ impl DenseBits {
     }
 }
 
+/// The first value and the flips of the plane `first`/`old` (sorted flips) with `ranges`
+/// (ascending, disjoint, not adjacent, `lo < hi <= pages`) set to `to`: a merge of the old
+/// flips with the ranges' ends, emitting a flip wherever the new value changes.
+fn sweep(
+    first: Shareability,
+    old: &[u32],
+    ranges: &[(u32, u32)],
+    to: Shareability,
+    pages: u32,
+) -> (Shareability, Vec<u32>) {
+    let mut flips = Vec::with_capacity(old.len() + 2 * ranges.len());
+    let (mut f, mut r) = (0, 0);
+    // The old value, and whether a range covers, from `at` on.
+    let (mut old_value, mut inside) = (first, false);
+    // The new value of the segment before `at`; none before the first.
+    let mut previous: Option<Shareability> = None;
+    let mut new_first = first;
+    let mut at = 0u32;
+    loop {
+        while f < old.len() && old[f] == at {
+            old_value = old_value.flipped();
+            f += 1;
+        }
+        if r < ranges.len() && ranges[r].1 == at {
+            inside = false;
+            r += 1;
+        }
+        if r < ranges.len() && ranges[r].0 == at {
+            inside = true;
+        }
+        let value = if inside { to } else { old_value };
+        match previous {
+            None => new_first = value,
+            Some(before) if before != value => flips.push(at),
+            Some(_) => {}
+        }
+        previous = Some(value);
+        let next_old = old.get(f).copied();
+        let next_range = ranges.get(r).map(|&(lo, hi)| if inside { hi } else { lo });
+        at = match (next_old, next_range) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) => a,
+            (None, Some(b)) => b,
+            (None, None) => break,
+        };
+        if at >= pages {
+            break;
+        }
+    }
+    (new_first, flips)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -737,6 +815,62 @@ mod tests {
                     (None, _) => {}
                     (Some(Some(_)), None) => prop_assert!(false, "fast path kept a big plane"),
                 }
+            }
+        }
+    }
+
+    /// Disjoint, non-adjacent ascending ranges inside `pages` from arbitrary cut points.
+    fn disjoint_ranges(cuts: &[u32], pages: u32) -> Vec<(u32, u32)> {
+        let mut points: Vec<u32> = cuts.iter().map(|c| c % (pages + 1)).collect();
+        points.sort_unstable();
+        points.dedup();
+        let mut ranges: Vec<(u32, u32)> = Vec::new();
+        for pair in points.chunks_exact(2) {
+            let (lo, hi) = (pair[0], pair[1]);
+            match ranges.last() {
+                // Touching the previous range: skip, the caller merges adjacent ranges.
+                Some(&(_, end)) if end >= lo => {}
+                _ => ranges.push((lo, hi)),
+            }
+        }
+        ranges
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        /// `set_many` of several ranges gives the plane (value and canonical form) that as
+        /// many `set`s give, from every shape of plane.
+        #[test]
+        fn set_many_matches_one_set_per_range(
+            pages_log in 2u32..13,
+            mid_pick in 0u32..16,
+            start in prop::collection::vec((0u32..8192, 1u32..64, any::<bool>()), 0..600),
+            batches in prop::collection::vec(
+                (prop::collection::vec(0u32..8193, 0..400), any::<bool>()),
+                1..4,
+            ),
+        ) {
+            let pages = 1u32 << pages_log;
+            let mid_order = 1 + mid_pick % (pages_log - 1);
+            let shape = PlaneShape::new(pages, mid_order);
+            let mut plane = SharePlane::Uniform(Shared);
+            let mut model = vec![Shared; pages as usize];
+            for (at, len, private) in start {
+                let lo = at % pages;
+                let hi = (lo + len).min(pages);
+                let to = if private { Private } else { Shared };
+                plane.set(lo, hi, to, shape);
+                model[lo as usize..hi as usize].fill(to);
+            }
+            for (cuts, private) in batches {
+                let to = if private { Private } else { Shared };
+                let ranges = disjoint_ranges(&cuts, pages);
+                plane.set_many(&ranges, to, shape);
+                for &(lo, hi) in &ranges {
+                    model[lo as usize..hi as usize].fill(to);
+                }
+                prop_assert_eq!(&naive(&plane, pages), &model);
+                plane.check_canonical(shape).map_err(TestCaseError::fail)?;
             }
         }
     }

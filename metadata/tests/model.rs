@@ -19,6 +19,7 @@ enum Op {
     Add(u64, bool),
     Remove(u64),
     Share(u64, u64, bool),
+    ShareMany(Vec<(u64, u64)>, bool),
     Pin(u64, u64, u32, u32),
     Unpin(u64, u64, u32),
     Quarantine(u64, u64, u8),
@@ -68,6 +69,8 @@ fn op_strategy(space: Space) -> BoxedStrategy<Op> {
         2 => (chunk_slot.clone(), any::<bool>()).prop_map(|(c, p)| Op::Add(c, p)),
         1 => chunk_slot.prop_map(Op::Remove),
         8 => (r.clone(), any::<bool>()).prop_map(|((s, l), p)| Op::Share(s, l, p)),
+        2 => (prop::collection::vec(r.clone(), 0..6), any::<bool>())
+            .prop_map(|(rs, p)| Op::ShareMany(rs, p)),
         3 => (r.clone(), 0u32..3, times).prop_map(|((s, l), o, t)| Op::Pin(s, l, o, t)),
         3 => (r.clone(), 0u32..3).prop_map(|((s, l), o)| Op::Unpin(s, l, o)),
         1 => (r.clone(), 0u8..3).prop_map(|((s, l), q)| Op::Quarantine(s, l, q)),
@@ -142,6 +145,13 @@ impl Harness {
                 self.store.set_shareability(range(s, l), share(p)),
                 self.model.set_shareability(range(s, l), share(p))
             ),
+            Op::ShareMany(ref ranges, p) => {
+                let ranges: Vec<PfnRange> = ranges.iter().map(|&(s, l)| range(s, l)).collect();
+                prop_assert_eq!(
+                    self.store.set_shareability_of(&ranges, share(p)),
+                    self.model.set_shareability_of(&ranges, share(p))
+                )
+            }
             Op::Pin(s, l, o, t) => prop_assert_eq!(
                 self.store.pin_by(range(s, l), PinOwner(o), t),
                 self.model.pin_by(range(s, l), PinOwner(o), t)

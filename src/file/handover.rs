@@ -79,18 +79,39 @@ impl FileInner {
         }
         let mismatch =
             |e: &dyn std::fmt::Display| HandoverError::Mismatch(format!("{}: {e}", image.id));
+        // Shareability first (it is refused over pinned or quarantined pages), in one pass per
+        // chunk: a fragmented file has millions of runs.
+        let shared: Vec<PfnRange> = image
+            .runs
+            .iter()
+            .filter(|run| run.shared)
+            .map(|run| run.pages.cast::<Pfn>())
+            .collect();
+        offsets
+            .set_shareability_of(&shared, Shareability::Shared)
+            .map_err(|e| mismatch(&e))?;
+        // Ownership over the longest runs (the runs split wherever shareability changes).
+        let mut backed: Option<PfnRange> = None;
+        for run in image.runs.iter().filter(|run| run.backed) {
+            let keys = run.pages.cast::<Pfn>();
+            backed = match backed {
+                Some(open) if open.end() == keys.start() => Some(open.hull(&keys)),
+                Some(open) => {
+                    offsets
+                        .assign_owner(open, image.id)
+                        .map_err(|e| mismatch(&e))?;
+                    Some(keys)
+                }
+                None => Some(keys),
+            };
+        }
+        if let Some(open) = backed {
+            offsets
+                .assign_owner(open, image.id)
+                .map_err(|e| mismatch(&e))?;
+        }
         for run in &image.runs {
             let keys = run.pages.cast::<Pfn>();
-            if run.shared {
-                offsets
-                    .set_shareability(keys, Shareability::Shared)
-                    .map_err(|e| mismatch(&e))?;
-            }
-            if run.backed {
-                offsets
-                    .assign_owner(keys, image.id)
-                    .map_err(|e| mismatch(&e))?;
-            }
             for (owner, count) in &run.pins {
                 offsets
                     .pin_by(keys, *owner, *count)

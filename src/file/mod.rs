@@ -577,9 +577,17 @@ impl FileInner {
         let Some(all) = self.all_pages() else {
             return;
         };
+        // Split only where pinning starts or ends: one punch per shareability flip would cost a
+        // fragmented file one transaction per converted page.
         let mut runs: Vec<(OffsetRange, bool)> = Vec::new();
         let _ = self.domain.store().visit_runs(all.cast(), |run, a| {
-            runs.push((run.cast(), !a.pins.is_empty()));
+            let (run, pinned) = (run.cast::<PageOffset>(), !a.pins.is_empty());
+            match runs.last_mut() {
+                Some((last, p)) if *p == pinned && last.end() == run.start() => {
+                    *last = last.hull(&run);
+                }
+                _ => runs.push((run, pinned)),
+            }
             ControlFlow::Continue(())
         });
         for (run, pinned) in runs {

@@ -13,6 +13,8 @@ use crate::fast_convert::{ChunkShape, convert_small};
 use crate::layout::{BlockLayout, RunCollector};
 use crate::share_plane::{PlaneShape, SharePlane};
 use crate::summary::{MANAGED, SummaryLayout};
+mod bulk;
+
 use crate::{
     Attributes, FileId, MappingAttributes, MappingChange, MetadataError, PinOwner,
     QuarantineReason, Shareability, Stats, Transition,
@@ -406,15 +408,7 @@ impl MetadataStore {
     ) -> Result<MappingChange, MetadataError> {
         let pages = self.chunk_pages();
         let shape = self.plane_shape();
-        let validate = |first_pfn, c: &Coarse| {
-            if let Some(owner) = c.pins.first_owner() {
-                return Err(MetadataError::Pinned { first_pfn, owner });
-            }
-            if c.quarantined.is_some() {
-                return Err(MetadataError::Quarantined { first_pfn });
-            }
-            Ok(())
-        };
+        let validate = may_change_shareability;
         let mut apply = |chunk: &mut ChunkState, lo, hi| chunk.share.set(lo, hi, to, shape);
         range.check_within(&self.span)?;
         let index = self.slot_index(range.start());
@@ -757,38 +751,65 @@ impl MetadataStore {
             }
         }
         let mut change = MappingChange::new(self.geometry);
-        let mid_order = self.mid_order();
         for (k, guard) in guards.iter_mut().enumerate() {
             let index = first + k;
             let chunk = guard.as_mut().expect("check_managed passed");
             let (lo, hi) = self.clip(range, index);
-            let window = self.summary.window(lo >> mid_order, (hi - 1) >> mid_order);
-            let (uniform_before, before) = self.uniformity(chunk, window);
-            apply(chunk, lo, hi);
-            let (uniform_after, after) = self.uniformity(chunk, window);
-            let slot = &self.slots[index];
-            let previous = slot.summary.load(Ordering::Relaxed);
-            let summary = self.summary.recompute(
-                uniform_after,
-                window,
-                after.as_slice().iter().copied(),
-                previous,
-            );
-            slot.summary.store(summary, Ordering::Release);
-            let base = self.chunk_base(index);
-            match (uniform_before, uniform_after) {
-                (true, false) => change.record(Transition::Split, PageSize::Size1G, base),
-                (false, true) => change.record(Transition::Merge, PageSize::Size1G, base),
-                _ => {}
-            }
-            change.record_mid_diff(
-                base,
-                before.as_slice().iter().copied(),
-                after.as_slice().iter().copied(),
-            );
+            self.change_chunk(index, chunk, (lo, hi), &mut change, |chunk| {
+                apply(chunk, lo, hi)
+            });
         }
         Ok(change)
     }
+
+    /// Runs `apply` on write-locked chunk `index`, which changes nothing outside offsets
+    /// `lo..hi`; then brings the chunk's summary up to date and records the splits and merges
+    /// in `change`.
+    fn change_chunk(
+        &self,
+        index: usize,
+        chunk: &mut ChunkState,
+        (lo, hi): (u32, u32),
+        change: &mut MappingChange,
+        apply: impl FnOnce(&mut ChunkState),
+    ) {
+        let mid_order = self.mid_order();
+        let window = self.summary.window(lo >> mid_order, (hi - 1) >> mid_order);
+        let (uniform_before, before) = self.uniformity(chunk, window);
+        apply(chunk);
+        let (uniform_after, after) = self.uniformity(chunk, window);
+        let slot = &self.slots[index];
+        let previous = slot.summary.load(Ordering::Relaxed);
+        let summary = self.summary.recompute(
+            uniform_after,
+            window,
+            after.as_slice().iter().copied(),
+            previous,
+        );
+        slot.summary.store(summary, Ordering::Release);
+        let base = self.chunk_base(index);
+        match (uniform_before, uniform_after) {
+            (true, false) => change.record(Transition::Split, PageSize::Size1G, base),
+            (false, true) => change.record(Transition::Merge, PageSize::Size1G, base),
+            _ => {}
+        }
+        change.record_mid_diff(
+            base,
+            before.as_slice().iter().copied(),
+            after.as_slice().iter().copied(),
+        );
+    }
+}
+
+/// Why the shareability of the pages of coarse run `c` (from `first_pfn`) may not change.
+fn may_change_shareability(first_pfn: Pfn, c: &Coarse) -> Result<(), MetadataError> {
+    if let Some(owner) = c.pins.first_owner() {
+        return Err(MetadataError::Pinned { first_pfn, owner });
+    }
+    if c.quarantined.is_some() {
+        return Err(MetadataError::Quarantined { first_pfn });
+    }
+    Ok(())
 }
 
 /// [`MetadataStore::max_mapping_order`] under the read lock of a chunk, for its middle block
