@@ -114,7 +114,7 @@ pub mod subscribers;
 pub mod vm_memory;
 
 pub use config::{ConfigError, FileOptions, MAX_SHARDS, StoreOptions};
-pub use error::{MemoryError, StoreError};
+pub use error::{LayerError, MemoryError, StoreError};
 #[allow(deprecated)]
 pub use file::GuestMemory;
 pub use file::{

@@ -83,7 +83,7 @@ fn kernel_maps_memfd(file: &GuestFile, offset: u64) -> bool {
 fn assert_not_internal(result: Result<impl std::fmt::Debug, StoreError>, what: &str) -> StoreError {
     let err = result.expect_err(what);
     assert!(
-        !matches!(err, StoreError::Internal(_)),
+        !matches!(err, StoreError::Internal { .. }),
         "{what}: a user error came back as Internal: {err}"
     );
     err

@@ -99,9 +99,13 @@ impl ChecksumDevice {
                     }
                     Err(e) => {
                         status = 1;
-                        let why = store_error(&e)
-                            .cloned()
-                            .unwrap_or(StoreError::Internal(e.to_string()));
+                        // An error of vm-memory's own (an address outside guest memory): the
+                        // frame is outside the memory the store manages.
+                        let why = store_error(&e).cloned().unwrap_or(StoreError::Range(
+                            pfnstore::core::RangeError::OutOfBounds {
+                                pfn: pfnstore::core::Pfn(desc.addr / pfnstore::core::PAGE_SIZE),
+                            },
+                        ));
                         self.refused.push((desc.addr, why));
                     }
                 }

@@ -366,9 +366,10 @@ impl Vmm<'_> {
                 (outcome, file.host_revoked(offset).unwrap_or(false))
             }
             None => (
-                Err(StoreError::Internal(format!(
-                    "{gpa:#x}+{len:#x} is not inside one file"
-                ))),
+                // Not inside one file: the guest frame is outside the memory the store manages.
+                Err(StoreError::Range(pfnstore::core::RangeError::OutOfBounds {
+                    pfn: pfnstore::core::Pfn(gpa / pfnstore::core::PAGE_SIZE),
+                })),
                 false,
             ),
         };

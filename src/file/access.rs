@@ -156,7 +156,7 @@ impl GuestFile {
             }
         })?;
         NonNull::new(mapping.as_ptr().wrapping_add(offset as usize))
-            .ok_or_else(|| StoreError::Internal("null host mapping".into()))
+            .ok_or_else(|| crate::error::broken("null host mapping"))
     }
 
     /// The file's host mapping (what a KVM memory slot or a vhost-user region is made of), or
@@ -374,7 +374,7 @@ impl FileInner {
                 self.refresh(page, None, Direction::Both)?;
                 access(at).map_err(|e| match e {
                     HugetlbError::Revoked { offset } | HugetlbError::NotMapped { offset } => {
-                        StoreError::Internal(format!(
+                        crate::error::broken(format_args!(
                             "{}: offset {offset:#x} is shared and backed but not accessible in the host mapping",
                             self.id
                         ))

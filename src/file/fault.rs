@@ -108,7 +108,7 @@ impl FileInner {
             let block = geometry
                 .block_containing(page, size)
                 .map(|b| b.range(&geometry))
-                .ok_or(StoreError::Internal(format!("no block around {page}")))?;
+                .ok_or_else(|| crate::error::broken(format_args!("no block around {page}")))?;
             let end = block.end().0.min(self.size_pages);
             let block = OffsetRange::new(block.start(), PageOffset(end))?;
             let err = match self.populate(block) {

@@ -156,11 +156,12 @@ impl GuestFile {
         let size_pages = size / PAGE_SIZE;
         let span_pages = size_pages.div_ceil(chunk) * chunk;
         let span = PfnRange::from_len(Pfn(0), span_pages)?;
-        let offsets = MetadataStore::new(geometry, span).map_err(internal)?;
+        let context = "the metadata of a new file";
+        let offsets = MetadataStore::new(geometry, span).map_err(|e| internal(context, e))?;
         for base in (0..span_pages).step_by(chunk as usize) {
             offsets
                 .add_chunk(Pfn(base), options.initial)
-                .map_err(internal)?;
+                .map_err(|e| internal(context, e))?;
         }
         let memory = inner_store.memory();
         let domain = ConversionDomain::with_limits(

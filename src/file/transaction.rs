@@ -139,7 +139,7 @@ impl FileInner {
         match result {
             Ok(outcome) => Ok(outcome),
             Err(ConversionError::Hook { .. }) if stashed.is_some() => {
-                Err(stashed.unwrap_or_else(|| StoreError::Internal("hook error lost".into())))
+                Err(stashed.unwrap_or_else(|| crate::error::broken("a hook's error was lost")))
             }
             Err(e) => {
                 if let ConversionError::UnmapFailed { quarantined, .. } = &e {
