@@ -89,7 +89,7 @@ fn bytes_conversions_and_revocation_on_a_real_1g_page() {
         StoreError::PrivateAccess {
             file: file.id(),
             offset: page + 10,
-            pfn: file.translate(page).unwrap(),
+            pfn: file.pfn_at(page).unwrap(),
         }
     );
     assert!(
@@ -127,7 +127,7 @@ fn a_punched_range_reads_as_zeros_once_populated_again() {
     let file = store
         .create_file(FileOptions::new(GIB).shared().populated())
         .unwrap();
-    let pfn_before = file.translate(3 * PAGE).unwrap().unwrap();
+    let pfn_before = file.pfn_at(3 * PAGE).unwrap().unwrap();
     file.write(3 * PAGE, &[0xAB; 64]).unwrap();
     file.punch_hole(2 * PAGE, 2 * PAGE).unwrap();
     let mut buf = [0xFFu8; 64];
@@ -136,7 +136,7 @@ fn a_punched_range_reads_as_zeros_once_populated_again() {
     // Populating again takes the dirty pages back from the allocator and scrubs them.
     file.populate(2 * PAGE, 2 * PAGE).unwrap();
     assert_eq!(
-        file.translate(3 * PAGE).unwrap(),
+        file.pfn_at(3 * PAGE).unwrap(),
         Some(pfn_before),
         "the same frame came back"
     );
@@ -344,7 +344,7 @@ fn check_partial_punch_keeps_a_private_huge_page_revoked(store: &Store, page: u6
         assert!(!kernel_readable_at(&file, offset), "{offset:#x}");
     }
     file.punch_hole(5 * PAGE, PAGE).unwrap();
-    assert_eq!(file.translate(5 * PAGE).unwrap(), None);
+    assert_eq!(file.pfn_at(5 * PAGE).unwrap(), None);
     assert_eq!(
         file.stats().held_pages,
         page / PAGE,

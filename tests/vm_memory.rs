@@ -147,7 +147,7 @@ fn private_ranges_are_refused_with_the_store_error_and_no_bytes() {
     match refusal(&e) {
         StoreError::PrivateAccess { offset, pfn, .. } => {
             assert_eq!(offset, page);
-            assert_eq!(pfn, high.translate(page).unwrap());
+            assert_eq!(pfn, high.pfn_at(page).unwrap());
         }
         other => panic!("expected PrivateAccess, got {other:?}"),
     }

@@ -4,8 +4,8 @@
 use std::io::Write;
 
 use pfnstore::hugetlb::HugePageSize;
-use pfnstore::hugetlb::plan::plan;
 use pfnstore::hugetlb::pool::{Sysfs, reconcile};
+use pfnstore::hugetlb::preview::preview;
 
 use super::Outcome;
 use super::show::{PageKind, Rung};
@@ -40,7 +40,7 @@ fn existing_numa_node(text: &str) -> Result<u32, String> {
     Ok(node)
 }
 
-/// Prints the pools, the checks and the plan.
+/// Prints the pools, the checks and the preview of what a store would get.
 pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
     let sysfs = Sysfs::system();
     if args.restore {
@@ -69,7 +69,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
         writeln!(out)?;
     }
     print_pools(&sysfs, out)?;
-    print_plan(&sysfs, args.size, args.numa_node, out)
+    print_preview(&sysfs, args.size, args.numa_node, out)
 }
 
 /// The pools (system-wide and per node) and whether 1 GiB pages can be reserved here.
@@ -112,14 +112,14 @@ pub fn print_pools(sysfs: &Sysfs, out: &mut dyn Write) -> Outcome {
 
 /// The ladder a store of `size` (at most this machine's memory) would walk, judged on the
 /// pools as they are now.
-pub fn print_plan(
+pub fn print_preview(
     sysfs: &Sysfs,
     size: Bytes,
     numa_node: Option<u32>,
     out: &mut dyn Write,
 ) -> Outcome {
     let can_grow = sysfs.can_grow(HugePageSize::Huge1G).is_ok();
-    let steps = plan(sysfs, size.0, HugePageSize::Huge1G, numa_node, can_grow)?;
+    let steps = preview(sysfs, size.0, HugePageSize::Huge1G, numa_node, can_grow)?;
     writeln!(
         out,
         "a store of {size}{}:",

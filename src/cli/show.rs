@@ -5,7 +5,7 @@
 use std::fmt;
 
 use pfnstore::core::{Geometry, PAGE_SIZE, PageSize};
-use pfnstore::hugetlb::plan::{PlanStep, PlanVerdict};
+use pfnstore::hugetlb::preview::{PreviewStep, PreviewVerdict};
 use pfnstore::hugetlb::{
     HugePageSize, HugetlbError, PfnKind, Prefault, SourceReport, StepKind, SyntheticReason,
 };
@@ -138,7 +138,7 @@ pub fn failure(error: &HugetlbError) -> String {
 
 /// One rung of a dry-run ladder: what it needs, the pool, the verdict.
 #[derive(Debug, Clone, Copy)]
-pub struct Rung<'a>(pub &'a PlanStep);
+pub struct Rung<'a>(pub &'a PreviewStep);
 
 impl fmt::Display for Rung<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -153,18 +153,18 @@ impl fmt::Display for Rung<'_> {
             write!(f, ", pool {pool}")?;
         }
         match step.verdict {
-            PlanVerdict::Fits => write!(f, " -> fits"),
-            PlanVerdict::FitsIfGrown { missing } => {
+            PreviewVerdict::Fits => write!(f, " -> fits"),
+            PreviewVerdict::FitsIfGrown { missing } => {
                 write!(f, " -> fits with --grow-pool (grows it by {missing})")
             }
-            PlanVerdict::Short { missing } => {
+            PreviewVerdict::Short { missing } => {
                 write!(
                     f,
                     " -> short by {missing} pages; the pool is not writable here"
                 )
             }
-            PlanVerdict::NoPool => write!(f, " -> the kernel has no such pool"),
-            PlanVerdict::Ordinary => write!(f, " -> ordinary memory, synthetic PFNs"),
+            PreviewVerdict::NoPool => write!(f, " -> the kernel has no such pool"),
+            PreviewVerdict::Ordinary => write!(f, " -> ordinary memory, synthetic PFNs"),
         }
     }
 }

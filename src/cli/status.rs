@@ -39,7 +39,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
     writeln!(out, "== this machine")?;
     super::hugetlb::print_pools(&sysfs, out)?;
     if machine.check(args.size).is_ok() {
-        super::hugetlb::print_plan(&sysfs, args.size, None, out)?;
+        super::hugetlb::print_preview(&sysfs, args.size, None, out)?;
     } else {
         writeln!(
             out,

@@ -244,11 +244,17 @@ impl GuestFile {
     }
 
     /// The frame behind byte `offset`, if memory backs it.
-    pub fn translate(&self, offset: u64) -> Result<Option<Pfn>, StoreError> {
+    pub fn pfn_at(&self, offset: u64) -> Result<Option<Pfn>, StoreError> {
         let inner = &self.inner;
         let _op = inner.enter()?;
         let page = inner.page(offset)?;
         Ok(inner.backed_pfn(page))
+    }
+
+    /// Former name of [`GuestFile::pfn_at`].
+    #[deprecated(since = "0.2.0", note = "renamed to pfn_at")]
+    pub fn translate(&self, offset: u64) -> Result<Option<Pfn>, StoreError> {
+        self.pfn_at(offset)
     }
 
     /// The largest naturally aligned block around `offset` whose attributes are uniform,
@@ -509,7 +515,7 @@ impl FileInner {
         if !backed {
             return None;
         }
-        self.extents.read().pfn_of(page)
+        self.extents.read().pfn_at(page)
     }
 
     fn backed_pages(&self) -> u64 {
