@@ -23,6 +23,9 @@ mod geometry;
 mod pfn;
 mod range;
 pub mod sync;
+/// Test support for the workspace's own tests and benches (see "Test support" in
+/// ARCHITECTURE.md): hidden from the docs and outside the semver promise.
+#[doc(hidden)]
 pub mod testing;
 
 pub use error::{GeometryError, RangeError};

@@ -128,6 +128,9 @@ pub mod preview;
 mod report;
 mod source;
 mod synthetic;
+/// Test support for the workspace's own tests and benches (see "Test support" in
+/// ARCHITECTURE.md): hidden from the docs and outside the semver promise.
+#[doc(hidden)]
 #[cfg(not(pfnstore_loom))]
 pub mod testing;
 pub mod vma;

@@ -90,6 +90,9 @@ mod layout;
 #[cfg(all(test, pfnstore_loom))]
 mod loom_models;
 mod packed;
+/// Test support for the workspace's own tests and benches (see "Test support" in
+/// ARCHITECTURE.md): hidden from the docs and outside the semver promise.
+#[doc(hidden)]
 pub mod reference;
 mod share_plane;
 mod stats;
