@@ -121,11 +121,8 @@ impl Store {
         let geometry = source.geometry();
         let chunks = source.chunks().to_vec();
         let span = span_of(&geometry, chunks.iter().map(|c| c.base))?;
-        let allocator = Allocator::new(AllocatorConfig {
-            geometry,
-            shards: options.shards,
-        })
-        .map_err(|e| internal("allocator for validated options", e))?;
+        let allocator = Allocator::new(AllocatorConfig::new(geometry, options.shards))
+            .map_err(|e| internal("allocator for validated options", e))?;
         let physical = MetadataStore::new(geometry, span).map_err(|e| StoreError::BadSource {
             base: chunks.first().map_or(Pfn(0), |c| c.base),
             source: e.into(),

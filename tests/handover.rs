@@ -139,15 +139,12 @@ fn live_a_little(store: &Store, unit: u64) -> Vec<GuestFile> {
 }
 
 fn ordinary_store(bytes: u64) -> Store {
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes,
-        page_size: HugePageSize::Base4K,
-        strict: true,
-        numa_node: None,
-        grow_pool: false,
-        prefault: Prefault::None,
-        mlock: false,
-    })
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(bytes)
+            .with_page_size(HugePageSize::Base4K)
+            .with_strict(true)
+            .with_prefault(Prefault::None),
+    )
     .unwrap();
     Store::from_hugetlb(source, StoreOptions::default().with_shards(2)).unwrap()
 }
@@ -455,15 +452,11 @@ fn one_gib_pool() -> u64 {
 /// drops it); `None` with the reason where the machine cannot give them.
 fn hugetlb_store() -> Result<Store, String> {
     pfnstore::hugetlb::testing::can_reserve(HugePageSize::Huge1G)?;
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes: 2 * GIB,
-        page_size: HugePageSize::Huge1G,
-        strict: true,
-        numa_node: None,
-        grow_pool: true,
-        prefault: Prefault::threads_per_cpu(),
-        mlock: false,
-    })
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(2 * GIB)
+            .with_strict(true)
+            .with_grow_pool(true),
+    )
     .map_err(|e| format!("2 GiB of 1 GiB pages: {e}"))?;
     Store::from_hugetlb(source, StoreOptions::default().with_shards(2)).map_err(|e| e.to_string())
 }

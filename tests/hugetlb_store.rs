@@ -30,15 +30,12 @@ fn real_store(test: &str) -> Option<RealStore> {
         pfnstore::core::testing::skip(test, &why);
         return None;
     }
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes: GIB,
-        page_size: HugePageSize::Huge1G,
-        strict: true,
-        numa_node: None,
-        grow_pool: true,
-        prefault: Prefault::MapPopulate,
-        mlock: false,
-    });
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(GIB)
+            .with_strict(true)
+            .with_grow_pool(true)
+            .with_prefault(Prefault::MapPopulate),
+    );
     let source = match source {
         Ok(source) => source,
         Err(e) => {
@@ -211,15 +208,13 @@ fn real_2m_store(test: &str, bytes: u64, lock: HugetlbLock) -> Option<RealStore>
         pfnstore::core::testing::skip(test, &why);
         return None;
     }
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes,
-        page_size: HugePageSize::Huge2M,
-        strict: true,
-        numa_node: None,
-        grow_pool: true,
-        prefault: Prefault::MapPopulate,
-        mlock: false,
-    });
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(bytes)
+            .with_page_size(HugePageSize::Huge2M)
+            .with_strict(true)
+            .with_grow_pool(true)
+            .with_prefault(Prefault::MapPopulate),
+    );
     match source {
         Ok(source) => Some(RealStore {
             store: Store::from_hugetlb(source, StoreOptions::default().with_shards(1))

@@ -7,6 +7,7 @@ use crate::ShardId;
 
 /// An allocator operation that was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AllocError {
     /// A range or chunk base that is malformed, unaligned or beyond the PFN space.
     #[error(transparent)]

@@ -8,6 +8,7 @@ use crate::{PageSize, Pfn};
 
 /// A PFN range that cannot be formed or is not acceptable where it was passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RangeError {
     /// `start..end` contains no page (`end <= start`).
     #[error("empty range starting at {start} (end {end})")]
@@ -28,6 +29,7 @@ pub enum RangeError {
 
 /// A [`crate::Geometry`] that cannot be built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum GeometryError {
     /// The orders must satisfy `0 < mid_order < chunk_order <= 30`.
     #[error(

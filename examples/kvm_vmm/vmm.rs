@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use pfnstore::core::PageSize;
-use pfnstore::hugetlb::{HugePageSize, HugetlbConfig, HugetlbSource, Prefault};
+use pfnstore::hugetlb::{HugePageSize, HugetlbConfig, HugetlbSource};
 use pfnstore::vm_memory::AddressSpace;
 use pfnstore::{
     AttributeRun, ConvertMode, FileOptions, GuestFile, Interest, PinOwner, Shareability, Store,
@@ -172,15 +172,11 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// The store: 2 GiB (two files of whole 1 GiB pages), prefaulted.
 fn store(options: &Options) -> Result<Store, Error> {
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes: 2 << 30,
-        page_size: options.page_size,
-        strict: false,
-        numa_node: None,
-        grow_pool: options.grow_pool,
-        prefault: Prefault::threads_per_cpu(),
-        mlock: false,
-    })?;
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(2 << 30)
+            .with_page_size(options.page_size)
+            .with_grow_pool(options.grow_pool),
+    )?;
     Ok(Store::from_hugetlb(source, StoreOptions::default())?)
 }
 

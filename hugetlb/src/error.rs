@@ -285,6 +285,7 @@ fn node_suffix(node: Option<u32>) -> String {
 
 /// What is wrong with a pagemap entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PagemapProblem {
     /// The page is not present although it was prefaulted.
     #[error("page not present after prefault")]

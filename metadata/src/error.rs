@@ -6,6 +6,7 @@ use crate::{FileId, PinOwner};
 
 /// Why a metadata operation was refused. A refused operation changed nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum MetadataError {
     /// The range is empty, unaligned, overflowing or outside the store's span.
     #[error(transparent)]

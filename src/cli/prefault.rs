@@ -61,15 +61,13 @@ fn measure(
     prefault: Prefault,
     grow_pool: bool,
 ) -> Result<Sample, HugetlbError> {
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes: bytes.0,
-        page_size,
-        strict: true,
-        numa_node: None,
-        grow_pool,
-        prefault,
-        mlock: false,
-    })?;
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(bytes.0)
+            .with_page_size(page_size)
+            .with_strict(true)
+            .with_grow_pool(grow_pool)
+            .with_prefault(prefault),
+    )?;
     let report = source.report();
     let t = report.timings;
     Ok(Sample {

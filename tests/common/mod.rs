@@ -179,15 +179,12 @@ pub fn shuffled_store_seeded(chunks: u64, seed: u64, shards: usize) -> Store {
 /// chunks, nothing prefaulted (the memfd stays sparse until touched).
 pub fn ordinary_store(bytes: u64, shards: usize) -> Store {
     use pfnstore::hugetlb::{HugePageSize, HugetlbConfig, HugetlbSource, Prefault};
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes,
-        page_size: HugePageSize::Base4K,
-        strict: true,
-        numa_node: None,
-        grow_pool: false,
-        prefault: Prefault::None,
-        mlock: false,
-    })
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(bytes)
+            .with_page_size(HugePageSize::Base4K)
+            .with_strict(true)
+            .with_prefault(Prefault::None),
+    )
     .expect("ordinary memory source");
     Store::from_hugetlb(source, StoreOptions::default().with_shards(shards)).expect("store")
 }

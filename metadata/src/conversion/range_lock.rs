@@ -54,6 +54,7 @@ struct HeldRange {
 
 /// Why a range could not be locked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LockError {
     /// The calling thread itself holds `held`, which overlaps the request: waiting would
     /// deadlock.

@@ -19,7 +19,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use pfnstore::core::{Geometry, Pfn};
-use pfnstore::hugetlb::{HugePageSize, HugetlbConfig, HugetlbSource, Prefault, SyntheticSource};
+use pfnstore::hugetlb::{HugetlbConfig, HugetlbSource, SyntheticSource};
 use pfnstore::{Store, StoreOptions};
 
 use super::show::{Source, indent};
@@ -76,15 +76,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
                     args.size
                 ),
             })?;
-        let source = HugetlbSource::new(HugetlbConfig {
-            bytes: size.0,
-            page_size: HugePageSize::Huge1G,
-            strict: false,
-            numa_node: None,
-            grow_pool: args.grow_pool,
-            prefault: Prefault::threads_per_cpu(),
-            mlock: false,
-        })?;
+        let source = HugetlbSource::new(HugetlbConfig::new(size.0).with_grow_pool(args.grow_pool))?;
         Store::from_hugetlb(source, StoreOptions::default())?
     };
     writeln!(
