@@ -90,6 +90,10 @@
 //! # }
 //! ```
 
+// The only unsafe code is the vm-memory region's raw host address (`vm_memory/region.rs`),
+// allowed there; everything touching host memory lives in pfnstore-hugetlb.
+#![deny(unsafe_code)]
+
 pub use pfnstore_allocator as allocator;
 pub use pfnstore_core as core;
 pub use pfnstore_hugetlb as hugetlb;

@@ -71,10 +71,14 @@
 //! allocator.check_invariants().unwrap();
 //! ```
 
+// The only unsafe code is the shard lock's `UnsafeCell` access (`lock.rs`), allowed there.
+#![deny(unsafe_code)]
+
 mod allocator;
 mod bits;
 mod chunk;
 mod error;
+#[allow(unsafe_code)] // SAFETY arguments are on each block in the module.
 mod lock;
 mod request;
 mod shape;

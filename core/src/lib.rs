@@ -18,14 +18,16 @@
 //! `UnsafeCell` wrapper passes through to its callers and the counting allocator's forwarding
 //! to the system allocator.
 
+// The only unsafe code is the test-support counting allocator (`testing.rs`), allowed there.
+#![deny(unsafe_code)]
+
 mod error;
 mod geometry;
 mod pfn;
 mod range;
 pub mod sync;
-/// Test support for the workspace's own tests and benches (see "Test support" in
-/// ARCHITECTURE.md): hidden from the docs and outside the semver promise.
 #[doc(hidden)]
+#[allow(unsafe_code)] // SAFETY arguments are on each block in the module.
 pub mod testing;
 
 pub use error::{GeometryError, RangeError};

@@ -345,6 +345,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(unsafe_code)] // the facade's UnsafeCell hands out raw pointers by design
     fn unsafe_cell_closure_api() {
         let cell = UnsafeCell::new(1u32);
         // SAFETY: the cell is not shared; no other access is live during either closure.

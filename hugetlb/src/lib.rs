@@ -65,7 +65,7 @@
 //! ## Handing a source to another process
 //!
 //! A live update hands a running store to a new process without touching guest memory:
-//! [`MemorySource::record`] writes a source down as plain data ([`SourceRecord`]: page size,
+//! [`MemorySource::handover_record`] writes a source down as plain data ([`SourceRecord`]: page size,
 //! geometry, memfd length, each chunk's PFN and memfd offset, holes, the pool growth it owns),
 //! the memfd travels as a descriptor, and [`rebuild`] makes the source again in the receiving
 //! process: it maps the memfd without copying, zeroing or allocating, re-reads real PFNs through
@@ -128,8 +128,6 @@ pub mod preview;
 mod report;
 mod source;
 mod synthetic;
-/// Test support for the workspace's own tests and benches (see "Test support" in
-/// ARCHITECTURE.md): hidden from the docs and outside the semver promise.
 #[doc(hidden)]
 #[cfg(not(pfnstore_loom))]
 pub mod testing;

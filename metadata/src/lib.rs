@@ -78,6 +78,9 @@
 //! property tests compare the two after every step; other crates' tests and the benches may use
 //! it as the "struct page" model.
 
+// Range trees and bitmaps need no unsafe code; keep it that way.
+#![forbid(unsafe_code)]
+
 mod attrs;
 mod change;
 mod chunk;
@@ -90,8 +93,6 @@ mod layout;
 #[cfg(all(test, pfnstore_loom))]
 mod loom_models;
 mod packed;
-/// Test support for the workspace's own tests and benches (see "Test support" in
-/// ARCHITECTURE.md): hidden from the docs and outside the semver promise.
 #[doc(hidden)]
 pub mod reference;
 mod share_plane;

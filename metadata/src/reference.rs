@@ -1,6 +1,9 @@
 //! The reference model: a naive array of [`Attributes`], one per 4K page, with the same API,
 //! the same validation order and the same errors as [`crate::MetadataStore`].
 //!
+//! Hidden from the docs and outside the semver promise: this module exists for the
+//! workspace's own tests and benches (see "Test support" in ARCHITECTURE.md).
+//!
 //! It exists to be obviously right, not fast: every query and mutation walks pages. The
 //! property tests run random operation sequences against both and compare every result; other
 //! crates' tests may use it as an oracle, and the benches as the "struct page" design (a record

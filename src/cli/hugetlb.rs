@@ -13,7 +13,7 @@ use super::units::{self, Bytes};
 
 /// Arguments of `pfnstore hugetlb`.
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub(crate) struct Args {
     /// Size of the store to plan for: 4G, 16T, ... (a bare number is GiB; --size-gib is the
     /// same flag). A whole number of GiB, at most this machine's memory.
     #[arg(long, alias = "size-gib", value_name = "SIZE", default_value = "2G",
@@ -41,7 +41,7 @@ fn existing_numa_node(text: &str) -> Result<u32, String> {
 }
 
 /// Prints the pools, the checks and the preview of what a store would get.
-pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
+pub(crate) fn run(args: &Args, out: &mut dyn Write) -> Outcome {
     let sysfs = Sysfs::system();
     if args.restore {
         let settled = reconcile(&sysfs)?;
@@ -73,7 +73,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
 }
 
 /// The pools (system-wide and per node) and whether 1 GiB pages can be reserved here.
-pub fn print_pools(sysfs: &Sysfs, out: &mut dyn Write) -> Outcome {
+pub(crate) fn print_pools(sysfs: &Sysfs, out: &mut dyn Write) -> Outcome {
     // Read everything first, so that a failure prints no half table.
     let pools = sysfs.pools()?;
     let one_g = sysfs.can_grow(HugePageSize::Huge1G);
@@ -112,7 +112,7 @@ pub fn print_pools(sysfs: &Sysfs, out: &mut dyn Write) -> Outcome {
 
 /// The ladder a store of `size` (at most this machine's memory) would walk, judged on the
 /// pools as they are now.
-pub fn print_preview(
+pub(crate) fn print_preview(
     sysfs: &Sysfs,
     size: Bytes,
     numa_node: Option<u32>,

@@ -26,7 +26,7 @@ use super::units::{self, Bytes, GIB};
 
 /// Arguments of `pfnstore prefault`.
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub(crate) struct Args {
     /// Memory to obtain per run: 1G, 4G, ... (a bare number is GiB; --gib is the same flag).
     /// A whole number of GiB, at most this machine's memory.
     #[arg(long, alias = "gib", value_name = "SIZE", default_value = "2G",
@@ -108,7 +108,7 @@ fn short_name(method: Prefault) -> &'static str {
 const KIND: usize = 21;
 
 /// Runs the measurement and prints the table.
-pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
+pub(crate) fn run(args: &Args, out: &mut dyn Write) -> Outcome {
     let threads = args.threads.map_or_else(
         || std::thread::available_parallelism().map_or(1, |n| n.get()),
         usize::from,

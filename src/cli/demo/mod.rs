@@ -28,7 +28,7 @@ use super::{Outcome, UsageError};
 
 /// Arguments of `pfnstore demo`.
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub(crate) struct Args {
     /// Size of the store: 4G, 16T, ... (a bare number is GiB). A whole number of GiB, up to
     /// this machine's memory, or up to 1 PiB with --synthetic.
     #[arg(long, alias = "size-gib", value_name = "SIZE", default_value = "4G",
@@ -62,7 +62,7 @@ pub struct Args {
 }
 
 /// Runs the demonstration.
-pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
+pub(crate) fn run(args: &Args, out: &mut dyn Write) -> Outcome {
     let store = if args.synthetic {
         let source = SyntheticSource::new(Geometry::X86_64, Pfn(1 << 20), args.size.0 / GIB)?;
         Store::synthetic(source, StoreOptions::default())?
