@@ -44,9 +44,10 @@ fn store() -> Store {
 }
 
 /// Model 14: a write to an unbacked page backs it (exclusive lock), then writes under the
-/// shared lock, looking again: a ZERO conversion to private may have come in between. The
-/// write succeeds (before the conversion, which then zeroes it) or is refused as private; it
-/// never fails otherwise, and its bytes never survive the conversion.
+/// shared lock, looking again; a first-touch fault on the next page does the same. A ZERO
+/// conversion of both pages to private may come in between: the write succeeds (before the
+/// conversion, which then zeroes it) or is refused as private, and its bytes never survive the
+/// conversion; the fault maps a shared page or is refused as private. Neither fails otherwise.
 #[test]
 #[cfg_attr(
     any(
@@ -59,21 +60,32 @@ fn write_retries_after_populate() {
     model_builder().check(|| {
         let store = store();
         let file = store
-            .create_file(FileOptions::new(PAGE).shared())
+            .create_file(FileOptions::new(2 * PAGE).shared())
             .expect("write after populate: creating the file");
-        let writer = {
+        let guest = {
             let file = file.clone();
-            thread::spawn(move || file.write(0, &[7; 16]))
+            thread::spawn(move || {
+                let written = file.write(0, &[7; 16]);
+                let faulted = file.fault(PAGE, Shareability::Shared);
+                (written, faulted)
+            })
         };
-        file.convert(0, PAGE, Shareability::Private, ConvertMode::Zero)
+        file.convert(0, 2 * PAGE, Shareability::Private, ConvertMode::Zero)
             .expect("write after populate: the conversion failed");
-        let written = writer.join().unwrap();
+        let (written, faulted) = guest.join().unwrap();
         assert!(
             matches!(
                 written,
                 Ok(()) | Err(StoreError::PrivateAccess { offset: 0, .. })
             ),
             "write after populate: the write returned {written:?}"
+        );
+        assert!(
+            match &faulted {
+                Ok(mapping) => mapping.shareability == Shareability::Shared,
+                Err(e) => matches!(e, StoreError::PrivateAccess { offset: PAGE, .. }),
+            },
+            "write after populate: the fault returned {faulted:?}"
         );
         file.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
             .expect("write after populate: converting back failed");
