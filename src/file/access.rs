@@ -117,6 +117,12 @@ impl GuestFile {
             // Back the holes (exclusive), then retry under the shared lock: a conversion or
             // punch-hole may have come in between.
             inner.populate(pages)?;
+            // Test-only mutation: write without looking again (the loom models must catch it).
+            #[cfg(pfnstore_loom_mutation = "write_unchecked_after_populate")]
+            {
+                let mapping = inner.host("writing guest memory")?;
+                return inner.retrying(offset, |at| mapping.write(at, data));
+            }
         }
     }
 
@@ -242,6 +248,8 @@ impl GuestFile {
         let inner = &self.inner;
         let _op = inner.enter()?;
         let pages = inner.pages(offset, len)?;
+        // Test-only mutation: pin without the range lock (the loom models must catch it).
+        #[cfg(not(pfnstore_loom_mutation = "pin_unlocked"))]
         let _guard = inner
             .domain
             .lock_shared(pages)

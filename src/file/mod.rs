@@ -417,6 +417,8 @@ impl GuestFile {
         }
         // Operations that start from now on are refused (they check the flag under their
         // lock, which they get once we let go).
+        // Test-only mutation: mark the file destroyed only once its memory is gone.
+        #[cfg(not(pfnstore_loom_mutation = "destroy_flag_late"))]
         if inner.destroyed.swap(true, Ordering::SeqCst) {
             return Err(StoreError::Destroyed { file: inner.id });
         }
@@ -426,6 +428,8 @@ impl GuestFile {
             return Err(e);
         }
         inner.release_held();
+        #[cfg(pfnstore_loom_mutation = "destroy_flag_late")]
+        inner.destroyed.store(true, Ordering::SeqCst);
         inner.store.inner.file_closed(inner.id);
         Ok(())
     }
