@@ -388,7 +388,7 @@ fn callback_reads_its_own_chunk() {
                 .domain
                 .lock_shared(pages(3, 4))
                 .expect("fault: a plain thread waits for the lock");
-            let size = d.domain.max_mapping_order(PageOffset(3)).unwrap();
+            let size = d.domain.max_mapping_size(PageOffset(3)).unwrap();
             let g = geometry();
             let block = g
                 .block_containing(PageOffset(3), size)

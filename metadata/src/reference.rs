@@ -158,8 +158,8 @@ impl ReferenceStore {
         PfnRange::from_len(start, self.geometry.pages(size)).expect("blocks of the span are valid")
     }
 
-    /// See [`crate::MetadataStore::max_mapping_order`].
-    pub fn max_mapping_order(&self, pfn: Pfn) -> Result<PageSize, MetadataError> {
+    /// See [`crate::MetadataStore::max_mapping_size`].
+    pub fn max_mapping_size(&self, pfn: Pfn) -> Result<PageSize, MetadataError> {
         self.attributes(pfn)?;
         for size in [PageSize::Size1G, PageSize::Size2M] {
             if self.uniform(self.block(pfn, size)) {

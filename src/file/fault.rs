@@ -78,7 +78,7 @@ impl GuestFile {
             };
             let uniform = inner
                 .domain
-                .max_mapping_order(page)
+                .max_mapping_size(page)
                 .map_err(|e| inner.context().metadata(e))?;
             let contiguous = inner
                 .extents
@@ -101,7 +101,7 @@ impl FileInner {
         let geometry = self.store.geometry();
         let uniform = self
             .domain
-            .max_mapping_order(page)
+            .max_mapping_size(page)
             .map_err(|e| self.context().metadata(e))?;
         let mut size = uniform;
         loop {

@@ -266,7 +266,7 @@ impl GuestFile {
         let page = inner.page(offset)?;
         inner
             .domain
-            .max_mapping_order(page)
+            .max_mapping_size(page)
             .map_err(|e| inner.context().metadata(e))
     }
 

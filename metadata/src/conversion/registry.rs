@@ -117,9 +117,9 @@ pub struct DomainCore {
 }
 
 impl DomainCore {
-    /// [`MetadataStore::max_mapping_order`], capped at the domain's largest block.
-    pub(crate) fn max_mapping_order(&self, page: Pfn) -> Result<PageSize, MetadataError> {
-        Ok(self.store.max_mapping_order(page)?.min(self.max_block))
+    /// [`MetadataStore::max_mapping_size`], capped at the domain's largest block.
+    pub(crate) fn max_mapping_size(&self, page: Pfn) -> Result<PageSize, MetadataError> {
+        Ok(self.store.max_mapping_size(page)?.min(self.max_block))
     }
 
     /// Every page of the file, as the metadata's keys.

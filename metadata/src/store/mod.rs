@@ -29,7 +29,7 @@ pub const MAX_CHUNKS: u64 = 1 << 20;
 #[derive(Debug)]
 struct Slot {
     /// Written only with the chunk's write lock held; read without any lock by
-    /// [`MetadataStore::max_mapping_order`]. See [`crate::summary`] for its bits.
+    /// [`MetadataStore::max_mapping_size`]. See [`crate::summary`] for its bits.
     summary: AtomicU64,
     state: RwLock<Option<ChunkState>>,
 }

@@ -1,5 +1,5 @@
 //! Reading the store: attributes, mapping sizes, runs, block layouts, owners, statistics.
-//! Readers take chunk read locks in ascending order; `max_mapping_order` first tries the
+//! Readers take chunk read locks in ascending order; `max_mapping_size` first tries the
 //! lock-free summary word.
 
 use std::ops::{ControlFlow, Deref};
@@ -21,6 +21,12 @@ impl MetadataStore {
         Ok(chunk.attributes_at(off))
     }
 
+    /// The old name of [`MetadataStore::max_mapping_size`] (it returns a size, not an order).
+    #[deprecated(since = "0.2.0", note = "renamed to max_mapping_size")]
+    pub fn max_mapping_order(&self, pfn: Pfn) -> Result<PageSize, MetadataError> {
+        self.max_mapping_size(pfn)
+    }
+
     /// The largest naturally aligned block around `pfn` whose mapping attributes are uniform.
     ///
     /// The fault path: no allocation, no per-page walk. When the chunk is uniform, or the
@@ -29,7 +35,7 @@ impl MetadataStore {
     /// taken and a fragmented chunk answers from its mid index with one more load (a lightly
     /// fragmented one with a search of its short flip list).
     #[inline]
-    pub fn max_mapping_order(&self, pfn: Pfn) -> Result<PageSize, MetadataError> {
+    pub fn max_mapping_size(&self, pfn: Pfn) -> Result<PageSize, MetadataError> {
         let (index, off) = self.locate(pfn)?;
         let slot = &self.slots[index];
         let mid = off >> self.mid_order();
@@ -282,7 +288,7 @@ impl MetadataStore {
     }
 }
 
-/// [`MetadataStore::max_mapping_order`] under the read lock of a chunk, for its middle block
+/// [`MetadataStore::max_mapping_size`] under the read lock of a chunk, for its middle block
 /// `mid`; `None` when the chunk is not managed. Out of line so that the lock-free part inlines
 /// into the caller, and with a small signature: a locked instruction waits for every earlier
 /// store, so the fewer registers spilled (and no result written to memory) before the lock is
