@@ -13,7 +13,7 @@
 #     whose stack passes through an Arc/Weak drop, std's channels or a test's std-Mutex-guarded
 #     value are suppressed (the list is below, in write_suppressions), so a
 #     real race inside an Arc'd value's destructor can hide there (the script checks that a
-#     planted race elsewhere is still reported: see the report of issue 11);
+#     planted race elsewhere is still reported: see "A planted bug per sanitizer" below);
 #   * AddressSanitizer does not check accesses made inside std (memcpy and friends are still
 #     intercepted).
 #

@@ -1,5 +1,6 @@
 //! The `pfnstore` command as a user runs it: the built binary, its exit status, what it prints
-//! on stdout and stderr. Each group below is one class of defect the CLI had (issue 16).
+//! on stdout and stderr. Each group below is one class of defect a CLI can have: a closed
+//! reader, sizes, other arguments, what the output says, and `prefault`'s report.
 //!
 //! Nothing here grows a hugetlb pool. The commands that obtain memory (`prefault`,
 //! `demo --hugetlb`) run under [`hugetlb_lock`] because, without growing anything, they may

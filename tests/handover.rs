@@ -1,4 +1,4 @@
-//! Live update: a store handed to another owner over a Unix socket (issue 17). In-process
+//! Live update: a store handed to another owner over a Unix socket. In-process
 //! tests run the sender and the receiver on two threads of this process; the cross-process
 //! ones re-execute this binary as the other process (the ignored `handover_child` test) on
 //! real 1 GiB hugetlb pages where the machine can give them (else they report themselves

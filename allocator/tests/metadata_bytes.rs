@@ -1,6 +1,6 @@
 //! The allocator's heap never exceeds a per-frame bitmap's order of cost (64 KiB per GiB:
 //! two bits per 4 KiB frame) and is about nothing for free or huge-page-allocated memory,
-//! measured with the counting allocator in the states of issue 14's table.
+//! measured with the counting allocator in the states of benches/RESULTS.md's allocator table.
 #![cfg(not(pfnstore_loom))]
 
 use pfnstore_allocator::{AllocRequest, Allocator, AllocatorConfig};

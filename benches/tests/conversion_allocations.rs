@@ -1,4 +1,4 @@
-//! The conversion path allocates nothing (issue 13, "Performance"): a steady-state 4 KiB
+//! The conversion path allocates nothing: a steady-state 4 KiB
 //! convert-and-back through `GuestFile::convert` makes no heap allocation, on a synthetic store
 //! and, with the file's host mapping and its `mprotect`s, on ordinary 4 KiB memory and on real
 //! 1 GiB hugetlb pages (skipped where the pool cannot be grown). The host mapping's own

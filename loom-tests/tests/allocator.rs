@@ -1,4 +1,4 @@
-//! loom models of the allocator (issue 7, models 1 and 2).
+//! loom models of the allocator (models 1 and 2 in ARCHITECTURE.md's table).
 //!
 //! Each thread claims every page it is handed in a per-page ownership array with a
 //! compare-and-swap, so "no PFN is ever owned twice" is checked at the moment of handing

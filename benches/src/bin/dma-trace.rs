@@ -1,4 +1,5 @@
-//! The DMA-mapping trace of issue 13 (item 4): one deterministic life of a confidential guest on
+//! The DMA-mapping trace (benches/RESULTS.md, "DMA mappings over a confidential guest's
+//! life"): one deterministic life of a confidential guest on
 //! a synthetic 64 GiB store, replayed once per mapper policy with the reference
 //! [`IommuMapper`] registered, and a markdown table of what each policy costs.
 //!
