@@ -13,8 +13,11 @@ use crate::stats::{AllocatorStats, Usage};
 use crate::{AllocError, AllocRequest, Allocation, DirtyRanges, ShardHint, ShardId};
 
 /// How an [`Allocator`] is set up ([`AllocatorConfig::new`]).
+///
+/// Deliberately exhaustive, unlike the facade's option types: the geometry and the shard
+/// count are the whole of an allocator's shape (policy lives in requests), and comparison
+/// harnesses outside the workspace build it as a literal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct AllocatorConfig {
     /// Block sizes; the chunk size is the unit in which memory is added and removed.
     pub geometry: Geometry,

@@ -18,23 +18,20 @@
 //! more than the store's own work: the report shows both); private attributes would turn that
 //! into a range zap.
 //!
-//! # Handing the store to another process (live update, issue #17)
+//! # Handing the store to another process (live update)
 //!
-//! The guest could keep running across a handover only with a short pause; what it needs:
+//! The store itself moves with `Store::hand_over` / `Store::receive` (README.md, "Live
+//! update"; `tests/handover.rs`): the memfd over a Unix socket, a checked snapshot of every
+//! file's extents, shareability, pins, quarantine and scrub state, and the ownership of the
+//! pool growth (its ledger entry and guardian). The new process maps the same memfd offsets
+//! into new file mappings, and its subscribers get the state as a replay, which is how this
+//! example builds its slots and vm-memory regions anyway. This example does not carry a running
+//! guest across, because the VM does not move with the store:
 //!
 //! * KVM binds a VM to the process that created it (its ioctls fail in another `mm`), so the
 //!   new process creates a new VM and vCPUs: the old one pauses the vCPUs, saves their state
 //!   and the devices' (the queue's `last_avail`, the pinned window), and the new one restores
-//!   them, as QEMU's CPR does. Guest memory is not copied.
-//! * The store's memfd passed over a Unix socket (`SCM_RIGHTS`) and its state serialised: each
-//!   file's extents (file offset to memfd offset), shareability, pins with their owners,
-//!   quarantine and scrub state. The new process maps the same memfd offsets into new file
-//!   mappings (any address: KVM slots take the new one) and its subscribers get the state as
-//!   a replay, which is how these slots and the vm-memory regions are built here anyway; a
-//!   vhost-user backend keeps its own mapping, since the memfd offsets do not change.
-//! * Ownership of the hugetlb pool pages the old process added (its pool ledger entry and
-//!   guardian): a source gives its growth back when it ends, which must not happen while the
-//!   new process uses the pages.
+//!   them, as QEMU's CPR does. Guest memory is not copied. That is VMM work, not the store's.
 //! * Pins held by devices (VFIO/iommufd mappings of the memfd) survive only if the device's
 //!   file descriptors go along too.
 

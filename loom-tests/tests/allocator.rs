@@ -1,4 +1,4 @@
-//! loom models of the allocator (models 1 and 2 in ARCHITECTURE.md's table).
+//! loom models of the allocator (models 1, 2 and 2b in ARCHITECTURE.md's table).
 //!
 //! Each thread claims every page it is handed in a per-page ownership array with a
 //! compare-and-swap, so "no PFN is ever owned twice" is checked at the moment of handing
@@ -19,8 +19,9 @@
 //! With `allocator_racy_lock` the shard lock's uncontended path tests with a load and takes
 //! with a plain store (instead of one compare-and-swap): two threads then run a shard's
 //! critical section at once, and loom's checked cell reports it ("Causality violation") in
-//! models 1, 2 and 9. `scripts/test-all.sh` builds each allocator mutation on its own, so that
-//! each one's own failure is what the models must find.
+//! models 1, 2 and 2b. `scripts/test-all.sh` builds that mutation on its own (it breaks the
+//! models in its own way, before any page is handed out twice), so that its own failure is
+//! what the models must find.
 #![cfg(pfnstore_loom)]
 
 use pfnstore_allocator::{AllocRequest, Allocator, AllocatorConfig, ShardHint, ShardId};
@@ -174,7 +175,7 @@ fn stealing_and_cross_shard_free() {
     });
 }
 
-/// Model 9: the shard lock. Two threads free pages of one shard at once while one of them
+/// Model 2b: the shard lock. Two threads free pages of one shard at once while one of them
 /// also allocates; loom's checked cell around the shard sees every access, so two threads
 /// inside one shard's critical section at once fail the model. Afterwards the accounting is
 /// exact.
