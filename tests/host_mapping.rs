@@ -676,6 +676,79 @@ fn a_conversion_that_cannot_revoke_for_the_kernels_region_limit_is_refused_not_l
     convert_without_regions(exhaust_kernel_regions);
 }
 
+/// The other half of the region budget: a conversion to *shared* flips first and restores
+/// access after, so a restoration that finds no memory region left cannot refuse the change.
+/// It must leave the memory revoked (the safe side), answer accesses with a typed error while
+/// the process is still out of regions, and be repaired by the next access or by converting
+/// the range again once regions are free.
+#[test]
+fn a_restoration_that_finds_no_region_leaves_memory_revoked_until_the_next_access_repairs_it() {
+    let test =
+        "a_restoration_that_finds_no_region_leaves_memory_revoked_until_the_next_access_repairs_it";
+    if run_in_child(test) {
+        return;
+    }
+    let store = ordinary_store(GIB, 1);
+    // Five private units, all revoked: one region. Making unit 1 or unit 3 accessible splits
+    // a revoked region in three (two more regions each).
+    let file = store
+        .create_file(FileOptions::new(5 * M2).populated())
+        .unwrap();
+    assert!((0..5).all(|unit| !kernel_readable(&file, unit * M2)));
+    for (unit, repair_by_converting_again) in [(1, false), (3, true)] {
+        let at = unit * M2;
+        let hogs = exhaust_region_budget(0);
+        let converted = file.convert(at, M2, Shareability::Shared, ConvertMode::Preserve);
+        let revoked = file.host_revoked(at).unwrap();
+        let readable = kernel_readable(&file, at);
+        let refused_read = file.read(at, &mut [0u8; 8]);
+        drop(hogs);
+        converted.unwrap_or_else(|e| panic!("unit {unit}: the change itself must stand: {e}"));
+        assert_eq!(file.shareability(at).unwrap(), Shareability::Shared);
+        assert!(
+            revoked && !readable,
+            "unit {unit}: a restoration without a region cannot have made it accessible"
+        );
+        match refused_read {
+            Err(StoreError::MappingLimit {
+                file: f, offset, ..
+            }) => {
+                assert_eq!((f, offset), (file.id(), at), "unit {unit}");
+            }
+            other => panic!("unit {unit}: a read while out of regions: {other:?}"),
+        }
+        if repair_by_converting_again {
+            // A conversion that changes nothing re-applies the rule.
+            let again = file
+                .convert(at, M2, Shareability::Shared, ConvertMode::Preserve)
+                .unwrap();
+            assert!(again.is_noop(), "unit {unit}: already shared");
+            assert!(
+                kernel_readable(&file, at),
+                "unit {unit}: repaired by converting again"
+            );
+            file.write(at + 8, b"repaired").unwrap();
+        } else {
+            // The next access re-applies the rule and goes through.
+            file.write(at + 8, b"repaired").unwrap();
+            assert!(
+                kernel_readable(&file, at),
+                "unit {unit}: repaired by the access"
+            );
+        }
+        assert!(!file.host_revoked(at).unwrap());
+        let mut back = [0u8; 8];
+        file.read(at + 8, &mut back).unwrap();
+        assert_eq!(&back, b"repaired");
+    }
+    // The private units around them stayed revoked throughout.
+    for unit in [0, 2, 4] {
+        assert!(file.host_revoked(unit * M2).unwrap(), "unit {unit}");
+        assert!(!kernel_readable(&file, unit * M2), "unit {unit}");
+    }
+    store.check_invariants().unwrap();
+}
+
 // ---------------------------------------------------------------------------------------------
 // #12.1: memory private from creation is revoked from the host mapping.
 // ---------------------------------------------------------------------------------------------
