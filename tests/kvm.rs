@@ -44,8 +44,8 @@ fn a_real_mode_guest_writes_shared_memory_and_loses_it_when_private() {
             return pfnstore::core::testing::skip(test, &format!("/dev/kvm cannot be opened: {e}"));
         }
     };
-    // Ordinary memory (4 KiB host pages): no hugetlb pool needed, and the host view can be
-    // revoked page by page.
+    // Ordinary memory (4 KiB host pages): no hugetlb pool needed; the file's host mapping is
+    // revoked in units of 2 MiB, the smallest protection unit.
     let source = HugetlbSource::new(
         HugetlbConfig::new(GIB)
             .with_page_size(HugePageSize::Base4K)

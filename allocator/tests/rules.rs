@@ -428,9 +428,10 @@ fn chunks_are_removed_when_free_and_can_come_back() {
     a.check_invariants().unwrap();
 }
 
-/// The fragmented case of benches/RESULTS.md's allocator table: 16 GiB filled with 4K frames, a random half freed (no whole 2M
-/// block is left), then 64 random 2M blocks made wholly free: 2M requests find all 64, and a
-/// failing 2M request fails without a walk (it is answered from the per-chunk counts).
+/// The fragmented case of benches/RESULTS.md's allocator table: 16 GiB filled with 4K frames,
+/// a random half freed (no whole 2M block is left), then 64 random 2M blocks made wholly free:
+/// 2M requests find all 64, and a failing 2M request fails without a walk (it is answered
+/// from the per-chunk counts).
 #[test]
 fn every_free_2m_block_is_found_in_fragmented_memory() {
     let a = one_shard(&(0..16).collect::<Vec<_>>());

@@ -11,9 +11,10 @@
 //! 4. `prepare` (conversions): a veto aborts the prepared subscribers;
 //! 5. `unmap`: a failure rolls back: `restore` to every subscriber that was asked to unmap,
 //!    `abort` to all, quarantine of what a restore could not map again;
-//! 6. the caller's `unmapped` hook (revoke the host view, zero, free memory): a failure rolls
-//!    back as in 5;
-//! 7. flip the metadata, then the caller's `changed` hook (restore the host view), then `map`.
+//! 6. the caller's `unmapped` hook (revoke the host view, zero; a punch-hole takes the memory
+//!    out of the host mapping): a failure rolls back as in 5;
+//! 7. flip the metadata, then the caller's `changed` hook (restore the host view; a punch-hole
+//!    gives the memory back to the allocator), then `map`.
 
 use pfnstore_core::{OffsetRange, PageOffset, Pfn, PfnRange};
 
