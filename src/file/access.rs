@@ -23,7 +23,9 @@ pub struct FileExtent {
     pub offset: u64,
     /// Bytes.
     pub len: u64,
-    /// Byte offset of the same memory in the store's memfd.
+    /// Byte offset of the same memory in the store's memfd. On a source without one (synthetic
+    /// PFNs: [`GuestFile::memfd`] is `None`) it is the offset the source's layout gives the
+    /// memory, and there is no descriptor to hand out.
     pub memfd_offset: u64,
     /// The first frame.
     pub pfn: Pfn,
@@ -206,7 +208,7 @@ impl GuestFile {
         let mut out: Vec<FileExtent> = Vec::new();
         for range in backed {
             for extent in held.extents_in(range) {
-                let memfd_offset = memory.memfd_offset(extent.pfn).unwrap_or(0);
+                let memfd_offset = memory.memfd_offset(extent.pfn)?;
                 let len = extent.offsets.len() * PAGE_SIZE;
                 // Canonical: maximal pieces contiguous in offsets, frames and the memfd, however
                 // the file happened to get its memory.
