@@ -173,6 +173,58 @@ fn host_view_address_of_a_range_over_several_chunks_is_contiguous_in_the_files_m
 }
 
 // ---------------------------------------------------------------------------------------------
+// #11.2: a conversion next to a populate or punch-hole of the same file never hangs.
+// ---------------------------------------------------------------------------------------------
+
+/// A conversion that re-applies the protection rule while another thread populates and
+/// punches the same file: the writer of the file's extent map queued between two reads of it
+/// once hung both threads within seconds. Two chunks of the file, so that the populating
+/// thread also runs beside the conversions and not only after them; pages of the converted
+/// units and of the punched ones share 2 MiB units, so every conversion changes protection.
+#[test]
+fn conversions_beside_populate_and_punch_of_the_same_file_never_hang() {
+    with_watchdog("conversions beside populate and punch", WATCHDOG, || {
+        const ROUNDS: u64 = 2000;
+        let store = ordinary_store(4 * GIB, 2);
+        let file = store.create_file(FileOptions::new(2 * GIB)).unwrap();
+        // The conversions stay in chunk 0; the populations and punch-holes alternate between
+        // chunk 1 (beside the conversions, under another range lock) and the next unit of
+        // chunk 0 (after them, under the same one).
+        let converted = 0;
+        let punched = [GIB + M2, M2];
+        file.populate(converted, M2).unwrap();
+        let converter = {
+            let file = file.clone();
+            std::thread::spawn(move || {
+                for round in 0..ROUNDS {
+                    let at = converted + (round % 512) * PAGE;
+                    for to in [Shareability::Shared, Shareability::Private] {
+                        file.convert(at, PAGE, to, ConvertMode::Preserve).unwrap();
+                    }
+                    // A host access re-applies the rule too.
+                    file.convert(at, PAGE, Shareability::Shared, ConvertMode::Preserve)
+                        .unwrap();
+                    file.write(at, &round.to_le_bytes()).unwrap();
+                    file.convert(at, PAGE, Shareability::Private, ConvertMode::Zero)
+                        .unwrap();
+                }
+            })
+        };
+        for round in 0..ROUNDS {
+            let at = punched[(round % 2) as usize] + (round % 512) * PAGE;
+            file.populate(at, PAGE).unwrap();
+            file.punch_hole(at, PAGE).unwrap();
+        }
+        converter.join().unwrap();
+        assert!(
+            file.host_revoked(converted).unwrap(),
+            "wholly private again"
+        );
+        store.check_invariants().unwrap();
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
 // #11.4: punching 4 KiB of a wholly private unit does not open the rest.
 // ---------------------------------------------------------------------------------------------
 
