@@ -3,7 +3,7 @@
 //! Every variant about a file names the file and the first offending byte offset, and the
 //! frame behind it where memory backs it. Unless a variant says otherwise, the operation that
 //! failed changed nothing. `Internal` means a bug in pfnstore: every input the API accepts
-//! maps to another variant.
+//! maps to another variant. It carries the layer's own error ([`LayerError`]) as its source.
 
 use std::fmt;
 use std::sync::Arc;
@@ -283,10 +283,72 @@ pub enum StoreError {
     /// error says which call and errno.
     #[error("{0}")]
     Memory(#[source] MemoryError),
+    /// The memory source's chunk at `base` cannot be managed: it is not aligned to a chunk,
+    /// lies outside the PFN space the store can manage, or repeats another chunk. A
+    /// [`MemorySource`](crate::hugetlb::MemorySource) implemented outside pfnstore can say so.
+    #[error("the memory source's chunk at {base} cannot be managed: {source}")]
+    BadSource {
+        /// The chunk's first frame.
+        base: Pfn,
+        /// What the layer that refused it said.
+        #[source]
+        source: LayerError,
+    },
+    /// The store was dropped: a weak handle (a subscriber's) outlived it.
+    #[error("the store is gone")]
+    StoreGone,
+    /// Every file id of the store was used (2^32 - 2 files were created in its life).
+    #[error("the store has used all its file ids")]
+    FileIdsExhausted,
     /// A bug in pfnstore: a layer failed in a way the store does not expect on validated
-    /// input. Reported rather than panicking.
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// input. Reported rather than panicking; `context` says what was being done, `source` is
+    /// the layer's own error.
+    #[error("internal error (a bug in pfnstore): {context}: {source}")]
+    Internal {
+        /// What the store was doing.
+        context: String,
+        /// The layer's error.
+        #[source]
+        source: LayerError,
+    },
+}
+
+/// An error of a layer underneath the store, kept whole as the source of
+/// [`StoreError::Internal`] and [`StoreError::BadSource`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LayerError {
+    /// The page metadata.
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    /// The frame allocator.
+    #[error(transparent)]
+    Allocator(#[from] pfnstore_allocator::AllocError),
+    /// A conversion transaction.
+    #[error(transparent)]
+    Conversion(#[from] ConversionError),
+    /// A range computation.
+    #[error(transparent)]
+    Range(#[from] RangeError),
+    /// The store's own bookkeeping disagrees with itself.
+    #[error("{0}")]
+    Bookkeeping(String),
+}
+
+/// [`StoreError::Internal`] for a disagreement in the store's own bookkeeping.
+pub(crate) fn broken(what: impl fmt::Display) -> StoreError {
+    StoreError::Internal {
+        context: "bookkeeping".into(),
+        source: LayerError::Bookkeeping(what.to_string()),
+    }
+}
+
+/// [`StoreError::Internal`] with the layer's error and what was being done.
+pub(crate) fn internal(context: impl fmt::Display, source: impl Into<LayerError>) -> StoreError {
+    StoreError::Internal {
+        context: context.to_string(),
+        source: source.into(),
+    }
 }
 
 /// An error of the memory layer ([`HugetlbError`]), shared so that [`StoreError`] stays
@@ -367,7 +429,7 @@ impl<F: Fn(PageOffset) -> Option<Pfn>> FileContext<F> {
                 pfn: self.pfn_at(first_pfn.0),
                 owner,
             },
-            other => StoreError::Internal(format!("{file}: {other}")),
+            other => internal(file, other),
         }
     }
 
@@ -413,7 +475,7 @@ impl<F: Fn(PageOffset) -> Option<Pfn>> FileContext<F> {
                 end: requested.end().byte(),
             },
             ConversionError::NoSuchFile { file } => StoreError::NoSuchFile { file },
-            other => StoreError::Internal(format!("{file}: {other}")),
+            other => internal(file, other),
         }
     }
 }

@@ -82,13 +82,17 @@
 //! assert_eq!(done.plan.unmap_blocks(), 1); // the 1 GiB mapping goes...
 //! assert_eq!(done.plan.map_blocks(), 511 + 512); // ...511 x 2 MiB + 512 x 4 KiB come back
 //! assert_eq!(iommu.mappings(), 1); // the one shared page is DMA-mapped
-//! assert_eq!(file.max_mapping_order(0)?, PageSize::Size2M);
+//! assert_eq!(file.max_mapping_size(0)?, PageSize::Size2M);
 //!
 //! file.convert(0x3e8000, 4096, Shareability::Private, ConvertMode::Zero)?;
-//! assert_eq!(file.max_mapping_order(0)?, PageSize::Size1G); // merged back at once
+//! assert_eq!(file.max_mapping_size(0)?, PageSize::Size1G); // merged back at once
 //! # Ok(())
 //! # }
 //! ```
+
+// The only unsafe code is the vm-memory region's raw host address (`vm_memory/region.rs`),
+// allowed there; everything touching host memory lives in pfnstore-hugetlb.
+#![deny(unsafe_code)]
 
 pub use pfnstore_allocator as allocator;
 pub use pfnstore_core as core;
@@ -114,7 +118,7 @@ pub mod subscribers;
 pub mod vm_memory;
 
 pub use config::{ConfigError, FileOptions, MAX_SHARDS, StoreOptions};
-pub use error::{MemoryError, StoreError};
+pub use error::{LayerError, MemoryError, StoreError};
 #[allow(deprecated)]
 pub use file::GuestMemory;
 pub use file::{

@@ -17,6 +17,7 @@ use pfnstore_metadata::{FileId, MetadataStore, QuarantineReason, Shareability, S
 
 use crate::StoreError;
 use crate::config::{ConfigError, FileOptions, StoreOptions};
+use crate::error::LayerError;
 use crate::file::{FileInner, GuestFile};
 use crate::gate::{Gate, Ops};
 use crate::memory::Memory;
@@ -120,18 +121,24 @@ impl Store {
         let geometry = source.geometry();
         let chunks = source.chunks().to_vec();
         let span = span_of(&geometry, chunks.iter().map(|c| c.base))?;
-        let allocator = Allocator::new(AllocatorConfig {
-            geometry,
-            shards: options.shards,
-        })
-        .map_err(internal)?;
-        let physical = MetadataStore::new(geometry, span).map_err(internal)?;
+        let allocator = Allocator::new(AllocatorConfig::new(geometry, options.shards))
+            .map_err(|e| internal("allocator for validated options", e))?;
+        let physical = MetadataStore::new(geometry, span).map_err(|e| StoreError::BadSource {
+            base: chunks.first().map_or(Pfn(0), |c| c.base),
+            source: e.into(),
+        })?;
         let mut capacity_pages = 0;
         for chunk in &chunks {
-            allocator.add_chunk(chunk.base, dirty).map_err(internal)?;
+            let bad = |source: LayerError| StoreError::BadSource {
+                base: chunk.base,
+                source,
+            };
+            allocator
+                .add_chunk(chunk.base, dirty)
+                .map_err(|e| bad(e.into()))?;
             physical
                 .add_chunk(chunk.base, Shareability::Private)
-                .map_err(internal)?;
+                .map_err(|e| bad(e.into()))?;
             capacity_pages += chunk.pages;
         }
         Ok(Store {
@@ -196,7 +203,7 @@ impl Store {
                 .next
                 .checked_add(1)
                 .filter(|next| *next < pfnstore_metadata::conversion::PAST_END.0)
-                .ok_or_else(|| internal("file ids exhausted"))?;
+                .ok_or(StoreError::FileIdsExhausted)?;
             id
         };
         let file = GuestFile::create(self.clone(), id, options, |inner| {
@@ -253,7 +260,7 @@ impl Store {
                     offset: requested.start().byte(),
                     end: requested.end().byte(),
                 },
-                other => internal(other),
+                other => internal("subscribe", other),
             })
     }
 
@@ -470,13 +477,20 @@ impl StoreInner {
     /// dirty again, the others clean, so that a failed operation changes no accounting.
     pub(crate) fn untake(&self, file: FileId, taken: Taken) -> Result<(), StoreError> {
         let range = taken.range;
-        self.physical.release_owner(range, file).map_err(internal)?;
+        let context = || format!("give back {range} taken for {file}");
+        self.physical
+            .release_owner(range, file)
+            .map_err(|e| internal(context(), e))?;
         for dirty in taken.allocation.dirty.iter() {
-            self.physical.set_dirty(*dirty, true).map_err(internal)?;
+            self.physical
+                .set_dirty(*dirty, true)
+                .map_err(|e| internal(context(), e))?;
         }
         // The dirty parts were scrubbed meanwhile, but they are given back as they came: a
         // failed operation changes no accounting.
-        self.allocator.cancel(&taken.allocation).map_err(internal)
+        self.allocator
+            .cancel(&taken.allocation)
+            .map_err(|e| internal(context(), e))
     }
 
     /// Takes `pfns` away from `file` (which held them): the healthy pages go back to the
@@ -497,12 +511,19 @@ impl StoreInner {
                 }
                 ControlFlow::Continue(())
             })
-            .map_err(internal)?;
+            .map_err(|e| internal(format!("release {pfns} of {file}"), e))?;
         for (run, quarantined) in runs {
-            self.physical.release_owner(run, file).map_err(internal)?;
+            let context = || format!("release {run} of {file}");
+            self.physical
+                .release_owner(run, file)
+                .map_err(|e| internal(context(), e))?;
             if !quarantined {
-                self.physical.set_dirty(run, true).map_err(internal)?;
-                self.allocator.free(run).map_err(internal)?;
+                self.physical
+                    .set_dirty(run, true)
+                    .map_err(|e| internal(context(), e))?;
+                self.allocator
+                    .free(run)
+                    .map_err(|e| internal(context(), e))?;
             }
         }
         Ok(())
@@ -523,17 +544,24 @@ impl StoreInner {
                 }
                 ControlFlow::Continue(())
             })
-            .map_err(internal)?;
+            .map_err(|e| internal(format!("quarantine {pfns}"), e))?;
         for run in fresh {
-            self.physical.quarantine(run, reason).map_err(internal)?;
-            self.allocator.quarantine(run).map_err(internal)?;
+            let context = || format!("quarantine {run}");
+            self.physical
+                .quarantine(run, reason)
+                .map_err(|e| internal(context(), e))?;
+            self.allocator
+                .quarantine(run)
+                .map_err(|e| internal(context(), e))?;
         }
         Ok(())
     }
 
     /// Which file holds `pfns` (all of them), per the physical metadata.
     pub(crate) fn holder_of(&self, pfns: PfnRange) -> Result<Option<FileId>, StoreError> {
-        self.physical.owner_of(pfns).map_err(internal)
+        self.physical
+            .owner_of(pfns)
+            .map_err(|e| internal(format!("holder of {pfns}"), e))
     }
 
     /// Closes the gate and waits until the store is at rest: no store or file operation
@@ -596,6 +624,4 @@ fn span_of(geometry: &Geometry, bases: impl Iterator<Item = Pfn>) -> Result<PfnR
     Ok(PfnRange::new(Pfn(lo), Pfn(hi))?)
 }
 
-pub(crate) fn internal(e: impl fmt::Display) -> StoreError {
-    StoreError::Internal(e.to_string())
-}
+pub(crate) use crate::error::internal;

@@ -114,7 +114,7 @@ fn a_pinned_page_fails_the_conversion_before_anyone_hears_of_it() {
         StoreError::Pinned {
             file: file.id(),
             offset: 70 * PAGE,
-            pfn: file.translate(70 * PAGE).unwrap(),
+            pfn: file.pfn_at(70 * PAGE).unwrap(),
             owner: PinOwner(7)
         }
     );
@@ -136,7 +136,7 @@ fn a_pinned_page_fails_the_conversion_before_anyone_hears_of_it() {
         StoreError::NotPinned {
             file: file.id(),
             offset: 70 * PAGE,
-            pfn: file.translate(70 * PAGE).unwrap(),
+            pfn: file.pfn_at(70 * PAGE).unwrap(),
             owner: PinOwner(7)
         }
     );
@@ -203,7 +203,7 @@ fn a_veto_aborts_the_prepared_subscribers_and_changes_nothing() {
         StoreError::Vetoed {
             file: file.id(),
             offset: 8 * PAGE,
-            pfn: file.translate(8 * PAGE).unwrap(),
+            pfn: file.pfn_at(8 * PAGE).unwrap(),
             subscriber: "second".into(),
             reason: "device busy".into()
         }
@@ -280,7 +280,7 @@ fn an_unmap_failure_rolls_back_and_only_what_cannot_be_restored_is_quarantined()
             file: file.id(),
             offset: 3 * PAGE,
             end: 4 * PAGE,
-            pfn: file.translate(3 * PAGE).unwrap(),
+            pfn: file.pfn_at(3 * PAGE).unwrap(),
             subscriber: "iommu".into(),
             reason: "injected unmap failure".into(),
             quarantined: vec![],
@@ -591,14 +591,14 @@ fn shareability_belongs_to_offsets_not_memory() {
         ConvertMode::Preserve,
     )
     .unwrap();
-    assert_eq!(file.translate(8 * PAGE).unwrap(), None);
+    assert_eq!(file.pfn_at(8 * PAGE).unwrap(), None);
     file.populate(0, 64 * PAGE).unwrap();
-    assert!(file.translate(8 * PAGE).unwrap().is_some());
+    assert!(file.pfn_at(8 * PAGE).unwrap().is_some());
     assert_eq!(file.shareability(8 * PAGE).unwrap(), Shareability::Shared);
     assert_eq!(file.shareability(16 * PAGE).unwrap(), Shareability::Private);
     // Punching a hole keeps the shareability.
     file.punch_hole(8 * PAGE, 8 * PAGE).unwrap();
-    assert_eq!(file.translate(8 * PAGE).unwrap(), None);
+    assert_eq!(file.pfn_at(8 * PAGE).unwrap(), None);
     assert_eq!(file.shareability(8 * PAGE).unwrap(), Shareability::Shared);
     assert_eq!(file.stats().backed_pages, 56);
     file.check_invariants().unwrap();
@@ -661,7 +661,7 @@ fn the_host_view_refuses_private_memory_and_synthetic_stores_refuse_bytes() {
         StoreError::PrivateAccess {
             file: file.id(),
             offset: 100,
-            pfn: file.translate(0).unwrap(),
+            pfn: file.pfn_at(0).unwrap(),
         }
     );
     file.convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
@@ -677,7 +677,7 @@ fn the_host_view_refuses_private_memory_and_synthetic_stores_refuse_bytes() {
         StoreError::PrivateAccess {
             file: file.id(),
             offset: PAGE,
-            pfn: file.translate(PAGE).unwrap(),
+            pfn: file.pfn_at(PAGE).unwrap(),
         }
     );
 }
@@ -692,7 +692,7 @@ fn a_refused_write_backs_nothing() {
         file.write(0, b"hello"),
         Err(StoreError::NoHostMemory { .. })
     ));
-    assert_eq!(file.translate(0).unwrap(), None);
+    assert_eq!(file.pfn_at(0).unwrap(), None);
     assert_eq!(store.stats().allocator.total.allocated_pages, 0);
 }
 
@@ -799,7 +799,7 @@ fn destroy_closes_the_file_for_every_handle() {
     let id = file.id();
     file.destroy().unwrap();
     assert_eq!(
-        other.translate(0).unwrap_err(),
+        other.pfn_at(0).unwrap_err(),
         StoreError::Destroyed { file: id }
     );
     assert_eq!(
@@ -936,7 +936,7 @@ fn dropping_a_file_with_live_pins_quarantines_only_the_pinned_memory() {
     let file = store
         .create_file(FileOptions::new(64 * PAGE).populated())
         .unwrap();
-    let pinned_pfn = file.translate(8 * PAGE).unwrap().unwrap();
+    let pinned_pfn = file.pfn_at(8 * PAGE).unwrap().unwrap();
     file.pin(8 * PAGE, 2 * PAGE, PinOwner(3)).unwrap();
     let err = file.clone().destroy().unwrap_err();
     assert_eq!(

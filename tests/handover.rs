@@ -139,15 +139,12 @@ fn live_a_little(store: &Store, unit: u64) -> Vec<GuestFile> {
 }
 
 fn ordinary_store(bytes: u64) -> Store {
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes,
-        page_size: HugePageSize::Base4K,
-        strict: true,
-        numa_node: None,
-        grow_pool: false,
-        prefault: Prefault::None,
-        mlock: false,
-    })
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(bytes)
+            .with_page_size(HugePageSize::Base4K)
+            .with_strict(true)
+            .with_prefault(Prefault::None),
+    )
     .unwrap();
     Store::from_hugetlb(source, StoreOptions::default().with_shards(2)).unwrap()
 }
@@ -216,7 +213,7 @@ fn a_store_with_memory_is_handed_over_and_the_old_handles_are_closed() {
     let received = received.unwrap();
     assert!(report.snapshot_bytes > 0 && report.snapshot_bytes < 64 * 1024);
     // Every handle of the old store answers HandedOver.
-    assert_eq!(files[0].translate(0).unwrap_err(), StoreError::HandedOver);
+    assert_eq!(files[0].pfn_at(0).unwrap_err(), StoreError::HandedOver);
     assert_eq!(
         files[1]
             .convert(0, PAGE, Shareability::Shared, ConvertMode::Preserve)
@@ -391,14 +388,14 @@ fn operations_during_a_handover_are_refused_with_a_typed_error() {
         let mut header = [0u8; 8];
         let _ = recv_with_fd(&rx, &mut header).unwrap();
         // The sender waits for the answer now: its store refuses operations.
-        seen_tx.send(file.translate(0)).unwrap();
+        seen_tx.send(file.pfn_at(0)).unwrap();
         drop(rx);
     });
     let sent = store.hand_over(&tx);
     receiver.join().unwrap();
     assert_eq!(seen_rx.recv().unwrap(), Err(StoreError::HandoverInProgress));
     assert!(matches!(sent, Err(HandoverError::ReceiverGone)));
-    assert!(files[1].translate(0).is_ok(), "live again");
+    assert!(files[1].pfn_at(0).is_ok(), "live again");
 }
 
 #[test]
@@ -455,15 +452,11 @@ fn one_gib_pool() -> u64 {
 /// drops it); `None` with the reason where the machine cannot give them.
 fn hugetlb_store() -> Result<Store, String> {
     pfnstore::hugetlb::testing::can_reserve(HugePageSize::Huge1G)?;
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes: 2 * GIB,
-        page_size: HugePageSize::Huge1G,
-        strict: true,
-        numa_node: None,
-        grow_pool: true,
-        prefault: Prefault::threads_per_cpu(),
-        mlock: false,
-    })
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(2 * GIB)
+            .with_strict(true)
+            .with_grow_pool(true),
+    )
     .map_err(|e| format!("2 GiB of 1 GiB pages: {e}"))?;
     Store::from_hugetlb(source, StoreOptions::default().with_shards(2)).map_err(|e| e.to_string())
 }
@@ -576,7 +569,7 @@ fn a_hugetlb_store_is_handed_to_another_process_which_gives_the_pool_back() {
     let stream = UnixStream::connect(&socket).unwrap();
     let report = store.hand_over(&stream).unwrap();
     assert!(report.snapshot_bytes < 64 * 1024, "{report:?}");
-    assert_eq!(files[0].translate(0).unwrap_err(), StoreError::HandedOver);
+    assert_eq!(files[0].pfn_at(0).unwrap_err(), StoreError::HandedOver);
     // The old process lets go: the pool stays grown while the new owner holds the memory...
     drop(files);
     drop(store);

@@ -83,7 +83,7 @@ fn kernel_maps_memfd(file: &GuestFile, offset: u64) -> bool {
 fn assert_not_internal(result: Result<impl std::fmt::Debug, StoreError>, what: &str) -> StoreError {
     let err = result.expect_err(what);
     assert!(
-        !matches!(err, StoreError::Internal(_)),
+        !matches!(err, StoreError::Internal { .. }),
         "{what}: a user error came back as Internal: {err}"
     );
     err
@@ -103,7 +103,7 @@ fn reads_and_writes_across_reversed_chunk_pairs_stay_in_their_file() {
     // The premise of the test: a file holds PFN-adjacent chunks whose memfd slots are not
     // adjacent, so that only a per-chunk split keeps the copy in the file.
     let premise = files.iter().any(|f| {
-        let (lo, hi) = (f.translate(M2 - PAGE).unwrap(), f.translate(M2).unwrap());
+        let (lo, hi) = (f.pfn_at(M2 - PAGE).unwrap(), f.pfn_at(M2).unwrap());
         let (mlo, mhi) = (memfd_offset_of(f, M2 - PAGE), memfd_offset_of(f, M2));
         hi.unwrap().0 == lo.unwrap().0 + 1 && mhi.unwrap() != mlo.unwrap() + PAGE
     });
@@ -192,7 +192,7 @@ fn punching_one_page_of_a_wholly_private_2m_unit_leaves_the_rest_revoked() {
         assert!(!kernel_readable(&file, offset), "{offset:#x}");
     }
     file.punch_hole(5 * PAGE, PAGE).unwrap();
-    assert_eq!(file.translate(5 * PAGE).unwrap(), None);
+    assert_eq!(file.pfn_at(5 * PAGE).unwrap(), None);
     for page in (0..512).filter(|p| *p != 5) {
         assert!(
             file.host_revoked(page * PAGE).unwrap(),
@@ -391,7 +391,7 @@ fn every_range_whose_restore_fails_is_quarantined_physically() {
         .collect();
     let frames: Vec<_> = [10, 11, 700, 701, 702, 703]
         .iter()
-        .map(|p| file.translate(p * PAGE).unwrap().unwrap())
+        .map(|p| file.pfn_at(p * PAGE).unwrap().unwrap())
         .collect();
     let err = file
         .convert(0, 2 * M2, Shareability::Private, ConvertMode::Preserve)
@@ -447,7 +447,7 @@ fn access_to_revoked_and_quarantined_pages_through_the_api_is_typed() {
         .unwrap();
     let id = file.id();
     let offset = 7 * PAGE + 3;
-    let pfn = file.translate(7 * PAGE).unwrap();
+    let pfn = file.pfn_at(7 * PAGE).unwrap();
     assert!(file.host_revoked(offset).unwrap());
     let private = StoreError::PrivateAccess {
         file: id,
@@ -491,7 +491,7 @@ fn access_to_revoked_and_quarantined_pages_through_the_api_is_typed() {
         StoreError::Quarantined {
             file: id,
             offset: 600 * PAGE,
-            pfn: file.translate(600 * PAGE).unwrap()
+            pfn: file.pfn_at(600 * PAGE).unwrap()
         }
     );
     assert!(matches!(
@@ -581,7 +581,7 @@ fn a_population_needing_more_memory_regions_than_the_budget_is_refused_typed_and
     );
     assert_eq!(files, 1);
     assert_eq!((stats.backed_pages, stats.mapping_regions), (1, regions));
-    assert_eq!(file.translate(M2 + 5 * PAGE).unwrap(), None);
+    assert_eq!(file.pfn_at(M2 + 5 * PAGE).unwrap(), None);
     let mut kept = [0u8; 4];
     file.read(100, &mut kept).unwrap();
     assert_eq!(&kept, b"kept");
@@ -614,7 +614,7 @@ fn enomem_from_the_kernels_region_limit_is_a_typed_mapping_limit() {
     );
     assert!(!err.to_string().contains("free memory"), "{err}");
     assert_eq!(after, before, "nothing changed");
-    assert_eq!(file.translate(M2 + 5 * PAGE).unwrap(), None);
+    assert_eq!(file.pfn_at(M2 + 5 * PAGE).unwrap(), None);
     file.populate(M2 + 5 * PAGE, PAGE).unwrap();
     store.check_invariants().unwrap();
 }
@@ -699,7 +699,7 @@ fn memory_private_from_creation_is_revoked_from_the_host_mapping() {
         "unbacked: the reservation"
     );
     faulted.fault(5 * PAGE, Shareability::Private).unwrap();
-    assert!(faulted.translate(5 * PAGE).unwrap().is_some());
+    assert!(faulted.pfn_at(5 * PAGE).unwrap().is_some());
     assert!(faulted.host_revoked(5 * PAGE).unwrap());
     assert!(kernel_maps_memfd(&faulted, 5 * PAGE));
     assert!(!kernel_readable(&faulted, 5 * PAGE));
@@ -756,7 +756,7 @@ fn quarantined_offsets_are_never_backed_again_and_nothing_leaks() {
     let reg = store
         .subscribe(&dyn_sub(&mapper), Interest::File(file.id()))
         .unwrap();
-    let frames = file.translate(100 * PAGE).unwrap().unwrap();
+    let frames = file.pfn_at(100 * PAGE).unwrap().unwrap();
     mapper.inject(Misbehaviour::fail_unmap(pages(100, 108), true));
     let err = file
         .convert(
@@ -781,7 +781,7 @@ fn quarantined_offsets_are_never_backed_again_and_nothing_leaks() {
             pfn: None
         }
     );
-    assert_eq!(file.translate(96 * PAGE).unwrap(), None, "all or nothing");
+    assert_eq!(file.pfn_at(96 * PAGE).unwrap(), None, "all or nothing");
     assert_eq!(store.stats().allocator.total, before);
     assert!(matches!(
         file.write(100 * PAGE, b"x"),
@@ -791,11 +791,7 @@ fn quarantined_offsets_are_never_backed_again_and_nothing_leaks() {
         file.fault(100 * PAGE, Shareability::Shared),
         Err(StoreError::Quarantined { .. })
     ));
-    assert_eq!(
-        file.translate(100 * PAGE).unwrap(),
-        None,
-        "no path backs it"
-    );
+    assert_eq!(file.pfn_at(100 * PAGE).unwrap(), None, "no path backs it");
     file.populate(96 * PAGE, 4 * PAGE).unwrap();
     file.check_invariants().unwrap();
     // (`store.check_invariants()` fails here: see
@@ -963,7 +959,7 @@ fn a_conversion_or_punch_whose_unmap_fails_does_not_take_effect() {
             file: file.id(),
             offset: 10 * PAGE,
             end: 12 * PAGE,
-            pfn: file.translate(10 * PAGE).unwrap(),
+            pfn: file.pfn_at(10 * PAGE).unwrap(),
             subscriber: "failing".into(),
             reason: "injected unmap failure".into(),
             quarantined: vec![],
@@ -980,12 +976,12 @@ fn a_conversion_or_punch_whose_unmap_fails_does_not_take_effect() {
     assert!(now == data, "a refused ZERO conversion touched the bytes");
     assert_eq!(healthy.mappings(), mappings);
     // A punch-hole: nothing freed, nothing unbacked, the bytes still there.
-    let frame = file.translate(8 * PAGE).unwrap();
+    let frame = file.pfn_at(8 * PAGE).unwrap();
     assert!(matches!(
         file.punch_hole(8 * PAGE, 8 * PAGE),
         Err(StoreError::UnmapFailed { offset, ref subscriber, .. }) if offset == 10 * PAGE && subscriber == "failing"
     ));
-    assert_eq!(file.translate(8 * PAGE).unwrap(), frame);
+    assert_eq!(file.pfn_at(8 * PAGE).unwrap(), frame);
     assert_eq!(file.stats().backed_pages, 2 * M2 / PAGE);
     assert_eq!(
         store.stats().allocator.total,
@@ -1360,7 +1356,7 @@ fn a_refused_host_write_backs_nothing() {
         file.write(2 * M2 - 8, &[1u8; 16]),
         Err(StoreError::BeyondEnd { .. })
     ));
-    assert_eq!(file.translate(M2 - PAGE).unwrap(), None);
+    assert_eq!(file.pfn_at(M2 - PAGE).unwrap(), None);
     assert_eq!(file.stats().backed_pages, 0);
     assert_eq!(store.stats().allocator.total, before);
     assert!(!kernel_maps_memfd(&file, M2 - PAGE));
@@ -1373,7 +1369,7 @@ fn a_refused_host_write_backs_nothing() {
         lazy.write(0, b"hello"),
         Err(StoreError::NoHostMemory { .. })
     ));
-    assert_eq!(lazy.translate(0).unwrap(), None);
+    assert_eq!(lazy.pfn_at(0).unwrap(), None);
     assert_eq!(synthetic_store.stats().allocator.total.allocated_pages, 0);
 }
 
@@ -1544,7 +1540,7 @@ fn destroy_closes_every_handle_and_unmaps_the_files_memory() {
     assert_eq!(other.host_view_address(0, PAGE).unwrap_err(), gone);
     assert_eq!(other.extents().unwrap_err(), gone);
     assert_eq!(other.host_revoked(0).unwrap_err(), gone);
-    assert_eq!(other.translate(0).unwrap_err(), gone);
+    assert_eq!(other.pfn_at(0).unwrap_err(), gone);
     assert_eq!(other.pin(0, PAGE, PinOwner(1)).unwrap_err(), gone);
     assert_eq!(other.populate(0, PAGE).unwrap_err(), gone);
     assert_eq!(other.punch_hole(0, PAGE).unwrap_err(), gone);
@@ -1594,12 +1590,12 @@ fn a_punched_pages_old_address_never_reads_the_next_owners_bytes() {
     let page = 7 * PAGE;
     a.write(page, &tagged_bytes(0xA0, page, PAGE)).unwrap();
     let addr = a.host_view_address(page, PAGE).unwrap().as_ptr() as usize;
-    let frame = a.translate(page).unwrap().unwrap();
+    let frame = a.pfn_at(page).unwrap().unwrap();
     a.punch_hole(page, PAGE).unwrap();
     let b = store
         .create_file(FileOptions::new(PAGE).shared().populated())
         .unwrap();
-    assert_eq!(b.translate(0).unwrap(), Some(frame), "B got A's old frame");
+    assert_eq!(b.pfn_at(0).unwrap(), Some(frame), "B got A's old frame");
     let secret = tagged_bytes(0xB0, 0, PAGE);
     b.write(0, &secret).unwrap();
     // A's address of that page no longer reaches any memory: the kernel shows A's own
@@ -1629,7 +1625,7 @@ fn a_punched_pages_old_address_never_reads_the_next_owners_bytes() {
     // address shows A's memory: scrubbed, not B's bytes.
     b.destroy().unwrap();
     a.populate(page, PAGE).unwrap();
-    assert_eq!(a.translate(page).unwrap(), Some(frame));
+    assert_eq!(a.pfn_at(page).unwrap(), Some(frame));
     let again = forced_read(addr, PAGE as usize).unwrap();
     assert!(again.iter().all(|b| *b == 0), "B's bytes were not scrubbed");
     assert!(kernel_readable(&a, page));
@@ -1739,7 +1735,7 @@ fn a_kvm_slot_over_a_lazily_backed_file_exits_to_the_vmm_which_faults_and_resume
         .unwrap();
     file.write(CODE, &GUEST).unwrap();
     assert_eq!(
-        file.translate(DATA).unwrap(),
+        file.pfn_at(DATA).unwrap(),
         None,
         "the data page is not backed"
     );
@@ -1776,7 +1772,7 @@ fn a_kvm_slot_over_a_lazily_backed_file_exits_to_the_vmm_which_faults_and_resume
     let exit = vcpu.run();
     println!("the access to the unbacked page exited with {exit:?}");
     assert_eq!(
-        file.translate(DATA).unwrap(),
+        file.pfn_at(DATA).unwrap(),
         None,
         "nothing was backed behind the VMM's back"
     );
@@ -1864,10 +1860,10 @@ fn extents_name_memfd_offsets_that_hold_the_files_bytes() {
     let _: std::os::fd::BorrowedFd<'_> = memfd.as_fd();
     let view = HostView::from_memfd(file.memfd().unwrap()).unwrap();
     for e in &extents {
-        assert_eq!(file.translate(e.offset).unwrap(), Some(e.pfn));
+        assert_eq!(file.pfn_at(e.offset).unwrap(), Some(e.pfn));
         let last = e.offset + e.len - PAGE;
         assert_eq!(
-            file.translate(last).unwrap().map(|p| p.0),
+            file.pfn_at(last).unwrap().map(|p| p.0),
             Some(e.pfn.0 + (e.len / PAGE - 1)),
             "{e:?} is one run of frames"
         );

@@ -115,15 +115,12 @@ fn plan(seed: u64, ops: usize, boundary: u64) -> Plan {
 #[test]
 fn ordinary_4k_memory_keeps_files_apart_under_concurrency() {
     let _serial = serial();
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes: GIB,
-        page_size: HugePageSize::Base4K,
-        strict: true,
-        numa_node: None,
-        grow_pool: false,
-        prefault: Prefault::None,
-        mlock: false,
-    })
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(GIB)
+            .with_page_size(HugePageSize::Base4K)
+            .with_strict(true)
+            .with_prefault(Prefault::None),
+    )
     .expect("ordinary memory");
     let store = Store::from_hugetlb(source, StoreOptions::default().with_shards(2)).unwrap();
     Harness::new(
@@ -167,15 +164,13 @@ fn pool_total(size: HugePageSize) -> Option<u64> {
 /// not.
 fn hugetlb_store(size: HugePageSize, bytes: u64) -> Result<Store, String> {
     can_reserve(size)?;
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes,
-        page_size: size,
-        strict: true,
-        numa_node: None,
-        grow_pool: true,
-        prefault: Prefault::MapPopulate,
-        mlock: false,
-    })
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(bytes)
+            .with_page_size(size)
+            .with_strict(true)
+            .with_grow_pool(true)
+            .with_prefault(Prefault::MapPopulate),
+    )
     .map_err(|e| format!("no {size} pages could be had: {e}"))?;
     Store::from_hugetlb(source, StoreOptions::default().with_shards(2)).map_err(|e| e.to_string())
 }

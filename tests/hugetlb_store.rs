@@ -30,15 +30,12 @@ fn real_store(test: &str) -> Option<RealStore> {
         pfnstore::core::testing::skip(test, &why);
         return None;
     }
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes: GIB,
-        page_size: HugePageSize::Huge1G,
-        strict: true,
-        numa_node: None,
-        grow_pool: true,
-        prefault: Prefault::MapPopulate,
-        mlock: false,
-    });
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(GIB)
+            .with_strict(true)
+            .with_grow_pool(true)
+            .with_prefault(Prefault::MapPopulate),
+    );
     let source = match source {
         Ok(source) => source,
         Err(e) => {
@@ -89,7 +86,7 @@ fn bytes_conversions_and_revocation_on_a_real_1g_page() {
         StoreError::PrivateAccess {
             file: file.id(),
             offset: page + 10,
-            pfn: file.translate(page).unwrap(),
+            pfn: file.pfn_at(page).unwrap(),
         }
     );
     assert!(
@@ -127,7 +124,7 @@ fn a_punched_range_reads_as_zeros_once_populated_again() {
     let file = store
         .create_file(FileOptions::new(GIB).shared().populated())
         .unwrap();
-    let pfn_before = file.translate(3 * PAGE).unwrap().unwrap();
+    let pfn_before = file.pfn_at(3 * PAGE).unwrap().unwrap();
     file.write(3 * PAGE, &[0xAB; 64]).unwrap();
     file.punch_hole(2 * PAGE, 2 * PAGE).unwrap();
     let mut buf = [0xFFu8; 64];
@@ -136,7 +133,7 @@ fn a_punched_range_reads_as_zeros_once_populated_again() {
     // Populating again takes the dirty pages back from the allocator and scrubs them.
     file.populate(2 * PAGE, 2 * PAGE).unwrap();
     assert_eq!(
-        file.translate(3 * PAGE).unwrap(),
+        file.pfn_at(3 * PAGE).unwrap(),
         Some(pfn_before),
         "the same frame came back"
     );
@@ -211,15 +208,13 @@ fn real_2m_store(test: &str, bytes: u64, lock: HugetlbLock) -> Option<RealStore>
         pfnstore::core::testing::skip(test, &why);
         return None;
     }
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes,
-        page_size: HugePageSize::Huge2M,
-        strict: true,
-        numa_node: None,
-        grow_pool: true,
-        prefault: Prefault::MapPopulate,
-        mlock: false,
-    });
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(bytes)
+            .with_page_size(HugePageSize::Huge2M)
+            .with_strict(true)
+            .with_grow_pool(true)
+            .with_prefault(Prefault::MapPopulate),
+    );
     match source {
         Ok(source) => Some(RealStore {
             store: Store::from_hugetlb(source, StoreOptions::default().with_shards(1))
@@ -344,7 +339,7 @@ fn check_partial_punch_keeps_a_private_huge_page_revoked(store: &Store, page: u6
         assert!(!kernel_readable_at(&file, offset), "{offset:#x}");
     }
     file.punch_hole(5 * PAGE, PAGE).unwrap();
-    assert_eq!(file.translate(5 * PAGE).unwrap(), None);
+    assert_eq!(file.pfn_at(5 * PAGE).unwrap(), None);
     assert_eq!(
         file.stats().held_pages,
         page / PAGE,

@@ -46,15 +46,12 @@ fn a_real_mode_guest_writes_shared_memory_and_loses_it_when_private() {
     };
     // Ordinary memory (4 KiB host pages): no hugetlb pool needed, and the host view can be
     // revoked page by page.
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes: GIB,
-        page_size: HugePageSize::Base4K,
-        strict: true,
-        numa_node: None,
-        grow_pool: false,
-        prefault: Prefault::None,
-        mlock: false,
-    })
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(GIB)
+            .with_page_size(HugePageSize::Base4K)
+            .with_strict(true)
+            .with_prefault(Prefault::None),
+    )
     .unwrap();
     let store = Store::from_hugetlb(source, StoreOptions::default().with_shards(1)).unwrap();
     let file = store

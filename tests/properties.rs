@@ -209,7 +209,7 @@ impl World {
                         return Err(StoreError::Pinned {
                             file: f.id(),
                             offset: p as u64 * PAGE,
-                            pfn: f.translate(p as u64 * PAGE).unwrap(),
+                            pfn: f.pfn_at(p as u64 * PAGE).unwrap(),
                             owner: PinOwner(owner),
                         });
                     }
@@ -220,7 +220,7 @@ impl World {
                         return Err(StoreError::Vetoed {
                             file: f.id(),
                             offset: start * PAGE,
-                            pfn: f.translate(start * PAGE).unwrap(),
+                            pfn: f.pfn_at(start * PAGE).unwrap(),
                             subscriber: "vetoer".into(),
                             reason: "no".into(),
                         });
@@ -265,7 +265,7 @@ impl World {
                         return Err(StoreError::NotPinned {
                             file: f.id(),
                             offset: p as u64 * PAGE,
-                            pfn: f.translate(p as u64 * PAGE).unwrap(),
+                            pfn: f.pfn_at(p as u64 * PAGE).unwrap(),
                             owner: PinOwner(owner),
                         });
                     }
@@ -289,7 +289,7 @@ impl World {
                         return Err(StoreError::Pinned {
                             file: f.id(),
                             offset: p as u64 * PAGE,
-                            pfn: f.translate(p as u64 * PAGE).unwrap(),
+                            pfn: f.pfn_at(p as u64 * PAGE).unwrap(),
                             owner: PinOwner(owner),
                         });
                     }
@@ -321,13 +321,13 @@ impl World {
                         StoreError::PrivateAccess {
                             file: f.id(),
                             offset: page * PAGE,
-                            pfn: f.translate(page * PAGE).unwrap(),
+                            pfn: f.pfn_at(page * PAGE).unwrap(),
                         }
                     } else {
                         StoreError::SharedAccess {
                             file: f.id(),
                             offset: page * PAGE,
-                            pfn: f.translate(page * PAGE).unwrap(),
+                            pfn: f.pfn_at(page * PAGE).unwrap(),
                         }
                     };
                     prop_assert_eq!(got, Err(want), "{:?}", op);
@@ -335,7 +335,7 @@ impl World {
                     let uniform = r.max_order(page);
                     let (size, pfn) =
                         got.map_err(|e| TestCaseError::fail(format!("{op:?}: {e}")))?;
-                    prop_assert_eq!(f.translate(page * PAGE).unwrap(), Some(pfn));
+                    prop_assert_eq!(f.pfn_at(page * PAGE).unwrap(), Some(pfn));
                     // A first touch backs the whole uniform block around the page.
                     let first_touch = !r.backed[page as usize];
                     let pages = [
@@ -379,7 +379,7 @@ impl World {
                         Some(p) => Err(StoreError::PrivateAccess {
                             file: f.id(),
                             offset: (p * PAGE).max(offset),
-                            pfn: f.translate((p * PAGE).max(offset)).unwrap(),
+                            pfn: f.pfn_at((p * PAGE).max(offset)).unwrap(),
                         }),
                         // Holes read as zeros; backed pages need bytes a synthetic store lacks.
                         None if pages.clone().any(|p| r.backed[p as usize]) => {
@@ -410,7 +410,7 @@ impl World {
                 let pins: BTreeMap<u32, u32> = a.pins.iter().map(|(o, c)| (o.0, c)).collect();
                 prop_assert_eq!(&pins, &r.pins[p as usize], "pins of page {}", p);
                 prop_assert_eq!(
-                    f.translate(p * PAGE).unwrap().is_some(),
+                    f.pfn_at(p * PAGE).unwrap().is_some(),
                     r.backed[p as usize],
                     "backing of page {}",
                     p

@@ -33,15 +33,12 @@ const HIGH: GuestAddress = GuestAddress(1 << 32);
 
 /// A store of ordinary memory (4 KiB pages, no pool needed).
 fn store() -> Store {
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes: GIB,
-        page_size: HugePageSize::Base4K,
-        strict: true,
-        numa_node: None,
-        grow_pool: false,
-        prefault: Prefault::None,
-        mlock: false,
-    })
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(GIB)
+            .with_page_size(HugePageSize::Base4K)
+            .with_strict(true)
+            .with_prefault(Prefault::None),
+    )
     .expect("ordinary memory");
     Store::from_hugetlb(source, StoreOptions::default().with_shards(1)).expect("store")
 }
@@ -147,7 +144,7 @@ fn private_ranges_are_refused_with_the_store_error_and_no_bytes() {
     match refusal(&e) {
         StoreError::PrivateAccess { offset, pfn, .. } => {
             assert_eq!(offset, page);
-            assert_eq!(pfn, high.translate(page).unwrap());
+            assert_eq!(pfn, high.pfn_at(page).unwrap());
         }
         other => panic!("expected PrivateAccess, got {other:?}"),
     }
@@ -591,15 +588,12 @@ fn the_snapshot_equals_the_backing_after_concurrent_populates_and_punches() {
     // Two threads populate and punch in two chunks of one file at once (each change's
     // callbacks rebuild the snapshot while the other's may be under way); at the end the
     // snapshot's regions are exactly the file's backed extents.
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes: 2 * GIB,
-        page_size: HugePageSize::Base4K,
-        strict: true,
-        numa_node: None,
-        grow_pool: false,
-        prefault: Prefault::None,
-        mlock: false,
-    })
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(2 * GIB)
+            .with_page_size(HugePageSize::Base4K)
+            .with_strict(true)
+            .with_prefault(Prefault::None),
+    )
     .unwrap();
     let store = Store::from_hugetlb(source, StoreOptions::default().with_shards(2)).unwrap();
     let file = store

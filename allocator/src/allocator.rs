@@ -12,14 +12,22 @@ use crate::shard::{Fault, ShardState};
 use crate::stats::{AllocatorStats, Usage};
 use crate::{AllocError, AllocRequest, Allocation, DirtyRanges, ShardHint, ShardId};
 
-/// How an [`Allocator`] is set up.
+/// How an [`Allocator`] is set up ([`AllocatorConfig::new`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AllocatorConfig {
     /// Block sizes; the chunk size is the unit in which memory is added and removed.
     pub geometry: Geometry,
     /// Number of shards (independent locks); at least 1. A few per NUMA node, or one per
     /// few CPUs, is typical.
     pub shards: usize,
+}
+
+impl AllocatorConfig {
+    /// An allocator of `geometry`'s blocks over `shards` shards.
+    pub fn new(geometry: Geometry, shards: usize) -> AllocatorConfig {
+        AllocatorConfig { geometry, shards }
+    }
 }
 
 #[derive(Debug)]

@@ -61,7 +61,7 @@
 //! use pfnstore_core::{Geometry, Pfn};
 //!
 //! let geometry = Geometry::X86_64;
-//! let allocator = Allocator::new(AllocatorConfig { geometry, shards: 2 }).unwrap();
+//! let allocator = Allocator::new(AllocatorConfig::new(geometry, 2)).unwrap();
 //! allocator.add_chunk(Pfn(0), true).unwrap();
 //! let two_meg = allocator
 //!     .alloc(AllocRequest::new(geometry.mid_pages()).aligned(geometry.mid_pages()))
@@ -71,10 +71,14 @@
 //! allocator.check_invariants().unwrap();
 //! ```
 
+// The only unsafe code is the shard lock's `UnsafeCell` access (`lock.rs`), allowed there.
+#![deny(unsafe_code)]
+
 mod allocator;
 mod bits;
 mod chunk;
 mod error;
+#[allow(unsafe_code)] // SAFETY arguments are on each block in the module.
 mod lock;
 mod request;
 mod shape;

@@ -28,11 +28,7 @@ fn metadata_stays_within_two_bits_per_frame() {
         order.swap(i, rng.below(i as u64 + 1) as usize);
     }
     let before = CountingAllocator::live_bytes();
-    let a = Allocator::new(AllocatorConfig {
-        geometry: Geometry::X86_64,
-        shards: 1,
-    })
-    .unwrap();
+    let a = Allocator::new(AllocatorConfig::new(Geometry::X86_64, 1)).unwrap();
     for c in 0..GIB {
         a.add_chunk(Pfn(c * C), true).unwrap();
     }

@@ -576,7 +576,7 @@ proptest! {
         ops in prop::collection::vec(op(), 1..64),
     ) {
         let geometry = Geometry::new(MID_ORDER, CHUNK_ORDER).unwrap();
-        let alloc = Allocator::new(AllocatorConfig { geometry, shards }).unwrap();
+        let alloc = Allocator::new(AllocatorConfig::new(geometry, shards)).unwrap();
         let mut model = Model::new(shards);
         let home = alloc.home_shard().0;
         let mut owned: Vec<PfnRange> = Vec::new();

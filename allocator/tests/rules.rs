@@ -16,11 +16,7 @@ fn range(start: u64, len: u64) -> PfnRange {
 }
 
 fn one_shard(chunks: &[u64]) -> Allocator {
-    let a = Allocator::new(AllocatorConfig {
-        geometry: G,
-        shards: 1,
-    })
-    .unwrap();
+    let a = Allocator::new(AllocatorConfig::new(G, 1)).unwrap();
     for &c in chunks {
         a.add_chunk(Pfn(c * C), true).unwrap();
     }
@@ -176,11 +172,7 @@ fn punch_holes_split_allocations_and_frees_coalesce() {
 
 #[test]
 fn bad_input_is_rejected_naming_the_pfn_and_changes_nothing() {
-    let a = Allocator::new(AllocatorConfig {
-        geometry: G,
-        shards: 2,
-    })
-    .unwrap();
+    let a = Allocator::new(AllocatorConfig::new(G, 2)).unwrap();
     a.add_chunk_to(Pfn(0), true, ShardId(0)).unwrap();
     a.add_chunk_to(Pfn(C), true, ShardId(1)).unwrap();
     a.alloc_at(range(10, 20)).unwrap();
@@ -311,11 +303,7 @@ fn bad_input_is_rejected_naming_the_pfn_and_changes_nothing() {
         })
     );
     assert_eq!(
-        Allocator::new(AllocatorConfig {
-            geometry: G,
-            shards: 0
-        })
-        .unwrap_err(),
+        Allocator::new(AllocatorConfig::new(G, 0)).unwrap_err(),
         AllocError::NoShards
     );
 }
@@ -391,11 +379,7 @@ fn quarantined_pages_are_never_handed_out_again() {
 
 #[test]
 fn stealing_and_hints() {
-    let a = Allocator::new(AllocatorConfig {
-        geometry: G,
-        shards: 2,
-    })
-    .unwrap();
+    let a = Allocator::new(AllocatorConfig::new(G, 2)).unwrap();
     assert_eq!(a.add_chunk(Pfn(0), true).unwrap(), ShardId(0));
     assert_eq!(a.add_chunk(Pfn(4 * C), true).unwrap(), ShardId(1));
     // Shard 1 first, it has room.
@@ -494,11 +478,7 @@ fn every_free_2m_block_is_found_in_fragmented_memory() {
 /// dirty part dirty, and every figure as before the allocation.
 #[test]
 fn cancel_restores_the_accounting() {
-    let a = Allocator::new(AllocatorConfig {
-        geometry: G,
-        shards: 1,
-    })
-    .unwrap();
+    let a = Allocator::new(AllocatorConfig::new(G, 1)).unwrap();
     a.add_chunk(Pfn(0), false).unwrap();
     // Dirty 3 pages in the middle of what the next request will get.
     let first = alloc(&a, 8, 1);

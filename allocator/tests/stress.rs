@@ -47,13 +47,7 @@ impl Owners {
 fn threads_never_share_a_page_and_accounting_is_exact() {
     let geometry = Geometry::new(3, 7).unwrap(); // 8-page mid blocks, 128-page chunks
     let (mid, chunk) = (geometry.mid_pages(), geometry.chunk_pages());
-    let alloc = Arc::new(
-        Allocator::new(AllocatorConfig {
-            geometry,
-            shards: 3,
-        })
-        .unwrap(),
-    );
+    let alloc = Arc::new(Allocator::new(AllocatorConfig::new(geometry, 3)).unwrap());
     // Uneven shards (shard 2 gets few chunks) so that threads homed there must steal.
     for c in 0..CHUNKS {
         let shard = ShardId(if c % 8 == 7 { 2 } else { (c % 2) as usize });
@@ -216,13 +210,7 @@ fn interleaved_sizes_and_random_order_frees() {
     let geometry = Geometry::new(4, 9).unwrap(); // 16-page mid blocks, 512-page chunks
     let (mid, chunk) = (geometry.mid_pages(), geometry.chunk_pages());
     let chunks = 8;
-    let alloc = Arc::new(
-        Allocator::new(AllocatorConfig {
-            geometry,
-            shards: 2,
-        })
-        .unwrap(),
-    );
+    let alloc = Arc::new(Allocator::new(AllocatorConfig::new(geometry, 2)).unwrap());
     for c in 0..chunks {
         alloc.add_chunk(Pfn(c * chunk), c % 2 == 0).unwrap();
     }

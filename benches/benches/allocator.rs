@@ -89,11 +89,7 @@ struct Ours(Allocator);
 
 impl Ours {
     fn new(shards: usize) -> Ours {
-        let a = Allocator::new(AllocatorConfig {
-            geometry: G,
-            shards,
-        })
-        .expect("valid config");
+        let a = Allocator::new(AllocatorConfig::new(G, shards)).expect("valid config");
         for c in 0..CHUNKS {
             a.add_chunk(Pfn(c * G.chunk_pages()), true)
                 .expect("fresh chunk");
@@ -227,11 +223,7 @@ const BULK: u64 = 1 << 20;
 
 /// 16 GiB in `shards` shards, added dirty (no scrub bookkeeping, as in the LLFree runs).
 fn ours16(shards: usize) -> Allocator {
-    let a = Allocator::new(AllocatorConfig {
-        geometry: G,
-        shards,
-    })
-    .expect("valid config");
+    let a = Allocator::new(AllocatorConfig::new(G, shards)).expect("valid config");
     for c in 0..GIB16 {
         a.add_chunk(Pfn(c * G.chunk_pages()), true)
             .expect("fresh chunk");

@@ -163,7 +163,7 @@ fn bench_baseline<T: ShareTracker>(
 }
 
 fn max_order(c: &mut Criterion) {
-    let mut group = c.benchmark_group("metadata/max_mapping_order");
+    let mut group = c.benchmark_group("metadata/max_mapping_size");
     let gib = 8u64;
     let pages = gib * chunk_pages();
     for (per_million, label) in FRAGMENTATIONS {
@@ -186,7 +186,7 @@ fn max_order(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("pfnstore", label), |b| {
             b.iter(|| {
                 i = (i + 1) & 4095;
-                black_box(ours.max_mapping_order(Pfn(probes[i])).unwrap())
+                black_box(ours.max_mapping_size(Pfn(probes[i])).unwrap())
             })
         });
         group.bench_function(BenchmarkId::new("bitmap", label), |b| {

@@ -31,15 +31,11 @@ pub fn synthetic(chunks: u64, shards: usize) -> Store {
 
 /// A store of `gib` GiB of ordinary 4 KiB pages, prefaulted by one thread per CPU.
 pub fn ordinary(gib: u64, shards: usize) -> Result<Store, String> {
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes: gib * GIB,
-        page_size: HugePageSize::Base4K,
-        strict: true,
-        numa_node: None,
-        grow_pool: false,
-        prefault: Prefault::threads_per_cpu(),
-        mlock: false,
-    })
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(gib * GIB)
+            .with_page_size(HugePageSize::Base4K)
+            .with_strict(true),
+    )
     .map_err(|e| format!("{gib} GiB of ordinary memory could not be had: {e}"))?;
     Store::from_hugetlb(source, StoreOptions::default().with_shards(shards))
         .map_err(|e| format!("store over ordinary memory: {e}"))
@@ -71,15 +67,12 @@ pub fn hugetlb_1g(gib: u64, shards: usize) -> Result<HugetlbStore, String> {
     }
     let lock = hugetlb_lock();
     can_reserve(HugePageSize::Huge1G)?;
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes: gib * GIB,
-        page_size: HugePageSize::Huge1G,
-        strict: true,
-        numa_node: None,
-        grow_pool: true,
-        prefault: Prefault::MapPopulate,
-        mlock: false,
-    })
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(gib * GIB)
+            .with_strict(true)
+            .with_grow_pool(true)
+            .with_prefault(Prefault::MapPopulate),
+    )
     .map_err(|e| format!("{gib} x 1 GiB hugetlb pages could not be had: {e}"))?;
     let store = Store::from_hugetlb(source, StoreOptions::default().with_shards(shards))
         .map_err(|e| format!("store over 1 GiB hugetlb pages: {e}"))?;

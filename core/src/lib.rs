@@ -9,7 +9,7 @@
 //!   range).
 //! * [`RangeError`]: the validation errors every crate shares; each names the offending PFN.
 //! * [`sync`]: the sync facade. Crates that run concurrently (allocator, metadata, the facade)
-//!   take every lock, atomic and queue from here, so that the loom models can swap them all.
+//!   take every lock, atomic and thread from here, so that the loom models can swap them all.
 //! * [`testing`]: how a test that cannot run on this machine reports itself as skipped, a
 //!   counting global allocator for tests and benches that measure bytes held, and the
 //!   deterministic xorshift generator they share.
@@ -18,11 +18,16 @@
 //! `UnsafeCell` wrapper passes through to its callers and the counting allocator's forwarding
 //! to the system allocator.
 
+// The only unsafe code is the test-support counting allocator (`testing.rs`), allowed there.
+#![deny(unsafe_code)]
+
 mod error;
 mod geometry;
 mod pfn;
 mod range;
 pub mod sync;
+#[doc(hidden)]
+#[allow(unsafe_code)] // SAFETY arguments are on each block in the module.
 pub mod testing;
 
 pub use error::{GeometryError, RangeError};

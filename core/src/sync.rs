@@ -3,12 +3,12 @@
 //! # The rule
 //!
 //! Code in `pfnstore-allocator`, `pfnstore-metadata` and the facade crate reaches locks,
-//! atomics, `Arc`, `UnsafeCell`, threads and lock-free queues **only through this module**. It
+//! atomics, `Arc`, `UnsafeCell`, threads and cache padding **only through this module**. It
 //! never names `std::sync`, `parking_lot` or `crossbeam` directly. That is what lets the loom
 //! models in `loom-tests/` replace every primitive at once and explore all interleavings.
 //!
 //! Normally the primitives are parking_lot's locks, std's atomics and `Arc`, and crossbeam's
-//! queue. When the crate is built with `RUSTFLAGS="--cfg pfnstore_loom"` they are loom's. The
+//! `CachePadded`. When the crate is built with `RUSTFLAGS="--cfg pfnstore_loom"` they are loom's. The
 //! cfg is the project's own rather than a plain `loom` so that dependencies which also check
 //! `cfg(loom)` are not switched along with us (crossbeam does the same with `crossbeam_loom`).
 //!
@@ -27,13 +27,13 @@ mod imp {
     /// Atomics (std's, or loom's under `pfnstore_loom`).
     pub mod atomic {
         pub use std::sync::atomic::{
-            AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
+            AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering,
         };
     }
 
     /// Threads (std's, or loom's under `pfnstore_loom`).
     pub mod thread {
-        pub use std::thread::{JoinHandle, current, spawn, yield_now};
+        pub use std::thread::{spawn, yield_now};
     }
 
     /// Spin-loop hint.
@@ -154,9 +154,6 @@ mod imp {
         }
     }
 
-    /// An unbounded multi-producer multi-consumer queue (crossbeam's lock-free `SegQueue`).
-    pub type Queue<T> = crossbeam_queue::SegQueue<T>;
-
     /// Pads and aligns a value to a cache line to keep hot per-shard state from false sharing.
     pub use crossbeam_utils::CachePadded;
 }
@@ -168,13 +165,13 @@ mod imp {
     /// Atomics (loom's).
     pub mod atomic {
         pub use loom::sync::atomic::{
-            AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
+            AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering,
         };
     }
 
     /// Threads (loom's).
     pub mod thread {
-        pub use loom::thread::{JoinHandle, current, spawn, yield_now};
+        pub use loom::thread::{spawn, yield_now};
     }
 
     /// Spin-loop hint (loom's: a yield point for the model checker).
@@ -282,35 +279,6 @@ mod imp {
 
     pub use loom::cell::UnsafeCell;
 
-    /// Under loom the lock-free queue is modelled by a mutex-protected deque: crossbeam's
-    /// `SegQueue` is not loom-aware, and what the models check is our use of the queue
-    /// (who pushes, who drains, when), not crossbeam's internals.
-    #[derive(Debug, Default)]
-    pub struct Queue<T>(Mutex<std::collections::VecDeque<T>>);
-
-    impl<T> Queue<T> {
-        /// An empty queue.
-        pub fn new() -> Self {
-            Queue(Mutex::new(std::collections::VecDeque::new()))
-        }
-        /// Appends a value.
-        pub fn push(&self, value: T) {
-            self.0.lock().push_back(value);
-        }
-        /// Takes the oldest value.
-        pub fn pop(&self) -> Option<T> {
-            self.0.lock().pop_front()
-        }
-        /// Whether the queue is empty.
-        pub fn is_empty(&self) -> bool {
-            self.0.lock().is_empty()
-        }
-        /// Number of queued values.
-        pub fn len(&self) -> usize {
-            self.0.lock().len()
-        }
-    }
-
     pub use crossbeam_utils::CachePadded;
 }
 
@@ -377,34 +345,13 @@ mod tests {
     }
 
     #[test]
+    #[allow(unsafe_code)] // the facade's UnsafeCell hands out raw pointers by design
     fn unsafe_cell_closure_api() {
         let cell = UnsafeCell::new(1u32);
         // SAFETY: the cell is not shared; no other access is live during either closure.
         cell.with_mut(|p| unsafe { *p += 1 });
         // SAFETY: as above.
         assert_eq!(cell.with(|p| unsafe { *p }), 2);
-    }
-
-    #[test]
-    fn queue_is_fifo_across_threads() {
-        let q = Arc::new(Queue::new());
-        let pushers: Vec<_> = (0..4)
-            .map(|t| {
-                let q = Arc::clone(&q);
-                thread::spawn(move || (0..100).for_each(|i| q.push(t * 1000 + i)))
-            })
-            .collect();
-        pushers.into_iter().for_each(|h| h.join().unwrap());
-        let mut seen = Vec::new();
-        while let Some(v) = q.pop() {
-            seen.push(v);
-        }
-        assert_eq!(seen.len(), 400);
-        // FIFO per producer.
-        for t in 0..4 {
-            let mine: Vec<_> = seen.iter().filter(|v| **v / 1000 == t).collect();
-            assert!(mine.windows(2).all(|w| w[0] < w[1]));
-        }
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! [`CountingAllocator`], which measures the heap bytes a structure holds, and [`XorShift`],
 //! the deterministic pseudo-random sequence tests and benches draw from.
 //!
+//! Hidden from the docs and outside the semver promise: this module exists for the
+//! workspace's own tests and benches (see "Test support" in ARCHITECTURE.md).
+//!
 //! Rust's test harness has no runtime skip, so a test that needs something the machine lacks
 //! (root, a hugetlb pool, `/dev/kvm`) calls [`skip`] and returns. `skip` prints the reason and,
 //! when the test script sets `PFNSTORE_SKIP_LOG`, appends a line to that file so that the

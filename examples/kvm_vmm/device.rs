@@ -12,14 +12,14 @@ use pfnstore::{PinOwner, StoreError};
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryError};
 
 /// Where the guest's queue lives (the guest's `DESC`, `AVAIL`; the used ring after them).
-pub const DESC: GuestAddress = GuestAddress(0x10000);
-pub const AVAIL: GuestAddress = GuestAddress(0x11000);
-pub const USED: GuestAddress = GuestAddress(0x12000);
+pub(crate) const DESC: GuestAddress = GuestAddress(0x10000);
+pub(crate) const AVAIL: GuestAddress = GuestAddress(0x11000);
+pub(crate) const USED: GuestAddress = GuestAddress(0x12000);
 const QUEUE: u64 = 16;
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;
 /// Bytes of the DMA window the device pins.
-pub const WINDOW: u64 = 64 << 10;
+pub(crate) const WINDOW: u64 = 64 << 10;
 
 /// A virtio split-queue descriptor.
 #[repr(C)]
@@ -35,7 +35,7 @@ struct Descriptor {
 unsafe impl ByteValued for Descriptor {}
 
 /// The device.
-pub struct ChecksumDevice {
+pub(crate) struct ChecksumDevice {
     space: AddressSpace,
     owner: PinOwner,
     last_avail: u16,
@@ -48,7 +48,7 @@ pub struct ChecksumDevice {
 
 impl ChecksumDevice {
     /// A device over `space` that pins as `owner`.
-    pub fn new(space: AddressSpace, owner: PinOwner) -> ChecksumDevice {
+    pub(crate) fn new(space: AddressSpace, owner: PinOwner) -> ChecksumDevice {
         ChecksumDevice {
             space,
             owner,
@@ -60,7 +60,7 @@ impl ChecksumDevice {
     }
 
     /// The guest notified the queue: serve every new request.
-    pub fn notify(&mut self) -> Result<(), GuestMemoryError> {
+    pub(crate) fn notify(&mut self) -> Result<(), GuestMemoryError> {
         let mem = self.space.memory();
         let avail: u16 = mem.load(AVAIL.unchecked_add(2), Ordering::Acquire)?;
         while self.last_avail != avail {
@@ -99,9 +99,13 @@ impl ChecksumDevice {
                     }
                     Err(e) => {
                         status = 1;
-                        let why = store_error(&e)
-                            .cloned()
-                            .unwrap_or(StoreError::Internal(e.to_string()));
+                        // An error of vm-memory's own (an address outside guest memory): the
+                        // frame is outside the memory the store manages.
+                        let why = store_error(&e).cloned().unwrap_or(StoreError::Range(
+                            pfnstore::core::RangeError::OutOfBounds {
+                                pfn: pfnstore::core::Pfn(desc.addr / pfnstore::core::PAGE_SIZE),
+                            },
+                        ));
                         self.refused.push((desc.addr, why));
                     }
                 }
@@ -115,13 +119,16 @@ impl ChecksumDevice {
     }
 
     /// The guest set the DMA window at `gpa`: pin it.
-    pub fn pin_window(&mut self, gpa: u64) -> Result<(), pfnstore::vm_memory::AddressSpaceError> {
+    pub(crate) fn pin_window(
+        &mut self,
+        gpa: u64,
+    ) -> Result<(), pfnstore::vm_memory::AddressSpaceError> {
         self.window = Some(self.space.pin(GuestAddress(gpa), WINDOW, self.owner)?);
         Ok(())
     }
 
     /// The guest released the window.
-    pub fn unpin_window(&mut self) {
+    pub(crate) fn unpin_window(&mut self) {
         self.window = None;
     }
 }

@@ -4,10 +4,10 @@
 //! `as` is installed and checks that the bytes are these.
 
 /// Guest address the code is loaded at (and starts from).
-pub const LOAD: u64 = 0x1000;
+pub(crate) const LOAD: u64 = 0x1000;
 
 /// The assembly source of [`CODE`].
-pub const SOURCE: &str = r#"# The example VMM's guest: 32-bit protected mode, flat segments, no paging (the VMM sets the
+pub(crate) const SOURCE: &str = r#"# The example VMM's guest: 32-bit protected mode, flat segments, no paging (the VMM sets the
 # segment caches directly), loaded at 0x1000. It writes a pattern into every page of the test
 # region, asks the VMM to convert ranges (ports 0x10-0x13), checks what it can see, drives the
 # checksum device (0x14, 0x18, 0x19) and reports every check on port 0x15 as
@@ -160,7 +160,7 @@ device:
 
 /// The assembled guest.
 #[rustfmt::skip]
-pub const CODE: [u8; 734] = [
+pub(crate) const CODE: [u8; 734] = [
     // start:
     0xbc, 0x00, 0x80, 0x00, 0x00,                           // 0x1000: mov esp,0x8000
     0xbf, 0x00, 0x00, 0x00, 0x40,                           // 0x1005: mov edi,0x40000000

@@ -31,7 +31,7 @@ use pfnstore::{Change, FileId, GuestFile, PlanEntry, Shareability, Subscriber, U
 
 /// Counts of what the subscriber did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SlotStats {
+pub(crate) struct SlotStats {
     /// Slots created.
     pub created: u64,
     /// Slots deleted.
@@ -45,7 +45,7 @@ pub struct SlotStats {
 }
 
 /// The subscriber (see the module docs).
-pub struct KvmSlots {
+pub(crate) struct KvmSlots {
     vm: Arc<VmFd>,
     max_slots: usize,
     state: Mutex<State>,
@@ -71,7 +71,7 @@ struct FileSlots {
 
 impl KvmSlots {
     /// A subscriber for `vm`, which has `max_slots` slots.
-    pub fn new(vm: Arc<VmFd>, max_slots: usize) -> KvmSlots {
+    pub(crate) fn new(vm: Arc<VmFd>, max_slots: usize) -> KvmSlots {
         KvmSlots {
             vm,
             max_slots,
@@ -81,7 +81,7 @@ impl KvmSlots {
 
     /// Places `file` at guest address `gpa`; its slots are made when the store replays it
     /// (subscribe after this).
-    pub fn add_file(&self, gpa: u64, file: &GuestFile) {
+    pub(crate) fn add_file(&self, gpa: u64, file: &GuestFile) {
         let host = file
             .host_mapping()
             .expect("a file with host memory")
@@ -98,7 +98,7 @@ impl KvmSlots {
     }
 
     /// What the subscriber did so far.
-    pub fn stats(&self) -> SlotStats {
+    pub(crate) fn stats(&self) -> SlotStats {
         let state = self.state.lock().unwrap();
         SlotStats {
             live: state.files.values().map(|f| f.slots.len()).sum(),
@@ -107,7 +107,7 @@ impl KvmSlots {
     }
 
     /// The slots now: (guest address, bytes), ascending.
-    pub fn layout(&self) -> Vec<(u64, u64)> {
+    pub(crate) fn layout(&self) -> Vec<(u64, u64)> {
         let state = self.state.lock().unwrap();
         let mut out: Vec<(u64, u64)> = state
             .files
@@ -119,7 +119,7 @@ impl KvmSlots {
     }
 
     /// Failed ioctls (none expected).
-    pub fn errors(&self) -> Vec<String> {
+    pub(crate) fn errors(&self) -> Vec<String> {
         self.state.lock().unwrap().errors.clone()
     }
 

@@ -39,11 +39,11 @@
 //!   file descriptors go along too.
 
 #[path = "device.rs"]
-pub mod device;
+pub(crate) mod device;
 #[path = "guest.rs"]
-pub mod guest;
+pub(crate) mod guest;
 #[path = "slots.rs"]
-pub mod slots;
+pub(crate) mod slots;
 
 use std::fmt;
 use std::sync::Arc;
@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use pfnstore::core::PageSize;
-use pfnstore::hugetlb::{HugePageSize, HugetlbConfig, HugetlbSource, Prefault};
+use pfnstore::hugetlb::{HugePageSize, HugetlbConfig, HugetlbSource};
 use pfnstore::vm_memory::AddressSpace;
 use pfnstore::{
     AttributeRun, ConvertMode, FileOptions, GuestFile, Interest, PinOwner, Shareability, Store,
@@ -63,15 +63,15 @@ use device::ChecksumDevice;
 use slots::{KvmSlots, SlotStats};
 
 /// Guest address and size of the boot region (code, stack, the device's queue).
-pub const LOW: u64 = 0;
-pub const LOW_SIZE: u64 = 2 << 20;
+pub(crate) const LOW: u64 = 0;
+pub(crate) const LOW_SIZE: u64 = 2 << 20;
 /// Guest address and size of the test region.
-pub const RAM: u64 = 1 << 30;
-pub const RAM_SIZE: u64 = 1 << 30;
+pub(crate) const RAM: u64 = 1 << 30;
+pub(crate) const RAM_SIZE: u64 = 1 << 30;
 /// The device's pin owner.
-pub const DEVICE_OWNER: PinOwner = PinOwner(0x7d);
+pub(crate) const DEVICE_OWNER: PinOwner = PinOwner(0x7d);
 /// The guest's DMA window for the device (offset in the test region).
-pub const WINDOW_OFFSET: u64 = 0x0800_0000;
+pub(crate) const WINDOW_OFFSET: u64 = 0x0800_0000;
 
 const PORT_ADDR: u16 = 0x10;
 const PORT_LEN: u16 = 0x11;
@@ -85,7 +85,7 @@ const PORT_UNPIN: u16 = 0x19;
 
 /// How to run.
 #[derive(Debug, Clone)]
-pub struct Options {
+pub(crate) struct Options {
     /// The page size to try first (falls back from there, and says so).
     pub page_size: HugePageSize,
     /// Grow the hugetlb pool by what is missing (root; given back at the end).
@@ -94,7 +94,7 @@ pub struct Options {
 
 /// One conversion the guest asked for.
 #[derive(Debug, Clone)]
-pub struct Conversion {
+pub(crate) struct Conversion {
     /// Guest address and length.
     pub gpa: u64,
     pub len: u64,
@@ -117,7 +117,7 @@ pub struct Conversion {
 
 /// Split and merged blocks of a conversion, as "count x size" per run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Blocks {
+pub(crate) struct Blocks {
     pub splits: Vec<(u64, PageSize)>,
     pub merges: Vec<(u64, PageSize)>,
     pub unmapped: u64,
@@ -126,7 +126,7 @@ pub struct Blocks {
 
 /// One check the guest reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Check {
+pub(crate) struct Check {
     pub id: u32,
     pub expected: u8,
     pub observed: u8,
@@ -134,7 +134,7 @@ pub struct Check {
 
 /// What the run did.
 #[derive(Debug)]
-pub struct Report {
+pub(crate) struct Report {
     /// The memory source's story (the fallback ladder).
     pub source: String,
     pub obtained: Option<HugePageSize>,
@@ -159,7 +159,7 @@ pub struct Report {
 }
 
 /// The guest's result code for a conversion: 0 done, 1 pinned, 2 vetoed, 3 anything else.
-pub fn result_code(outcome: &Result<Blocks, StoreError>) -> u32 {
+pub(crate) fn result_code(outcome: &Result<Blocks, StoreError>) -> u32 {
     match outcome {
         Ok(_) => 0,
         Err(StoreError::Pinned { .. }) => 1,
@@ -172,15 +172,11 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// The store: 2 GiB (two files of whole 1 GiB pages), prefaulted.
 fn store(options: &Options) -> Result<Store, Error> {
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes: 2 << 30,
-        page_size: options.page_size,
-        strict: false,
-        numa_node: None,
-        grow_pool: options.grow_pool,
-        prefault: Prefault::threads_per_cpu(),
-        mlock: false,
-    })?;
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(2 << 30)
+            .with_page_size(options.page_size)
+            .with_grow_pool(options.grow_pool),
+    )?;
     Ok(Store::from_hugetlb(source, StoreOptions::default())?)
 }
 
@@ -219,7 +215,7 @@ fn enter_protected_mode(vcpu: &VcpuFd) -> Result<(), Error> {
 }
 
 /// Runs the guest to its end and reports.
-pub fn run(options: &Options) -> Result<Report, Error> {
+pub(crate) fn run(options: &Options) -> Result<Report, Error> {
     let kvm = Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
     let store = store(options)?;
     let low = store.create_file(FileOptions::new(LOW_SIZE).shared().populated())?;
@@ -366,9 +362,10 @@ impl Vmm<'_> {
                 (outcome, file.host_revoked(offset).unwrap_or(false))
             }
             None => (
-                Err(StoreError::Internal(format!(
-                    "{gpa:#x}+{len:#x} is not inside one file"
-                ))),
+                // Not inside one file: the guest frame is outside the memory the store manages.
+                Err(StoreError::Range(pfnstore::core::RangeError::OutOfBounds {
+                    pfn: pfnstore::core::Pfn(gpa / pfnstore::core::PAGE_SIZE),
+                })),
                 false,
             ),
         };

@@ -24,8 +24,10 @@ impl Prefault {
     }
 }
 
-/// A request for memory.
+/// A request for memory: [`HugetlbConfig::new`], then the `with_` methods for what differs
+/// from the defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HugetlbConfig {
     /// Bytes; a non-zero multiple of `page_size`'s chunk (1 GiB for 1G and ordinary pages,
     /// 2 MiB for 2M pages).
@@ -58,5 +60,41 @@ impl HugetlbConfig {
             prefault: Prefault::threads_per_cpu(),
             mlock: false,
         }
+    }
+
+    /// The preferred page size, the top of the fallback ladder.
+    pub fn with_page_size(mut self, page_size: HugePageSize) -> HugetlbConfig {
+        self.page_size = page_size;
+        self
+    }
+
+    /// Whether to fail rather than fall back to a smaller page size.
+    pub fn with_strict(mut self, strict: bool) -> HugetlbConfig {
+        self.strict = strict;
+        self
+    }
+
+    /// Take the pages from this NUMA node only.
+    pub fn with_numa_node(mut self, numa_node: Option<u32>) -> HugetlbConfig {
+        self.numa_node = numa_node;
+        self
+    }
+
+    /// Whether to grow a short pool (root), giving the pages back on drop.
+    pub fn with_grow_pool(mut self, grow_pool: bool) -> HugetlbConfig {
+        self.grow_pool = grow_pool;
+        self
+    }
+
+    /// How pages are faulted in.
+    pub fn with_prefault(mut self, prefault: Prefault) -> HugetlbConfig {
+        self.prefault = prefault;
+        self
+    }
+
+    /// Whether to mlock the mapping.
+    pub fn with_mlock(mut self, mlock: bool) -> HugetlbConfig {
+        self.mlock = mlock;
+        self
     }
 }

@@ -285,6 +285,7 @@ fn node_suffix(node: Option<u32>) -> String {
 
 /// What is wrong with a pagemap entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PagemapProblem {
     /// The page is not present although it was prefaulted.
     #[error("page not present after prefault")]
@@ -309,13 +310,13 @@ pub enum PagemapProblem {
 
 /// Hints, worded once.
 pub(crate) mod hint {
-    pub const POOL: &str = "run as root with grow_pool, or set nr_hugepages in /sys/kernel/mm/hugepages (per node: /sys/devices/system/node/nodeN/hugepages)";
-    pub const ROOT: &str = "run as root or set nr_hugepages";
-    pub const SIZE: &str =
+    pub(crate) const POOL: &str = "run as root with grow_pool, or set nr_hugepages in /sys/kernel/mm/hugepages (per node: /sys/devices/system/node/nodeN/hugepages)";
+    pub(crate) const ROOT: &str = "run as root or set nr_hugepages";
+    pub(crate) const SIZE: &str =
         "the kernel lacks this huge page size, or the size is not a multiple of it";
-    pub const MEMLOCK: &str = "raise RLIMIT_MEMLOCK (ulimit -l) or run as root";
-    pub const MEMORY: &str = "the machine has not enough free memory";
-    pub const MAP_COUNT: &str = "every mapping and every protection boundary is a kernel memory region (VMA); protect larger aligned ranges, or raise vm.max_map_count";
+    pub(crate) const MEMLOCK: &str = "raise RLIMIT_MEMLOCK (ulimit -l) or run as root";
+    pub(crate) const MEMORY: &str = "the machine has not enough free memory";
+    pub(crate) const MAP_COUNT: &str = "every mapping and every protection boundary is a kernel memory region (VMA); protect larger aligned ranges, or raise vm.max_map_count";
 }
 
 impl HugetlbError {

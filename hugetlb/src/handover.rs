@@ -4,7 +4,7 @@
 //! A live update passes a running store to a new VMM process without touching guest memory.
 //! For the memory layer that is three steps:
 //!
-//! 1. The old process writes down its source with [`MemorySource::record`] and sends the record
+//! 1. The old process writes down its source with [`MemorySource::handover_record`] and sends the record
 //!    (serialised by the caller; the types here are plain data) and the source's memfd
 //!    ([`MemorySource::memfd`], over a Unix socket with `SCM_RIGHTS`).
 //! 2. The new process calls [`rebuild`] with the record and the received descriptor. It maps
@@ -34,7 +34,7 @@ use crate::{
 };
 
 /// Everything another process needs to rebuild a source from its memfd: plain data, which the
-/// caller serialises as it likes. Made by [`MemorySource::record`], used by [`rebuild`].
+/// caller serialises as it likes. Made by [`MemorySource::handover_record`], used by [`rebuild`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SourceRecord {
     /// Which kind of source it is (and so which type rebuilds it).
@@ -205,7 +205,7 @@ impl fmt::Display for RecordProblem {
     }
 }
 
-/// Rebuilds a source another process recorded ([`MemorySource::record`]): the type the
+/// Rebuilds a source another process recorded ([`MemorySource::handover_record`]): the type the
 /// record's kind names, from the record and (for sources with memory) the memfd it was sent.
 /// See [`HugetlbSource::rebuild`], [`SyntheticSource::rebuild`] and
 /// [`crate::testing::ShuffledSource::rebuild`] for what each checks. On error nothing was

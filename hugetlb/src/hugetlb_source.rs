@@ -245,7 +245,7 @@ impl HugetlbSource {
         Ok(())
     }
 
-    /// Rebuilds a source that another process recorded ([`MemorySource::record`]) from its
+    /// Rebuilds a source that another process recorded ([`MemorySource::handover_record`]) from its
     /// memfd, as the receiving side of a handover (see [`crate::handover`]):
     ///
     /// * checks the record against itself (the chunks tile the memfd, all with one PFN kind;

@@ -65,7 +65,7 @@
 //! ## Handing a source to another process
 //!
 //! A live update hands a running store to a new process without touching guest memory:
-//! [`MemorySource::record`] writes a source down as plain data ([`SourceRecord`]: page size,
+//! [`MemorySource::handover_record`] writes a source down as plain data ([`SourceRecord`]: page size,
 //! geometry, memfd length, each chunk's PFN and memfd offset, holes, the pool growth it owns),
 //! the memfd travels as a descriptor, and [`rebuild`] makes the source again in the receiving
 //! process: it maps the memfd without copying, zeroing or allocating, re-reads real PFNs through
@@ -123,11 +123,12 @@ mod hugetlb_source;
 mod memfd;
 mod page_size;
 pub mod pagemap;
-pub mod plan;
 pub mod pool;
+pub mod preview;
 mod report;
 mod source;
 mod synthetic;
+#[doc(hidden)]
 #[cfg(not(pfnstore_loom))]
 pub mod testing;
 pub mod vma;

@@ -66,7 +66,7 @@ impl SyntheticSource {
 }
 
 impl SyntheticSource {
-    /// Rebuilds a synthetic source another process recorded ([`MemorySource::record`]): the
+    /// Rebuilds a synthetic source another process recorded ([`MemorySource::handover_record`]): the
     /// same chunks (consecutive from the first chunk's base, each at its index times the chunk
     /// size, PFN kind [`SyntheticReason::NoMemory`]) and geometry. There is no memfd and
     /// nothing to take over. [`HugetlbError::InvalidRecord`] names the first chunk out of place.

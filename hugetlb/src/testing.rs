@@ -3,6 +3,9 @@
 //! chunks in shuffled order, and [`send_with_fd`]/[`recv_with_fd`], which pass a memfd to
 //! another process over a Unix socket as a handover does.
 //!
+//! Hidden from the docs and outside the semver promise: this module exists for the
+//! workspace's own tests and benches (see "Test support" in ARCHITECTURE.md).
+//!
 //! The pools are system-wide: two tests that resize them at once would see each other's
 //! pages. Every such test holds [`hugetlb_lock`] for its whole run, which serializes the
 //! threads of one test binary (a process-wide mutex) and the test binaries that cargo runs

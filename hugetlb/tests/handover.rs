@@ -231,15 +231,11 @@ fn require(test: &str, size: HugePageSize) -> Option<HugetlbLock> {
 }
 
 fn config(bytes: u64, page_size: HugePageSize) -> HugetlbConfig {
-    HugetlbConfig {
-        bytes,
-        page_size,
-        strict: true,
-        numa_node: None,
-        grow_pool: true,
-        prefault: Prefault::Threads(2),
-        mlock: false,
-    }
+    HugetlbConfig::new(bytes)
+        .with_page_size(page_size)
+        .with_strict(true)
+        .with_grow_pool(true)
+        .with_prefault(Prefault::Threads(2))
 }
 
 /// The word the tests write into chunk `i` (at `marker_offset`).
@@ -707,11 +703,11 @@ fn a_1g_hugetlb_source_is_handed_to_another_process() {
 /// Ordinary memory (synthetic PFNs, no pool) and the shuffled test source, across processes.
 #[test]
 fn ordinary_memory_and_shuffled_sources_are_handed_to_another_process() {
-    let ordinary = HugetlbSource::new(HugetlbConfig {
-        prefault: Prefault::None,
-        grow_pool: false,
-        ..config(2 * GIB, HugePageSize::Base4K)
-    })
+    let ordinary = HugetlbSource::new(
+        config(2 * GIB, HugePageSize::Base4K)
+            .with_grow_pool(false)
+            .with_prefault(Prefault::None),
+    )
     .unwrap();
     assert_eq!(
         ordinary.report().pfn_kind,
@@ -910,10 +906,10 @@ fn a_2m_rebuild_checks_pfns_skips_holes_and_allocates_nothing() {
 /// memfd of another size, length or file is a typed error.
 #[test]
 fn an_ordinary_memory_source_rebuilds_and_refuses_a_wrong_memfd() {
-    let no_prefault = |bytes| HugetlbConfig {
-        prefault: Prefault::None,
-        grow_pool: false,
-        ..config(bytes, HugePageSize::Base4K)
+    let no_prefault = |bytes| {
+        config(bytes, HugePageSize::Base4K)
+            .with_grow_pool(false)
+            .with_prefault(Prefault::None)
     };
     let source = HugetlbSource::new(no_prefault(2 * GIB)).unwrap();
     let record = source.record();
@@ -984,11 +980,11 @@ fn an_ordinary_memory_source_rebuilds_and_refuses_a_wrong_memfd() {
 #[test]
 fn an_mlocked_source_is_rebuilt_locked_on_fault_without_faulting() {
     let test = "an_mlocked_source_is_rebuilt_locked_on_fault_without_faulting";
-    let source = HugetlbSource::new(HugetlbConfig {
-        prefault: Prefault::None,
-        grow_pool: false,
-        ..config(GIB, HugePageSize::Base4K)
-    })
+    let source = HugetlbSource::new(
+        config(GIB, HugePageSize::Base4K)
+            .with_grow_pool(false)
+            .with_prefault(Prefault::None),
+    )
     .unwrap();
     let mut record = source.record();
     record.request.mlock = true;

@@ -54,15 +54,11 @@ fn require(test: &str, sizes: &[HugePageSize]) -> Option<HugetlbLock> {
 }
 
 fn config(bytes: u64, page_size: HugePageSize) -> HugetlbConfig {
-    HugetlbConfig {
-        bytes,
-        page_size,
-        strict: true,
-        numa_node: None,
-        grow_pool: true,
-        prefault: Prefault::Threads(2),
-        mlock: false,
-    }
+    HugetlbConfig::new(bytes)
+        .with_page_size(page_size)
+        .with_strict(true)
+        .with_grow_pool(true)
+        .with_prefault(Prefault::Threads(2))
 }
 
 /// Sets both hugetlb pools to zero pages for the guard's lifetime.
@@ -254,11 +250,11 @@ fn empty_pools_fall_back_to_ordinary_memory_and_say_why() {
         return;
     };
     let _empty = empty_pools();
-    let source = HugetlbSource::new(HugetlbConfig {
-        strict: false,
-        grow_pool: false,
-        ..config(GIB, HugePageSize::Huge1G)
-    })
+    let source = HugetlbSource::new(
+        config(GIB, HugePageSize::Huge1G)
+            .with_strict(false)
+            .with_grow_pool(false),
+    )
     .unwrap();
     let report = source.report();
     let steps: Vec<_> = report
@@ -309,11 +305,7 @@ fn strict_mode_fails_typed_and_leaves_nothing_behind() {
     let _empty = empty_pools();
     let before = (counts(HugePageSize::Huge1G), counts(HugePageSize::Huge2M));
     for page_size in [HugePageSize::Huge1G, HugePageSize::Huge2M] {
-        let err = HugetlbSource::new(HugetlbConfig {
-            grow_pool: false,
-            ..config(GIB, page_size)
-        })
-        .unwrap_err();
+        let err = HugetlbSource::new(config(GIB, page_size).with_grow_pool(false)).unwrap_err();
         let HugetlbError::NoMemory { report } = &err else {
             panic!("expected NoMemory, got {err:?}");
         };
@@ -367,10 +359,7 @@ fn bad_input_is_typed_and_leaves_nothing_behind() {
         HugetlbError::LargerThanMachine { bytes, .. } if bytes == too_big
     ));
     assert!(matches!(
-        try_new(HugetlbConfig {
-            numa_node: Some(4095),
-            ..config(GIB, HugePageSize::Huge1G)
-        }),
+        try_new(config(GIB, HugePageSize::Huge1G).with_numa_node(Some(4095))),
         HugetlbError::UnknownNumaNode { node: 4095, .. }
     ));
     assert_eq!(counts(HugePageSize::Huge1G), before);
@@ -438,11 +427,8 @@ fn growing_a_source_adds_chunks_and_gives_the_pages_back() {
         assert!(matches!(source.grow(0), Err(HugetlbError::ZeroSize)));
         // Without pool growth and with no free pages, a grow fails and changes nothing.
         let _one = PoolReservation::grow(&Sysfs::system(), pool(HugePageSize::Huge2M), 1).unwrap();
-        let mut fixed = HugetlbSource::new(HugetlbConfig {
-            grow_pool: false,
-            ..config(MIB2, HugePageSize::Huge2M)
-        })
-        .unwrap();
+        let mut fixed =
+            HugetlbSource::new(config(MIB2, HugePageSize::Huge2M).with_grow_pool(false)).unwrap();
         let chunks = fixed.chunks().to_vec();
         let maps_before = leftovers();
         let err = fixed.grow(1).unwrap_err();
@@ -533,11 +519,11 @@ fn a_numa_node_uses_and_restores_the_nodes_pool() {
     }
     let before = sysfs.read_pool(id).unwrap();
     for prefault in [Prefault::MapPopulate, Prefault::Threads(2)] {
-        let source = HugetlbSource::new(HugetlbConfig {
-            numa_node: Some(node),
-            prefault,
-            ..config(4 * MIB2, HugePageSize::Huge2M)
-        })
+        let source = HugetlbSource::new(
+            config(4 * MIB2, HugePageSize::Huge2M)
+                .with_numa_node(Some(node))
+                .with_prefault(prefault),
+        )
         .unwrap();
         check_real_chunks(&source, HugePageSize::Huge2M);
         let grown = source.report().steps[0].pool_grown_by;
@@ -558,19 +544,17 @@ fn every_prefault_mode_and_mlock() {
         Prefault::Threads(1),
         Prefault::Threads(3),
     ] {
-        let source = HugetlbSource::new(HugetlbConfig {
-            prefault,
-            mlock: true,
-            ..config(6 * MIB2, HugePageSize::Huge2M)
-        })
+        let source = HugetlbSource::new(
+            config(6 * MIB2, HugePageSize::Huge2M)
+                .with_prefault(prefault)
+                .with_mlock(true),
+        )
         .unwrap();
         check_real_chunks(&source, HugePageSize::Huge2M);
     }
-    let lazy = HugetlbSource::new(HugetlbConfig {
-        prefault: Prefault::None,
-        ..config(2 * MIB2, HugePageSize::Huge2M)
-    })
-    .unwrap();
+    let lazy =
+        HugetlbSource::new(config(2 * MIB2, HugePageSize::Huge2M).with_prefault(Prefault::None))
+            .unwrap();
     assert_eq!(
         lazy.report().pfn_kind,
         Some(PfnKind::Synthetic {
@@ -655,10 +639,7 @@ fn without_cap_sys_admin_pfns_are_synthetic_and_say_so() {
     };
     let _pages = PoolReservation::grow(&Sysfs::system(), pool(HugePageSize::Huge2M), 2).unwrap();
     let source = on_thread_without(&[CAP_SYS_ADMIN], 0, || {
-        HugetlbSource::new(HugetlbConfig {
-            grow_pool: false,
-            ..config(2 * MIB2, HugePageSize::Huge2M)
-        })
+        HugetlbSource::new(config(2 * MIB2, HugePageSize::Huge2M).with_grow_pool(false))
     })
     .unwrap();
     let hidden = PfnKind::Synthetic {
@@ -715,11 +696,7 @@ fn os_refusals_are_typed_errors_with_hints() {
     assert_eq!(rc, 0);
     if limit.rlim_cur < GIB {
         let err = on_thread_without(&[CAP_IPC_LOCK], 0, || {
-            HugetlbSource::new(HugetlbConfig {
-                mlock: true,
-                ..config(GIB, HugePageSize::Base4K)
-            })
-            .unwrap_err()
+            HugetlbSource::new(config(GIB, HugePageSize::Base4K).with_mlock(true)).unwrap_err()
         });
         let HugetlbError::NoMemory { report } = &err else {
             panic!("expected NoMemory, got {err:?}");
@@ -911,11 +888,9 @@ fn verify_pfns_names_the_chunk_whose_frame_changed() {
             return;
         }
         // Take every free page, then free one that is not the punched page's old frame.
-        let blocker = HugetlbSource::new(HugetlbConfig {
-            grow_pool: false,
-            ..config(free * MIB2, HugePageSize::Huge2M)
-        })
-        .unwrap();
+        let blocker =
+            HugetlbSource::new(config(free * MIB2, HugePageSize::Huge2M).with_grow_pool(false))
+                .unwrap();
         let other = blocker
             .chunks()
             .iter()

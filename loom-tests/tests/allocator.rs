@@ -59,11 +59,7 @@ impl Owners {
 }
 
 fn two_shards() -> Allocator {
-    Allocator::new(AllocatorConfig {
-        geometry: tiny(),
-        shards: 2,
-    })
-    .expect("two shards are a valid configuration")
+    Allocator::new(AllocatorConfig::new(tiny(), 2)).expect("two shards are a valid configuration")
 }
 
 /// Model 1: two threads allocate and free on the same shard (one of them frees and

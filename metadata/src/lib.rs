@@ -28,7 +28,7 @@
 //!
 //! ## Mapping attributes
 //!
-//! [`MetadataStore::max_mapping_order`], [`MetadataStore::block_layout`] and [`MappingChange`]
+//! [`MetadataStore::max_mapping_size`], [`MetadataStore::block_layout`] and [`MappingChange`]
 //! consider only the [`MappingAttributes`]: shareability, owner (a huge mapping cannot span two
 //! files) and whether the memory is quarantined. Pins and scrub state do **not** make a block
 //! non-uniform: a DMA pin on one 4K page must not split KVM's 1G mapping.
@@ -54,7 +54,7 @@
 //!
 //! ## The fault path
 //!
-//! `max_mapping_order` reads the chunk's summary word with one atomic load: a bit saying the
+//! `max_mapping_size` reads the chunk's summary word with one atomic load: a bit saying the
 //! chunk is mapping-uniform, 32 bits saying that every middle block of a group (1/32 of the
 //! chunk) is, and 16 bits saying that *no* middle block of a larger group (1/16 of the chunk)
 //! is. When a bit answers for `pfn` (1G, 2M or 4K), no lock is taken; otherwise the chunk's
@@ -78,6 +78,9 @@
 //! property tests compare the two after every step; other crates' tests and the benches may use
 //! it as the "struct page" model.
 
+// Range trees and bitmaps need no unsafe code; keep it that way.
+#![forbid(unsafe_code)]
+
 mod attrs;
 mod change;
 mod chunk;
@@ -90,6 +93,7 @@ mod layout;
 #[cfg(all(test, pfnstore_loom))]
 mod loom_models;
 mod packed;
+#[doc(hidden)]
 pub mod reference;
 mod share_plane;
 mod stats;

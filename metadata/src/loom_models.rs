@@ -40,15 +40,15 @@ fn max_order_reader_vs_conversion() {
             })
         };
         let published = done.load(Ordering::Acquire);
-        let touched = store.max_mapping_order(Pfn(1)).unwrap();
-        let untouched = store.max_mapping_order(Pfn(2)).unwrap();
+        let touched = store.max_mapping_size(Pfn(1)).unwrap();
+        let untouched = store.max_mapping_size(Pfn(2)).unwrap();
         if published {
             assert_eq!(touched, PageSize::Size4K);
         }
         assert_ne!(untouched, PageSize::Size4K);
         writer.join().unwrap();
-        assert_eq!(store.max_mapping_order(Pfn(1)).unwrap(), PageSize::Size4K);
-        assert_eq!(store.max_mapping_order(Pfn(2)).unwrap(), PageSize::Size2M);
+        assert_eq!(store.max_mapping_size(Pfn(1)).unwrap(), PageSize::Size4K);
+        assert_eq!(store.max_mapping_size(Pfn(2)).unwrap(), PageSize::Size2M);
         store.check_invariants().unwrap();
     });
 }

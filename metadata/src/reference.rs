@@ -1,6 +1,9 @@
 //! The reference model: a naive array of [`Attributes`], one per 4K page, with the same API,
 //! the same validation order and the same errors as [`crate::MetadataStore`].
 //!
+//! Hidden from the docs and outside the semver promise: this module exists for the
+//! workspace's own tests and benches (see "Test support" in ARCHITECTURE.md).
+//!
 //! It exists to be obviously right, not fast: every query and mutation walks pages. The
 //! property tests run random operation sequences against both and compare every result; other
 //! crates' tests may use it as an oracle, and the benches as the "struct page" design (a record
@@ -155,8 +158,8 @@ impl ReferenceStore {
         PfnRange::from_len(start, self.geometry.pages(size)).expect("blocks of the span are valid")
     }
 
-    /// See [`crate::MetadataStore::max_mapping_order`].
-    pub fn max_mapping_order(&self, pfn: Pfn) -> Result<PageSize, MetadataError> {
+    /// See [`crate::MetadataStore::max_mapping_size`].
+    pub fn max_mapping_size(&self, pfn: Pfn) -> Result<PageSize, MetadataError> {
         self.attributes(pfn)?;
         for size in [PageSize::Size1G, PageSize::Size2M] {
             if self.uniform(self.block(pfn, size)) {

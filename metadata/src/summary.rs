@@ -1,4 +1,4 @@
-//! The lock-free summary word of a chunk: what `max_mapping_order` can answer without a lock.
+//! The lock-free summary word of a chunk: what `max_mapping_size` can answer without a lock.
 //!
 //! Layout (bit numbers of the `u64`):
 //!

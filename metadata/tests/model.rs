@@ -235,8 +235,8 @@ impl Harness {
         };
         for pfn in probes {
             prop_assert_eq!(
-                self.store.max_mapping_order(pfn),
-                self.model.max_mapping_order(pfn),
+                self.store.max_mapping_size(pfn),
+                self.model.max_mapping_size(pfn),
                 "max order at {:?}",
                 pfn
             );
@@ -382,8 +382,8 @@ fn a_4k_conversion_in_a_uniform_1g_splits_and_merges_in_one_call() {
         (511, 512)
     );
     assert!(plan.len() <= 5, "{plan:?}");
-    assert_eq!(store.max_mapping_order(Pfn(1000)), Ok(PageSize::Size4K));
-    assert_eq!(store.max_mapping_order(Pfn(0)), Ok(PageSize::Size2M));
+    assert_eq!(store.max_mapping_size(Pfn(1000)), Ok(PageSize::Size4K));
+    assert_eq!(store.max_mapping_size(Pfn(0)), Ok(PageSize::Size2M));
     let back = store.set_shareability(page, Shareability::Private).unwrap();
     let merges: Vec<_> = back
         .merges()
@@ -393,7 +393,7 @@ fn a_4k_conversion_in_a_uniform_1g_splits_and_merges_in_one_call() {
         merges,
         vec![(0, PageSize::Size1G, 1), (512, PageSize::Size2M, 1)]
     );
-    assert_eq!(store.max_mapping_order(Pfn(1000)), Ok(PageSize::Size1G));
+    assert_eq!(store.max_mapping_size(Pfn(1000)), Ok(PageSize::Size1G));
     assert_eq!(store.stats().heap_bytes, 0);
 }
 
@@ -405,7 +405,7 @@ fn a_pin_does_not_split_a_mapping_but_blocks_conversion() {
     store.add_chunk(Pfn(0), Shareability::Shared).unwrap();
     let page = PfnRange::page(Pfn(77)).unwrap();
     assert!(store.pin(page, PinOwner(4)).unwrap().is_empty());
-    assert_eq!(store.max_mapping_order(Pfn(77)), Ok(PageSize::Size1G));
+    assert_eq!(store.max_mapping_size(Pfn(77)), Ok(PageSize::Size1G));
     let big = PfnRange::new(Pfn(0), Pfn(4096)).unwrap();
     assert_eq!(
         store.set_shareability(big, Shareability::Private),

@@ -50,7 +50,7 @@ fn converters_pinners_and_readers_run_together() {
             for i in 0..20_000u64 {
                 // Pages outside the flipping middle block never see a 4K order.
                 let pfn = Pfn((i * 37) % (chunks * chunk));
-                let order = store.max_mapping_order(pfn).unwrap();
+                let order = store.max_mapping_size(pfn).unwrap();
                 if pfn.0 % chunk / 8 != 1 {
                     assert_ne!(order, PageSize::Size4K, "{pfn:?}");
                 }

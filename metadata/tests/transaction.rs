@@ -313,7 +313,7 @@ fn plans_never_claim_more_than_the_memory_is_contiguous_for() {
             .max()
             .unwrap();
         assert_eq!(biggest, largest, "{max:?}");
-        assert_eq!(f.domain.max_mapping_order(PageOffset(5)).unwrap(), max);
+        assert_eq!(f.domain.max_mapping_size(PageOffset(5)).unwrap(), max);
     }
 }
 
@@ -381,7 +381,7 @@ fn a_failed_restore_is_quarantined_without_changing_the_mapping_shape() {
     assert!(f.store.attributes(Pfn(42)).unwrap().quarantined.is_some());
     // The healthy subscriber's 1G block is still exactly what the next plan unmaps.
     assert_eq!(
-        f.domain.max_mapping_order(PageOffset(0)).unwrap(),
+        f.domain.max_mapping_size(PageOffset(0)).unwrap(),
         PageSize::Size1G
     );
     *failing.fail_unmap.lock().unwrap() = None;

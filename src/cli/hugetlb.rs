@@ -4,8 +4,8 @@
 use std::io::Write;
 
 use pfnstore::hugetlb::HugePageSize;
-use pfnstore::hugetlb::plan::plan;
 use pfnstore::hugetlb::pool::{Sysfs, reconcile};
+use pfnstore::hugetlb::preview::preview;
 
 use super::Outcome;
 use super::show::{PageKind, Rung};
@@ -13,7 +13,7 @@ use super::units::{self, Bytes};
 
 /// Arguments of `pfnstore hugetlb`.
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub(crate) struct Args {
     /// Size of the store to plan for: 4G, 16T, ... (a bare number is GiB; --size-gib is the
     /// same flag). A whole number of GiB, at most this machine's memory.
     #[arg(long, alias = "size-gib", value_name = "SIZE", default_value = "2G",
@@ -40,8 +40,8 @@ fn existing_numa_node(text: &str) -> Result<u32, String> {
     Ok(node)
 }
 
-/// Prints the pools, the checks and the plan.
-pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
+/// Prints the pools, the checks and the preview of what a store would get.
+pub(crate) fn run(args: &Args, out: &mut dyn Write) -> Outcome {
     let sysfs = Sysfs::system();
     if args.restore {
         let settled = reconcile(&sysfs)?;
@@ -69,11 +69,11 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
         writeln!(out)?;
     }
     print_pools(&sysfs, out)?;
-    print_plan(&sysfs, args.size, args.numa_node, out)
+    print_preview(&sysfs, args.size, args.numa_node, out)
 }
 
 /// The pools (system-wide and per node) and whether 1 GiB pages can be reserved here.
-pub fn print_pools(sysfs: &Sysfs, out: &mut dyn Write) -> Outcome {
+pub(crate) fn print_pools(sysfs: &Sysfs, out: &mut dyn Write) -> Outcome {
     // Read everything first, so that a failure prints no half table.
     let pools = sysfs.pools()?;
     let one_g = sysfs.can_grow(HugePageSize::Huge1G);
@@ -112,14 +112,14 @@ pub fn print_pools(sysfs: &Sysfs, out: &mut dyn Write) -> Outcome {
 
 /// The ladder a store of `size` (at most this machine's memory) would walk, judged on the
 /// pools as they are now.
-pub fn print_plan(
+pub(crate) fn print_preview(
     sysfs: &Sysfs,
     size: Bytes,
     numa_node: Option<u32>,
     out: &mut dyn Write,
 ) -> Outcome {
     let can_grow = sysfs.can_grow(HugePageSize::Huge1G).is_ok();
-    let steps = plan(sysfs, size.0, HugePageSize::Huge1G, numa_node, can_grow)?;
+    let steps = preview(sysfs, size.0, HugePageSize::Huge1G, numa_node, can_grow)?;
     writeln!(
         out,
         "a store of {size}{}:",

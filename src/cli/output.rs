@@ -10,14 +10,14 @@ use std::io::{self, Write};
 
 /// A writer that stops for good at the first broken pipe.
 #[derive(Debug)]
-pub struct Output<W> {
+pub(crate) struct Output<W> {
     inner: W,
     reader_gone: bool,
 }
 
 impl<W: Write> Output<W> {
     /// Output to `inner`.
-    pub fn new(inner: W) -> Output<W> {
+    pub(crate) fn new(inner: W) -> Output<W> {
         Output {
             inner,
             reader_gone: false,
@@ -25,7 +25,7 @@ impl<W: Write> Output<W> {
     }
 
     /// Whether a write found the reader gone (EPIPE).
-    pub fn reader_gone(&self) -> bool {
+    pub(crate) fn reader_gone(&self) -> bool {
         self.reader_gone
     }
 

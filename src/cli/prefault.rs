@@ -26,7 +26,7 @@ use super::units::{self, Bytes, GIB};
 
 /// Arguments of `pfnstore prefault`.
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub(crate) struct Args {
     /// Memory to obtain per run: 1G, 4G, ... (a bare number is GiB; --gib is the same flag).
     /// A whole number of GiB, at most this machine's memory.
     #[arg(long, alias = "gib", value_name = "SIZE", default_value = "2G",
@@ -61,15 +61,13 @@ fn measure(
     prefault: Prefault,
     grow_pool: bool,
 ) -> Result<Sample, HugetlbError> {
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes: bytes.0,
-        page_size,
-        strict: true,
-        numa_node: None,
-        grow_pool,
-        prefault,
-        mlock: false,
-    })?;
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(bytes.0)
+            .with_page_size(page_size)
+            .with_strict(true)
+            .with_grow_pool(grow_pool)
+            .with_prefault(prefault),
+    )?;
     let report = source.report();
     let t = report.timings;
     Ok(Sample {
@@ -110,7 +108,7 @@ fn short_name(method: Prefault) -> &'static str {
 const KIND: usize = 21;
 
 /// Runs the measurement and prints the table.
-pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
+pub(crate) fn run(args: &Args, out: &mut dyn Write) -> Outcome {
     let threads = args.threads.map_or_else(
         || std::thread::available_parallelism().map_or(1, |n| n.get()),
         usize::from,

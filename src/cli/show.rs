@@ -5,7 +5,7 @@
 use std::fmt;
 
 use pfnstore::core::{Geometry, PAGE_SIZE, PageSize};
-use pfnstore::hugetlb::plan::{PlanStep, PlanVerdict};
+use pfnstore::hugetlb::preview::{PreviewStep, PreviewVerdict};
 use pfnstore::hugetlb::{
     HugePageSize, HugetlbError, PfnKind, Prefault, SourceReport, StepKind, SyntheticReason,
 };
@@ -15,7 +15,7 @@ use super::units::Bytes;
 
 /// The pages memory is made of: `1 GiB hugetlb pages`, `ordinary 4 KiB pages`.
 #[derive(Debug, Clone, Copy)]
-pub struct PageKind(pub HugePageSize);
+pub(crate) struct PageKind(pub HugePageSize);
 
 impl fmt::Display for PageKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -30,13 +30,13 @@ impl fmt::Display for PageKind {
 
 /// The bytes of a mapping level in `geometry` (`Size1G` is 1 GiB on x86-64, 2 MiB in the
 /// geometry of a 2 MiB hugetlb source).
-pub fn block_bytes(geometry: &Geometry, size: PageSize) -> Bytes {
+pub(crate) fn block_bytes(geometry: &Geometry, size: PageSize) -> Bytes {
     Bytes(geometry.pages(size) * PAGE_SIZE)
 }
 
 /// How pages are prefaulted: `MAP_POPULATE`, `MADV_POPULATE_WRITE on 2 threads`.
 #[derive(Debug, Clone, Copy)]
-pub struct PrefaultMethod(pub Prefault);
+pub(crate) struct PrefaultMethod(pub Prefault);
 
 impl fmt::Display for PrefaultMethod {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -50,7 +50,7 @@ impl fmt::Display for PrefaultMethod {
 }
 
 /// Whether a report is that of a synthetic source (PFNs with no memory behind them).
-pub fn is_synthetic(report: &SourceReport) -> bool {
+pub(crate) fn is_synthetic(report: &SourceReport) -> bool {
     report.pfn_kind
         == Some(PfnKind::Synthetic {
             reason: SyntheticReason::NoMemory,
@@ -60,7 +60,7 @@ pub fn is_synthetic(report: &SourceReport) -> bool {
 /// A memory source's report: what was asked, each step of the fallback ladder, what was
 /// obtained. A synthetic source says that it is one, in one line.
 #[derive(Debug, Clone, Copy)]
-pub struct Source<'a>(pub &'a SourceReport);
+pub(crate) struct Source<'a>(pub &'a SourceReport);
 
 impl fmt::Display for Source<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -127,7 +127,7 @@ impl fmt::Display for Source<'_> {
 
 /// Why obtaining memory failed, in one line: the failure of the last step when the whole
 /// ladder failed (the rest of the report is in [`Source`]).
-pub fn failure(error: &HugetlbError) -> String {
+pub(crate) fn failure(error: &HugetlbError) -> String {
     if let HugetlbError::NoMemory { report } = error
         && let Some(Err(last)) = report.steps.last().map(|s| &s.outcome)
     {
@@ -138,7 +138,7 @@ pub fn failure(error: &HugetlbError) -> String {
 
 /// One rung of a dry-run ladder: what it needs, the pool, the verdict.
 #[derive(Debug, Clone, Copy)]
-pub struct Rung<'a>(pub &'a PlanStep);
+pub(crate) struct Rung<'a>(pub &'a PreviewStep);
 
 impl fmt::Display for Rung<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -153,18 +153,18 @@ impl fmt::Display for Rung<'_> {
             write!(f, ", pool {pool}")?;
         }
         match step.verdict {
-            PlanVerdict::Fits => write!(f, " -> fits"),
-            PlanVerdict::FitsIfGrown { missing } => {
+            PreviewVerdict::Fits => write!(f, " -> fits"),
+            PreviewVerdict::FitsIfGrown { missing } => {
                 write!(f, " -> fits with --grow-pool (grows it by {missing})")
             }
-            PlanVerdict::Short { missing } => {
+            PreviewVerdict::Short { missing } => {
                 write!(
                     f,
                     " -> short by {missing} pages; the pool is not writable here"
                 )
             }
-            PlanVerdict::NoPool => write!(f, " -> the kernel has no such pool"),
-            PlanVerdict::Ordinary => write!(f, " -> ordinary memory, synthetic PFNs"),
+            PreviewVerdict::NoPool => write!(f, " -> the kernel has no such pool"),
+            PreviewVerdict::Ordinary => write!(f, " -> ordinary memory, synthetic PFNs"),
         }
     }
 }
@@ -172,7 +172,7 @@ impl fmt::Display for Rung<'_> {
 /// A conversion plan by block size: `unmap 1 x 1 GiB in 1 run; map 511 x 2 MiB + 512 x 4 KiB
 /// in 5 runs`.
 #[derive(Debug, Clone, Copy)]
-pub struct Plan<'a> {
+pub(crate) struct Plan<'a> {
     /// The plan.
     pub plan: &'a MappingPlan,
     /// The geometry its block sizes are in.
@@ -213,7 +213,7 @@ impl fmt::Display for Plan<'_> {
 }
 
 /// `text` indented by two spaces, line by line.
-pub fn indent(text: &str) -> String {
+pub(crate) fn indent(text: &str) -> String {
     text.lines()
         .map(|l| format!("  {l}\n"))
         .collect::<String>()

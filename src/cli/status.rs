@@ -15,7 +15,7 @@ use super::units::{self, Bytes, GIB, SizeLimit};
 
 /// Arguments of `pfnstore status`.
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub(crate) struct Args {
     /// Size of the store: 2G, 16T, ... (a bare number is GiB; --size-gib is the same flag).
     /// A whole number of GiB up to 1 PiB: the run is on synthetic memory, so it may exceed
     /// this machine's.
@@ -33,13 +33,13 @@ impl Default for Args {
 }
 
 /// Prints the hugetlb situation, the configuration and the demonstration.
-pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
+pub(crate) fn run(args: &Args, out: &mut dyn Write) -> Outcome {
     let sysfs = Sysfs::system();
     let machine = SizeLimit::machine()?;
     writeln!(out, "== this machine")?;
     super::hugetlb::print_pools(&sysfs, out)?;
     if machine.check(args.size).is_ok() {
-        super::hugetlb::print_plan(&sysfs, args.size, None, out)?;
+        super::hugetlb::print_preview(&sysfs, args.size, None, out)?;
     } else {
         writeln!(
             out,

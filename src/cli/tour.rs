@@ -16,7 +16,7 @@ const PAGE: u64 = 4096;
 
 /// What the tour did, for the picture of one plan.
 #[derive(Debug)]
-pub struct Tour {
+pub(crate) struct Tour {
     /// The plan of the 4 KiB conversion to shared.
     pub plan: MappingPlan,
     /// The page converted (byte offset in its file).
@@ -24,7 +24,7 @@ pub struct Tour {
 }
 
 /// Converts a page inside the first chunk of a one-chunk file of `store` and back.
-pub fn run(store: &Store, out: &mut dyn Write) -> Result<Tour, Box<dyn std::error::Error>> {
+pub(crate) fn run(store: &Store, out: &mut dyn Write) -> Result<Tour, Box<dyn std::error::Error>> {
     let geometry = store.geometry();
     let chunk_pages = geometry.chunk_pages();
     let file = store.create_file(FileOptions::new(chunk_pages * PAGE).populated())?;
@@ -109,6 +109,6 @@ pub fn run(store: &Store, out: &mut dyn Write) -> Result<Tour, Box<dyn std::erro
 }
 
 /// [`run`] as a command step.
-pub fn show(store: &Store, out: &mut dyn Write) -> Outcome {
+pub(crate) fn show(store: &Store, out: &mut dyn Write) -> Outcome {
     run(store, out).map(drop)
 }

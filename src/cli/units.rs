@@ -14,11 +14,11 @@ use pfnstore::hugetlb::pool::Sysfs;
 use pfnstore::metadata::MAX_CHUNKS;
 
 /// Bytes in a GiB: the chunk of a store, and so the granularity of every size.
-pub const GIB: u64 = 1 << 30;
+pub(crate) const GIB: u64 = 1 << 30;
 
 /// The start of the message for every size that breaks the rule; the limit and the size
 /// given follow.
-pub const SIZE_RULE: &str = "a size is a whole number of GiB from 1 GiB to";
+pub(crate) const SIZE_RULE: &str = "a size is a whole number of GiB from 1 GiB to";
 
 /// How a size is written, for messages.
 const HOW_TO_WRITE: &str = "write a whole number with an optional binary unit, as in 4K, 2M, 1G or 16T (a bare number is GiB)";
@@ -26,7 +26,7 @@ const HOW_TO_WRITE: &str = "write a whole number with an optional binary unit, a
 /// A byte count, shown in the largest binary unit it reaches (`4 KiB`, `2 MiB`, `1.5 GiB`,
 /// `16 TiB`); fractions are cut, not rounded, to two decimals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Bytes(pub u64);
+pub(crate) struct Bytes(pub u64);
 
 const UNITS: [(&str, u32); 7] = [
     ("B", 0),
@@ -65,7 +65,7 @@ impl fmt::Display for Bytes {
 
 /// The largest size a command accepts, and what sets it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SizeLimit {
+pub(crate) struct SizeLimit {
     /// Bytes, a whole number of GiB.
     pub max: u64,
     /// What the limit is, for the message.
@@ -74,14 +74,14 @@ pub struct SizeLimit {
 
 impl SizeLimit {
     /// The most 1 GiB chunks a store keeps metadata slots for.
-    pub const STORE: SizeLimit = SizeLimit {
+    pub(crate) const STORE: SizeLimit = SizeLimit {
         max: MAX_CHUNKS * GIB,
         what: "the most 1 GiB chunks a store manages",
     };
 
     /// This machine's memory (MemTotal, cut to whole GiB), for commands that obtain real
     /// memory; never more than [`SizeLimit::STORE`].
-    pub fn machine() -> Result<SizeLimit, String> {
+    pub(crate) fn machine() -> Result<SizeLimit, String> {
         let total = Sysfs::system().mem_total().map_err(|e| e.to_string())?;
         Ok(SizeLimit {
             max: (total / GIB * GIB).min(SizeLimit::STORE.max),
@@ -91,7 +91,7 @@ impl SizeLimit {
 
     /// Checks `size` against the rule and this limit; the error is the one message every
     /// command gives.
-    pub fn check(&self, size: Bytes) -> Result<Bytes, String> {
+    pub(crate) fn check(&self, size: Bytes) -> Result<Bytes, String> {
         if size.0 >= GIB && size.0.is_multiple_of(GIB) && size.0 <= self.max {
             Ok(size)
         } else {
@@ -147,7 +147,7 @@ fn read(text: &str) -> Result<Written, String> {
 }
 
 /// Reads `text` and checks it against `limit`: the one place a size argument is judged.
-pub fn parse_size(text: &str, limit: &SizeLimit) -> Result<Bytes, String> {
+pub(crate) fn parse_size(text: &str, limit: &SizeLimit) -> Result<Bytes, String> {
     match read(text)? {
         Written::Bytes(bytes) => limit.check(Bytes(bytes)),
         Written::TooLarge => {
@@ -164,12 +164,12 @@ pub fn parse_size(text: &str, limit: &SizeLimit) -> Result<Bytes, String> {
 
 /// clap value parser: a size of a store on synthetic or real memory (at most
 /// [`SizeLimit::STORE`]).
-pub fn store_size(text: &str) -> Result<Bytes, String> {
+pub(crate) fn store_size(text: &str) -> Result<Bytes, String> {
     parse_size(text, &SizeLimit::STORE)
 }
 
 /// clap value parser: a size of real memory to obtain here (at most [`SizeLimit::machine`]).
-pub fn machine_size(text: &str) -> Result<Bytes, String> {
+pub(crate) fn machine_size(text: &str) -> Result<Bytes, String> {
     parse_size(text, &SizeLimit::machine()?)
 }
 

@@ -117,6 +117,12 @@ impl GuestFile {
             // Back the holes (exclusive), then retry under the shared lock: a conversion or
             // punch-hole may have come in between.
             inner.populate(pages)?;
+            // Test-only mutation: write without looking again (the loom models must catch it).
+            #[cfg(pfnstore_loom_mutation = "write_unchecked_after_populate")]
+            {
+                let mapping = inner.host("writing guest memory")?;
+                return inner.retrying(offset, |at| mapping.write(at, data));
+            }
         }
     }
 
@@ -156,7 +162,7 @@ impl GuestFile {
             }
         })?;
         NonNull::new(mapping.as_ptr().wrapping_add(offset as usize))
-            .ok_or_else(|| StoreError::Internal("null host mapping".into()))
+            .ok_or_else(|| crate::error::broken("null host mapping"))
     }
 
     /// The file's host mapping (what a KVM memory slot or a vhost-user region is made of), or
@@ -242,6 +248,8 @@ impl GuestFile {
         let inner = &self.inner;
         let _op = inner.enter()?;
         let pages = inner.pages(offset, len)?;
+        // Test-only mutation: pin without the range lock (the loom models must catch it).
+        #[cfg(not(pfnstore_loom_mutation = "pin_unlocked"))]
         let _guard = inner
             .domain
             .lock_shared(pages)
@@ -374,7 +382,7 @@ impl FileInner {
                 self.refresh(page, None, Direction::Both)?;
                 access(at).map_err(|e| match e {
                     HugetlbError::Revoked { offset } | HugetlbError::NotMapped { offset } => {
-                        StoreError::Internal(format!(
+                        crate::error::broken(format_args!(
                             "{}: offset {offset:#x} is shared and backed but not accessible in the host mapping",
                             self.id
                         ))

@@ -31,7 +31,7 @@ impl Extent {
     }
 
     /// The PFN behind `offset` (which must lie in the extent).
-    pub(crate) fn pfn_of(&self, offset: PageOffset) -> Pfn {
+    pub(crate) fn pfn_at(&self, offset: PageOffset) -> Pfn {
         Pfn(self.pfn.0 + (offset.0 - self.offsets.start().0))
     }
 
@@ -40,7 +40,7 @@ impl Extent {
         let offsets = self.offsets.intersection(range)?;
         Some(Extent {
             offsets,
-            pfn: self.pfn_of(offsets.start()),
+            pfn: self.pfn_at(offsets.start()),
         })
     }
 }
@@ -68,8 +68,8 @@ impl Extents {
     }
 
     /// The frame held at `offset` (backed or not).
-    pub(crate) fn pfn_of(&self, offset: PageOffset) -> Option<Pfn> {
-        self.extent_at(offset).map(|e| e.pfn_of(offset))
+    pub(crate) fn pfn_at(&self, offset: PageOffset) -> Option<Pfn> {
+        self.extent_at(offset).map(|e| e.pfn_at(offset))
     }
 
     /// The held pieces of `range`, clipped to it, lowest offset first.
@@ -135,7 +135,7 @@ impl Extents {
             if let Ok(right) = OffsetRange::new(piece.offsets.end(), whole.offsets.end()) {
                 self.insert(Extent {
                     offsets: right,
-                    pfn: whole.pfn_of(right.start()),
+                    pfn: whole.pfn_at(right.start()),
                 });
             }
         }
@@ -155,7 +155,7 @@ impl Extents {
         offset: PageOffset,
     ) -> Option<PageSize> {
         let extent = self.extent_at(offset)?;
-        let pfn = extent.pfn_of(offset);
+        let pfn = extent.pfn_at(offset);
         for size in PageSize::LARGEST_FIRST {
             let pages = geometry.pages(size);
             let block_start = offset.align_down(pages);
@@ -190,8 +190,8 @@ mod tests {
         let mut b = Extents::default();
         b.insert(ext(0, 64, 1000));
         b.insert(ext(128, 192, 5000));
-        assert_eq!(b.pfn_of(PageOffset(10)), Some(Pfn(1010)));
-        assert_eq!(b.pfn_of(PageOffset(64)), None);
+        assert_eq!(b.pfn_at(PageOffset(10)), Some(Pfn(1010)));
+        assert_eq!(b.pfn_at(PageOffset(64)), None);
         assert_eq!(b.holes_in(r(0, 256)), vec![r(64, 128), r(192, 256)]);
         assert_eq!(
             b.extents_in(r(32, 160)),
@@ -200,13 +200,13 @@ mod tests {
         let removed = b.remove(r(16, 144));
         assert_eq!(removed, vec![ext(16, 64, 1016), ext(128, 144, 5000)]);
         assert_eq!(b.len(), 2);
-        assert_eq!(b.pfn_of(PageOffset(15)), Some(Pfn(1015)));
-        assert_eq!(b.pfn_of(PageOffset(144)), Some(Pfn(5016)));
+        assert_eq!(b.pfn_at(PageOffset(15)), Some(Pfn(1015)));
+        assert_eq!(b.pfn_at(PageOffset(144)), Some(Pfn(5016)));
         assert_eq!(b.held_pages(), 16 + 48);
         // Removing from the middle of one extent leaves both sides.
         b.remove(r(150, 151));
         assert_eq!(b.len(), 3);
-        assert_eq!(b.pfn_of(PageOffset(151)), Some(Pfn(5023)));
+        assert_eq!(b.pfn_at(PageOffset(151)), Some(Pfn(5023)));
         assert_eq!(b.held_pages(), 16 + 47);
     }
 

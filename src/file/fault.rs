@@ -78,7 +78,7 @@ impl GuestFile {
             };
             let uniform = inner
                 .domain
-                .max_mapping_order(page)
+                .max_mapping_size(page)
                 .map_err(|e| inner.context().metadata(e))?;
             let contiguous = inner
                 .extents
@@ -101,14 +101,14 @@ impl FileInner {
         let geometry = self.store.geometry();
         let uniform = self
             .domain
-            .max_mapping_order(page)
+            .max_mapping_size(page)
             .map_err(|e| self.context().metadata(e))?;
         let mut size = uniform;
         loop {
             let block = geometry
                 .block_containing(page, size)
                 .map(|b| b.range(&geometry))
-                .ok_or(StoreError::Internal(format!("no block around {page}")))?;
+                .ok_or_else(|| crate::error::broken(format_args!("no block around {page}")))?;
             let end = block.end().0.min(self.size_pages);
             let block = OffsetRange::new(block.start(), PageOffset(end))?;
             let err = match self.populate(block) {

@@ -16,7 +16,7 @@ use super::mapping::{Direction, HostMapping};
 use crate::StoreError;
 use crate::gate::Ops;
 use crate::handover::{FileImage, FileRun, HandoverError};
-use crate::store::{Store, internal};
+use crate::store::Store;
 
 impl FileInner {
     /// The file's image; the store's gate is closed (nothing changes meanwhile).
@@ -71,14 +71,14 @@ impl FileInner {
         let size_pages = image.pages;
         let span = PfnRange::from_len(Pfn(0), size_pages.div_ceil(chunk) * chunk)
             .map_err(StoreError::from)?;
-        let offsets = MetadataStore::new(geometry, span).map_err(internal)?;
+        let mismatch =
+            |e: &dyn std::fmt::Display| HandoverError::Mismatch(format!("{}: {e}", image.id));
+        let offsets = MetadataStore::new(geometry, span).map_err(|e| mismatch(&e))?;
         for base in (0..span.end().0).step_by(chunk as usize) {
             offsets
                 .add_chunk(Pfn(base), Shareability::Private)
-                .map_err(internal)?;
+                .map_err(|e| mismatch(&e))?;
         }
-        let mismatch =
-            |e: &dyn std::fmt::Display| HandoverError::Mismatch(format!("{}: {e}", image.id));
         // Shareability first (it is refused over pinned or quarantined pages), in one pass per
         // chunk: a fragmented file has millions of runs.
         let shared: Vec<PfnRange> = image

@@ -156,11 +156,12 @@ impl GuestFile {
         let size_pages = size / PAGE_SIZE;
         let span_pages = size_pages.div_ceil(chunk) * chunk;
         let span = PfnRange::from_len(Pfn(0), span_pages)?;
-        let offsets = MetadataStore::new(geometry, span).map_err(internal)?;
+        let context = "the metadata of a new file";
+        let offsets = MetadataStore::new(geometry, span).map_err(|e| internal(context, e))?;
         for base in (0..span_pages).step_by(chunk as usize) {
             offsets
                 .add_chunk(Pfn(base), options.initial)
-                .map_err(internal)?;
+                .map_err(|e| internal(context, e))?;
         }
         let memory = inner_store.memory();
         let domain = ConversionDomain::with_limits(
@@ -243,11 +244,17 @@ impl GuestFile {
     }
 
     /// The frame behind byte `offset`, if memory backs it.
-    pub fn translate(&self, offset: u64) -> Result<Option<Pfn>, StoreError> {
+    pub fn pfn_at(&self, offset: u64) -> Result<Option<Pfn>, StoreError> {
         let inner = &self.inner;
         let _op = inner.enter()?;
         let page = inner.page(offset)?;
         Ok(inner.backed_pfn(page))
+    }
+
+    /// Former name of [`GuestFile::pfn_at`].
+    #[deprecated(since = "0.2.0", note = "renamed to pfn_at")]
+    pub fn translate(&self, offset: u64) -> Result<Option<Pfn>, StoreError> {
+        self.pfn_at(offset)
     }
 
     /// The largest naturally aligned block around `offset` whose attributes are uniform,
@@ -259,7 +266,7 @@ impl GuestFile {
         let page = inner.page(offset)?;
         inner
             .domain
-            .max_mapping_order(page)
+            .max_mapping_size(page)
             .map_err(|e| inner.context().metadata(e))
     }
 
@@ -410,6 +417,8 @@ impl GuestFile {
         }
         // Operations that start from now on are refused (they check the flag under their
         // lock, which they get once we let go).
+        // Test-only mutation: mark the file destroyed only once its memory is gone.
+        #[cfg(not(pfnstore_loom_mutation = "destroy_flag_late"))]
         if inner.destroyed.swap(true, Ordering::SeqCst) {
             return Err(StoreError::Destroyed { file: inner.id });
         }
@@ -419,6 +428,8 @@ impl GuestFile {
             return Err(e);
         }
         inner.release_held();
+        #[cfg(pfnstore_loom_mutation = "destroy_flag_late")]
+        inner.destroyed.store(true, Ordering::SeqCst);
         inner.store.inner.file_closed(inner.id);
         Ok(())
     }
@@ -508,7 +519,7 @@ impl FileInner {
         if !backed {
             return None;
         }
-        self.extents.read().pfn_of(page)
+        self.extents.read().pfn_at(page)
     }
 
     fn backed_pages(&self) -> u64 {

@@ -71,6 +71,8 @@ impl GuestFile {
             error: None,
         };
         let result = inner.domain.convert_with(pages, to, &mut hooks);
+        #[cfg(pfnstore_loom_mutation = "refresh_unlocked")]
+        let _ = inner.refresh(pages, None, Direction::Both);
         let outcome = inner.finish(result, hooks.error)?;
         if outcome.is_noop() {
             // Nothing to convert; but a restoration that failed earlier (the process out of
@@ -139,7 +141,7 @@ impl FileInner {
         match result {
             Ok(outcome) => Ok(outcome),
             Err(ConversionError::Hook { .. }) if stashed.is_some() => {
-                Err(stashed.unwrap_or_else(|| StoreError::Internal("hook error lost".into())))
+                Err(stashed.unwrap_or_else(|| crate::error::broken("a hook's error was lost")))
             }
             Err(e) => {
                 if let ConversionError::UnmapFailed { quarantined, .. } = &e {
@@ -339,6 +341,8 @@ impl ChangeHooks for Convert<'_> {
     fn changed(&mut self, _: &Change<'_>, _: &[OffsetRange]) {
         // Restorations only can fail here, which leaves memory revoked (the safe side); the
         // next access to it retries.
+        // Test-only mutation: apply the rule after the range lock is released instead.
+        #[cfg(not(pfnstore_loom_mutation = "refresh_unlocked"))]
         let _ = self.file.refresh(self.pages, None, Direction::Both);
     }
 
@@ -434,6 +438,9 @@ impl ChangeHooks for Punch<'_> {
     fn unmapped(&mut self, _: &Change<'_>, changed: &[OffsetRange]) -> Result<(), HookError> {
         let result = (|| {
             self.releasable = self.releasable(changed)?;
+            // Test-only mutation: leave the host mapping only after the memory went back to
+            // the allocator (the loom models must catch it).
+            #[cfg(not(pfnstore_loom_mutation = "release_before_unmap"))]
             if let Some(mapping) = &self.file.mapping {
                 for g in &self.releasable {
                     mapping
@@ -456,6 +463,10 @@ impl ChangeHooks for Punch<'_> {
             let gone = file.extents.write().remove(g);
             for extent in gone {
                 let _ = file.store.inner.release(file.id, extent.pfns());
+            }
+            #[cfg(pfnstore_loom_mutation = "release_before_unmap")]
+            if let Some(mapping) = &file.mapping {
+                let _ = mapping.unmap(g);
             }
         }
         for range in changed {

@@ -2,7 +2,7 @@
 //!
 //! A VMM that updates itself (or the host kernel, through a successor process) passes its
 //! store on: the memory stays where it is, in the source's memfd, which travels as a file
-//! descriptor (`SCM_RIGHTS`); everything else travels as a [`snapshot`]: the source's record
+//! descriptor (`SCM_RIGHTS`); everything else travels as a snapshot: the source's record
 //! (page size, chunks and their PFNs, the pool growth it owns), the allocator's and the
 //! physical metadata's state, and every file (attribute runs, pins with owners, quarantine,
 //! the extents it holds). Subscribers do not travel: they register again in the new process
@@ -10,8 +10,8 @@
 //!
 //! # The ownership protocol
 //!
-//! 1. The sender closes its store's gate ([`crate::gate`]): new operations get
-//!    [`StoreError::HandoverInProgress`](crate::StoreError::HandoverInProgress), operations
+//! 1. The sender closes its store's gate (`crate::gate`): new operations get
+//!    [`crate::StoreError::HandoverInProgress`], operations
 //!    under way finish.
 //! 2. It writes the snapshot and the memfd to the socket, and waits for the answer.
 //! 3. The receiver checks the snapshot (magic, version, length, CRC-32), maps the memfd
@@ -19,7 +19,7 @@
 //!    against the record, takes over the pool growth, rebuilds the allocator, the metadata and
 //!    the files, checks its totals against the sender's and every invariant, and answers.
 //! 4. On a confirmation the sender seals its store: every handle answers
-//!    [`StoreError::HandedOver`](crate::StoreError::HandedOver), and dropping it gives nothing
+//!    [`crate::StoreError::HandedOver`], and dropping it gives nothing
 //!    back to the system (no pool shrink, no frees). On a refusal, or if the receiver goes away
 //!    before answering (a crash closes the socket), the sender opens the gate again: nothing
 //!    was lost.

@@ -93,7 +93,7 @@ impl KvmMmu {
             let block = self
                 .geometry
                 .block_containing(page, fault.size)
-                .ok_or(StoreError::Internal("fault beyond the page space".into()))?
+                .ok_or_else(|| crate::error::broken("fault beyond the page space"))?
                 .range(&self.geometry);
             let mut state = self.state.lock();
             if state.invalidate_seq != seq || state.in_progress > 0 {
@@ -154,7 +154,7 @@ impl KvmMmu {
         self.store
             .upgrade()
             .map(|inner| Store { inner })
-            .ok_or(StoreError::Internal("the store is gone".into()))
+            .ok_or(StoreError::StoreGone)
     }
 
     fn map_checked(

@@ -108,6 +108,7 @@
 //! The modules: `region` (one region and its checked accesses), `space` (the address space,
 //! the subscriber that keeps its regions, device pins).
 
+#[allow(unsafe_code)] // SAFETY arguments are on each block in the module.
 mod region;
 mod space;
 

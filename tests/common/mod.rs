@@ -10,28 +10,28 @@ use pfnstore::{
     UnmapError, Veto,
 };
 
-pub const GIB: u64 = 1 << 30;
-pub const PAGE: u64 = 4096;
+pub(crate) const GIB: u64 = 1 << 30;
+pub(crate) const PAGE: u64 = 4096;
 
 /// A store of `chunks` synthetic chunks in `geometry` (PFNs from 0x100000).
-pub fn synthetic(geometry: Geometry, chunks: u64, shards: usize) -> Store {
+pub(crate) fn synthetic(geometry: Geometry, chunks: u64, shards: usize) -> Store {
     let source = SyntheticSource::new(geometry, Pfn(1 << 20), chunks).expect("synthetic source");
     Store::synthetic(source, StoreOptions::default().with_shards(shards)).expect("store")
 }
 
 /// 1/8/64-page blocks: every split and merge level within a few pages.
-pub fn tiny() -> Geometry {
+pub(crate) fn tiny() -> Geometry {
     Geometry::new(3, 6).unwrap()
 }
 
 /// Pages `a..b` of a file.
-pub fn pages(a: u64, b: u64) -> OffsetRange {
+pub(crate) fn pages(a: u64, b: u64) -> OffsetRange {
     OffsetRange::new(PageOffset(a), PageOffset(b)).unwrap()
 }
 
 /// What a [`Recorder`] saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     Prepare(ChangeKind, OffsetRange),
     Unmap(ChangeKind, MappingPlan),
     Map(ChangeKind, MappingPlan),
@@ -41,7 +41,7 @@ pub enum Event {
 
 impl Event {
     /// The callback's name.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Event::Prepare(..) => "prepare",
             Event::Unmap(..) => "unmap",
@@ -54,7 +54,7 @@ impl Event {
 
 /// A subscriber that records every callback and can veto or fail.
 #[derive(Debug, Default)]
-pub struct Recorder {
+pub(crate) struct Recorder {
     pub name: String,
     pub events: Mutex<Vec<Event>>,
     pub veto: Mutex<Option<String>>,
@@ -63,23 +63,23 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    pub fn new(name: &str) -> Arc<Recorder> {
+    pub(crate) fn new(name: &str) -> Arc<Recorder> {
         Arc::new(Recorder {
             name: name.to_string(),
             ..Default::default()
         })
     }
 
-    pub fn events(&self) -> Vec<Event> {
+    pub(crate) fn events(&self) -> Vec<Event> {
         self.events.lock().unwrap().clone()
     }
 
     /// The callbacks' names, in order.
-    pub fn names(&self) -> Vec<&'static str> {
+    pub(crate) fn names(&self) -> Vec<&'static str> {
         self.events().iter().map(Event::name).collect()
     }
 
-    pub fn take(&self) -> Vec<Event> {
+    pub(crate) fn take(&self) -> Vec<Event> {
         std::mem::take(&mut *self.events.lock().unwrap())
     }
 }
@@ -137,7 +137,7 @@ impl Subscriber for Recorder {
 }
 
 /// `Arc<T>` as the trait object the store registers.
-pub fn dyn_sub<T: Subscriber + 'static>(s: &Arc<T>) -> Arc<dyn Subscriber> {
+pub(crate) fn dyn_sub<T: Subscriber + 'static>(s: &Arc<T>) -> Arc<dyn Subscriber> {
     Arc::clone(s) as Arc<dyn Subscriber>
 }
 
@@ -147,7 +147,7 @@ pub fn dyn_sub<T: Subscriber + 'static>(s: &Arc<T>) -> Arc<dyn Subscriber> {
 
 /// A store over a [`pfnstore::hugetlb::testing::ShuffledSource`] of ordinary memory: 2 MiB
 /// chunks (512 pages) with consecutive PFNs, chunk `i` at memfd slot `order[i]`.
-pub fn shuffled_store(order: &[u64], shards: usize) -> Store {
+pub(crate) fn shuffled_store(order: &[u64], shards: usize) -> Store {
     let source = pfnstore::hugetlb::testing::ShuffledSource::with_order(
         pfnstore::hugetlb::HugePageSize::Base4K,
         order,
@@ -161,7 +161,7 @@ pub fn shuffled_store(order: &[u64], shards: usize) -> Store {
 }
 
 /// Like [`shuffled_store`], `chunks` chunks in an order drawn from `seed`.
-pub fn shuffled_store_seeded(chunks: u64, seed: u64, shards: usize) -> Store {
+pub(crate) fn shuffled_store_seeded(chunks: u64, seed: u64, shards: usize) -> Store {
     let source = pfnstore::hugetlb::testing::ShuffledSource::new(
         pfnstore::hugetlb::HugePageSize::Base4K,
         chunks,
@@ -177,24 +177,21 @@ pub fn shuffled_store_seeded(chunks: u64, seed: u64, shards: usize) -> Store {
 
 /// A store over `bytes` (a multiple of 1 GiB) of ordinary memory: a 4 KiB memfd, 1 GiB
 /// chunks, nothing prefaulted (the memfd stays sparse until touched).
-pub fn ordinary_store(bytes: u64, shards: usize) -> Store {
+pub(crate) fn ordinary_store(bytes: u64, shards: usize) -> Store {
     use pfnstore::hugetlb::{HugePageSize, HugetlbConfig, HugetlbSource, Prefault};
-    let source = HugetlbSource::new(HugetlbConfig {
-        bytes,
-        page_size: HugePageSize::Base4K,
-        strict: true,
-        numa_node: None,
-        grow_pool: false,
-        prefault: Prefault::None,
-        mlock: false,
-    })
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(bytes)
+            .with_page_size(HugePageSize::Base4K)
+            .with_strict(true)
+            .with_prefault(Prefault::None),
+    )
     .expect("ordinary memory source");
     Store::from_hugetlb(source, StoreOptions::default().with_shards(shards)).expect("store")
 }
 
 /// One line of `/proc/self/maps`: a kernel memory region (VMA) as the kernel sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KernelRegion {
+pub(crate) struct KernelRegion {
     pub start: usize,
     pub end: usize,
     /// `rwxp`/`rwxs` flags, e.g. `rw-s` or `---p`.
@@ -208,23 +205,23 @@ pub struct KernelRegion {
 
 impl KernelRegion {
     /// Whether a load from the region would succeed (a page without `r` faults).
-    pub fn readable(&self) -> bool {
+    pub(crate) fn readable(&self) -> bool {
         self.perms.starts_with('r')
     }
 
     /// Whether a store to the region would succeed.
-    pub fn writable(&self) -> bool {
+    pub(crate) fn writable(&self) -> bool {
         self.perms.as_bytes().get(1) == Some(&b'w')
     }
 
     /// The memfd offset that byte `addr` of the region maps (for a file mapping).
-    pub fn file_offset_of(&self, addr: usize) -> u64 {
+    pub(crate) fn file_offset_of(&self, addr: usize) -> u64 {
         self.offset + (addr - self.start) as u64
     }
 }
 
 /// Every kernel region of this process, from `/proc/self/maps`.
-pub fn kernel_regions() -> Vec<KernelRegion> {
+pub(crate) fn kernel_regions() -> Vec<KernelRegion> {
     let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
     maps.lines()
         .filter_map(|line| {
@@ -251,14 +248,14 @@ pub fn kernel_regions() -> Vec<KernelRegion> {
 }
 
 /// The kernel region holding byte `addr`, if any.
-pub fn kernel_region(addr: usize) -> Option<KernelRegion> {
+pub(crate) fn kernel_region(addr: usize) -> Option<KernelRegion> {
     kernel_regions()
         .into_iter()
         .find(|r| r.start <= addr && addr < r.end)
 }
 
 /// The kernel regions overlapping `start..end`.
-pub fn kernel_regions_in(start: usize, end: usize) -> Vec<KernelRegion> {
+pub(crate) fn kernel_regions_in(start: usize, end: usize) -> Vec<KernelRegion> {
     kernel_regions()
         .into_iter()
         .filter(|r| r.start < end && start < r.end)
@@ -270,7 +267,7 @@ pub fn kernel_regions_in(start: usize, end: usize) -> Vec<KernelRegion> {
 /// shared mapping too (and an anonymous reservation as zeros). It says which memory an address
 /// reaches, not whether the host may touch it (see [`KernelRegion::readable`] for that), and
 /// it never faults the calling thread.
-pub fn forced_read(addr: usize, len: usize) -> std::io::Result<Vec<u8>> {
+pub(crate) fn forced_read(addr: usize, len: usize) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
     let mem = std::fs::File::open("/proc/self/mem")?;
     let mut buf = vec![0u8; len];
@@ -280,13 +277,13 @@ pub fn forced_read(addr: usize, len: usize) -> std::io::Result<Vec<u8>> {
 
 /// A duplicate of the store's memfd, to read its bytes with `pread` (independent of every
 /// mapping the store made).
-pub fn memfd_file(store: &Store) -> std::fs::File {
+pub(crate) fn memfd_file(store: &Store) -> std::fs::File {
     let memfd = store.memfd().expect("a store with host memory has a memfd");
     std::fs::File::from(memfd.fd().try_clone_to_owned().expect("dup the memfd"))
 }
 
 /// `len` bytes of the store's memfd at `memfd_offset`, read with `pread`.
-pub fn memfd_bytes(store: &Store, memfd_offset: u64, len: usize) -> Vec<u8> {
+pub(crate) fn memfd_bytes(store: &Store, memfd_offset: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; len];
     memfd_file(store)
@@ -296,14 +293,14 @@ pub fn memfd_bytes(store: &Store, memfd_offset: u64, len: usize) -> Vec<u8> {
 }
 
 /// The inode of the store's memfd.
-pub fn memfd_inode(store: &Store) -> u64 {
+pub(crate) fn memfd_inode(store: &Store) -> u64 {
     use std::os::unix::fs::MetadataExt;
     memfd_file(store).metadata().expect("fstat the memfd").ino()
 }
 
 /// How many of this process's descriptors and kernel regions still refer to inode `ino`
 /// (a memfd's). Both must be 0 once a store has given its memory back.
-pub fn references_to_inode(ino: u64) -> (usize, usize) {
+pub(crate) fn references_to_inode(ino: u64) -> (usize, usize) {
     use std::os::unix::fs::MetadataExt;
     let fds = std::fs::read_dir("/proc/self/fd")
         .expect("/proc/self/fd")
@@ -317,7 +314,7 @@ pub fn references_to_inode(ino: u64) -> (usize, usize) {
 /// Runs `work` on a thread of its own and returns its result; fails the test (instead of
 /// hanging the run) if it has not finished after `deadline`. A hang detector, not a timing
 /// assertion: the deadline is far beyond what the work needs.
-pub fn with_watchdog<T: Send + 'static>(
+pub(crate) fn with_watchdog<T: Send + 'static>(
     what: &str,
     deadline: std::time::Duration,
     work: impl FnOnce() -> T + Send + 'static,
@@ -340,13 +337,13 @@ pub fn with_watchdog<T: Send + 'static>(
 }
 
 /// The environment variable that tells a test binary it runs as [`run_in_child`]'s child.
-pub const CHILD_ENV: &str = "PFNSTORE_TEST_CHILD";
+pub(crate) const CHILD_ENV: &str = "PFNSTORE_TEST_CHILD";
 
 /// Runs test `name` of this test binary again in a child process, for tests that exhaust a
 /// per-process resource (memory regions) and must not disturb the tests running beside them.
 /// Returns `true` in the parent, after checking that the child passed (its output is shown),
 /// and `false` in the child, which then does the work.
-pub fn run_in_child(name: &str) -> bool {
+pub(crate) fn run_in_child(name: &str) -> bool {
     if std::env::var(CHILD_ENV).as_deref() == Ok(name) {
         return false;
     }
@@ -381,7 +378,7 @@ pub fn run_in_child(name: &str) -> bool {
 
 /// The bytes of a file tagged `tag` at offsets `offset..offset + len`: every fourth byte is
 /// the tag, so no window of four bytes of one file equals the same window of another.
-pub fn tagged_bytes(tag: u8, offset: u64, len: u64) -> Vec<u8> {
+pub(crate) fn tagged_bytes(tag: u8, offset: u64, len: u64) -> Vec<u8> {
     (offset..offset + len)
         .map(|o| match o % 4 {
             0 => tag,
@@ -398,7 +395,7 @@ pub fn tagged_bytes(tag: u8, offset: u64, len: u64) -> Vec<u8> {
 /// file's bytes at its extents' memfd offsets and zeros everywhere else (no write strayed into
 /// another file or into free memory). Returns the files (the caller checks the store's
 /// invariants).
-pub fn check_files_stay_apart(store: &Store, chunk: u64) -> Vec<pfnstore::GuestFile> {
+pub(crate) fn check_files_stay_apart(store: &Store, chunk: u64) -> Vec<pfnstore::GuestFile> {
     use pfnstore::FileOptions;
     let size = 2 * chunk;
     let tags = [0xA1u8, 0xB2];
@@ -474,7 +471,7 @@ pub fn check_files_stay_apart(store: &Store, chunk: u64) -> Vec<pfnstore::GuestF
 }
 
 /// The index of the first byte where `a` and `b` differ (their length if none).
-pub fn first_difference(a: &[u8], b: &[u8]) -> usize {
+pub(crate) fn first_difference(a: &[u8], b: &[u8]) -> usize {
     a.iter()
         .zip(b)
         .position(|(x, y)| x != y)

@@ -67,7 +67,7 @@ impl Harness {
                         break;
                     }
                     pfn = file
-                        .translate(offset)
+                        .pfn_at(offset)
                         .map_err(|e| e.to_string())?
                         .ok_or_else(|| {
                             format!(

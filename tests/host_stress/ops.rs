@@ -317,7 +317,7 @@ impl Ctx<'_, '_> {
                     model_shared == shared,
                     "a {access:?} fault of a page the model has shared={model_shared} succeeded"
                 );
-                let behind = file.translate(p * PAGE).map_err(|e| e.to_string())?;
+                let behind = file.pfn_at(p * PAGE).map_err(|e| e.to_string())?;
                 ensure!(
                     behind == Some(pfn),
                     "fault gave {pfn}, the file translates to {behind:?}"

@@ -112,7 +112,7 @@ mod tests {
                 assert_eq!(changes, want, "tracker {i}, step {step}");
             }
             for probe in (0..pages).step_by(7) {
-                let want = model.max_mapping_order(Pfn(probe)).unwrap();
+                let want = model.max_mapping_size(Pfn(probe)).unwrap();
                 for (i, t) in trackers.iter().enumerate() {
                     assert_eq!(
                         t.max_order(probe),

@@ -27,6 +27,19 @@ pub(crate) fn call<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
     CALLBACK_DEPTH.with(|d| d.set(d.get() + 1));
     let result = catch_unwind(AssertUnwindSafe(f));
     CALLBACK_DEPTH.with(|d| d.set(d.get() - 1));
+    // Under loom, a panic raised by loom itself (the model found a livelock or a data race) is
+    // not the subscriber's: it ends the model's execution instead of being caught as one.
+    #[cfg(pfnstore_loom)]
+    let result = result.map_err(|panic| {
+        let message = panic_message(&*panic);
+        if ["Model exceeded", "Causality violation", "deadlock;"]
+            .iter()
+            .any(|loom| message.starts_with(loom))
+        {
+            std::panic::resume_unwind(panic);
+        }
+        panic
+    });
     result
 }
 

@@ -272,7 +272,7 @@ pub const PAST_END: FileId = FileId(u32::MAX);
 pub struct DomainLimits {
     /// Pages of the file; the metadata store covers whole chunks, the plans stop here.
     pub pages: u64,
-    /// No plan entry, and no `max_mapping_order` answer, is larger than this: 4 KiB for
+    /// No plan entry, and no `max_mapping_size` answer, is larger than this: 4 KiB for
     /// ordinary pages, 2 MiB for 2 MiB hugetlb pages, the chunk for 1 GiB ones.
     pub max_block: PageSize,
 }
@@ -368,8 +368,14 @@ impl ConversionDomain {
 
     /// The largest naturally aligned block around `page` whose mapping attributes are
     /// uniform, capped at the domain's largest block. Lock-free for uniform chunks.
+    pub fn max_mapping_size(&self, page: PageOffset) -> Result<PageSize, MetadataError> {
+        self.core.max_mapping_size(Pfn(page.0))
+    }
+
+    /// The old name of [`ConversionDomain::max_mapping_size`] (it returns a size, not an order).
+    #[deprecated(since = "0.2.0", note = "renamed to max_mapping_size")]
     pub fn max_mapping_order(&self, page: PageOffset) -> Result<PageSize, MetadataError> {
-        self.core.max_mapping_order(Pfn(page.0))
+        self.max_mapping_size(page)
     }
 
     /// The plan that maps everything backed now (what a replay delivers).

@@ -170,7 +170,7 @@ impl Planner<'_> {
 
     /// The block around `page` that is mapped now.
     fn block_before(&self, page: Pfn) -> Result<PfnRange, MetadataError> {
-        let order = self.core.max_mapping_order(page)?;
+        let order = self.core.max_mapping_size(page)?;
         self.block(page, order)
     }
 

@@ -54,6 +54,7 @@ struct HeldRange {
 
 /// Why a range could not be locked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LockError {
     /// The calling thread itself holds `held`, which overlaps the request: waiting would
     /// deadlock.
@@ -110,6 +111,11 @@ impl RangeLocks {
             // Test-only mutation: the lock excludes nothing (the loom models must catch it).
             #[cfg(pfnstore_loom_mutation = "no_range_lock")]
             let conflicts = conflicts.filter(|h| h.thread == me);
+            // Test-only mutation: a shared request of another thread conflicts only with the
+            // pages a change changes, not with the rest of its chunk.
+            #[cfg(pfnstore_loom_mutation = "shared_ignores_hull")]
+            let conflicts =
+                conflicts.filter(|h| h.thread == me || exclusive || h.core.overlaps(&range));
             let mut other = None;
             for h in conflicts {
                 if h.thread == me {
@@ -122,8 +128,18 @@ impl RangeLocks {
             }
             match other {
                 None => break,
+                #[cfg(not(pfnstore_loom_mutation = "callbacks_wait"))]
                 Some(busy) if callback::must_not_wait() => {
                     return Err(LockError::WouldBlock { held: busy });
+                }
+                // Test-only mutation: a thread inside a callback (or holding a range lock)
+                // waits for the range, polling (loom reports the livelock; a real deadlock
+                // could not be unwound through the transaction's destructors under loom).
+                #[cfg(pfnstore_loom_mutation = "callbacks_wait")]
+                Some(_) if callback::must_not_wait() => {
+                    drop(held);
+                    sync::thread::yield_now();
+                    held = self.held.lock();
                 }
                 Some(_) => held = self.released.wait(held),
             }

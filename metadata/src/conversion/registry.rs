@@ -117,9 +117,9 @@ pub struct DomainCore {
 }
 
 impl DomainCore {
-    /// [`MetadataStore::max_mapping_order`], capped at the domain's largest block.
-    pub(crate) fn max_mapping_order(&self, page: Pfn) -> Result<PageSize, MetadataError> {
-        Ok(self.store.max_mapping_order(page)?.min(self.max_block))
+    /// [`MetadataStore::max_mapping_size`], capped at the domain's largest block.
+    pub(crate) fn max_mapping_size(&self, page: Pfn) -> Result<PageSize, MetadataError> {
+        Ok(self.store.max_mapping_size(page)?.min(self.max_block))
     }
 
     /// Every page of the file, as the metadata's keys.
@@ -229,10 +229,15 @@ impl SubscriberRegistry {
             return Ok(());
         };
         let geometry = domain.store.geometry();
+        // Test-only mutation: go live and replay without the domain's lock (the loom models
+        // must catch it).
+        #[cfg(not(pfnstore_loom_mutation = "activate_unlocked"))]
         let _whole = domain
             .locks
             .lock_chunks(&geometry, all)
             .map_err(|e| lock_error(all.cast(), e))?;
+        #[cfg(pfnstore_loom_mutation = "activate_unlocked")]
+        let _ = (geometry, lock_error);
         {
             let mut state = self.state.lock();
             if let Some(entry) = state.entries.iter_mut().find(|e| e.id == id) {
@@ -315,13 +320,22 @@ impl SubscriberRegistry {
         // later operations only.
         // Test-only mutation: return without waiting (the loom models must catch it).
         let wait = !cfg!(pfnstore_loom_mutation = "unregister_no_wait");
-        if wait && !callback::must_not_wait() {
+        // Test-only mutation: wait from inside callbacks too (the loom models must catch it).
+        #[cfg(not(pfnstore_loom_mutation = "unregister_waits_in_callback"))]
+        let wait = wait && !callback::must_not_wait();
+        if wait {
             let _grace = self.grace.lock();
             let epoch = self.epoch.load(Ordering::SeqCst);
             self.epoch.store(epoch + 1, Ordering::SeqCst);
             let old = (epoch & 1) as usize;
             for domain in &domains {
                 while domain.in_flight[old].load(Ordering::SeqCst) > 0 {
+                    thread::yield_now();
+                }
+                // Test-only mutation: wait for the operations that started after the epoch
+                // moved too (the loom models must catch the starvation).
+                #[cfg(pfnstore_loom_mutation = "unregister_waits_for_all")]
+                while domain.in_flight[1 - old].load(Ordering::SeqCst) > 0 {
                     thread::yield_now();
                 }
             }

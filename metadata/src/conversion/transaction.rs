@@ -78,6 +78,9 @@ impl ConversionDomain {
                 Ok(Err(e)) => e,
                 Err(panic) => whole_region(&plan, range, &*panic),
             };
+            // Test-only mutation: roll back after letting go of the range lock.
+            #[cfg(pfnstore_loom_mutation = "rollback_unlocked")]
+            drop(_guard);
             let quarantined = self.roll_back(&snapshot, &change, i + 1, prepared(i + 1));
             hooks.rolled_back(&change, changed);
             let first = failure.range.intersection(&plan.region().unwrap_or(range));

@@ -4,7 +4,8 @@
 
 use pfnstore_core::{Pfn, PfnRange};
 
-use super::{MetadataStore, may_change_shareability};
+use super::MetadataStore;
+use super::mutations::may_change_shareability;
 use crate::{MappingChange, MetadataError, Shareability};
 
 impl MetadataStore {

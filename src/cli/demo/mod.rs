@@ -19,7 +19,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use pfnstore::core::{Geometry, Pfn};
-use pfnstore::hugetlb::{HugePageSize, HugetlbConfig, HugetlbSource, Prefault, SyntheticSource};
+use pfnstore::hugetlb::{HugetlbConfig, HugetlbSource, SyntheticSource};
 use pfnstore::{Store, StoreOptions};
 
 use super::show::{Source, indent};
@@ -28,7 +28,7 @@ use super::{Outcome, UsageError};
 
 /// Arguments of `pfnstore demo`.
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub(crate) struct Args {
     /// Size of the store: 4G, 16T, ... (a bare number is GiB). A whole number of GiB, up to
     /// this machine's memory, or up to 1 PiB with --synthetic.
     #[arg(long, alias = "size-gib", value_name = "SIZE", default_value = "4G",
@@ -62,7 +62,7 @@ pub struct Args {
 }
 
 /// Runs the demonstration.
-pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
+pub(crate) fn run(args: &Args, out: &mut dyn Write) -> Outcome {
     let store = if args.synthetic {
         let source = SyntheticSource::new(Geometry::X86_64, Pfn(1 << 20), args.size.0 / GIB)?;
         Store::synthetic(source, StoreOptions::default())?
@@ -76,15 +76,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Outcome {
                     args.size
                 ),
             })?;
-        let source = HugetlbSource::new(HugetlbConfig {
-            bytes: size.0,
-            page_size: HugePageSize::Huge1G,
-            strict: false,
-            numa_node: None,
-            grow_pool: args.grow_pool,
-            prefault: Prefault::threads_per_cpu(),
-            mlock: false,
-        })?;
+        let source = HugetlbSource::new(HugetlbConfig::new(size.0).with_grow_pool(args.grow_pool))?;
         Store::from_hugetlb(source, StoreOptions::default())?
     };
     writeln!(

@@ -8,7 +8,7 @@ use crate::{HugePageSize, HugetlbError};
 
 /// The verdict for one rung of the ladder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PlanVerdict {
+pub enum PreviewVerdict {
     /// The pool has enough free, unreserved pages.
     Fits,
     /// The pool is short by `missing` pages; a source with `grow_pool` would add them.
@@ -27,9 +27,9 @@ pub enum PlanVerdict {
     Ordinary,
 }
 
-/// One rung of a planned ladder.
+/// One rung of a previewed ladder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PlanStep {
+pub struct PreviewStep {
     /// The page size.
     pub page_size: HugePageSize,
     /// Pages needed.
@@ -37,36 +37,36 @@ pub struct PlanStep {
     /// The pool as read.
     pub pool: Option<PoolCounts>,
     /// The verdict.
-    pub verdict: PlanVerdict,
+    pub verdict: PreviewVerdict,
 }
 
-impl PlanStep {
+impl PreviewStep {
     /// Whether a source would stop at this rung (with pool growth if `grow_pool`).
     pub fn would_succeed(&self, grow_pool: bool) -> bool {
         match self.verdict {
-            PlanVerdict::Fits | PlanVerdict::Ordinary => true,
-            PlanVerdict::FitsIfGrown { .. } => grow_pool,
-            PlanVerdict::Short { .. } | PlanVerdict::NoPool => false,
+            PreviewVerdict::Fits | PreviewVerdict::Ordinary => true,
+            PreviewVerdict::FitsIfGrown { .. } => grow_pool,
+            PreviewVerdict::Short { .. } | PreviewVerdict::NoPool => false,
         }
     }
 }
 
-impl fmt::Display for PlanStep {
+impl fmt::Display for PreviewStep {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {} pages needed", self.page_size, self.needed)?;
         if let Some(p) = self.pool {
             write!(f, ", pool {p}")?;
         }
         match self.verdict {
-            PlanVerdict::Fits => write!(f, " -> fits"),
-            PlanVerdict::FitsIfGrown { missing } => {
+            PreviewVerdict::Fits => write!(f, " -> fits"),
+            PreviewVerdict::FitsIfGrown { missing } => {
                 write!(f, " -> fits if the pool is grown by {missing} (grow_pool)")
             }
-            PlanVerdict::Short { missing } => {
+            PreviewVerdict::Short { missing } => {
                 write!(f, " -> short by {missing} pages, pool not writable here")
             }
-            PlanVerdict::NoPool => write!(f, " -> the kernel has no such pool"),
-            PlanVerdict::Ordinary => write!(f, " -> ordinary memory, synthetic PFNs"),
+            PreviewVerdict::NoPool => write!(f, " -> the kernel has no such pool"),
+            PreviewVerdict::Ordinary => write!(f, " -> ordinary memory, synthetic PFNs"),
         }
     }
 }
@@ -74,22 +74,22 @@ impl fmt::Display for PlanStep {
 /// The ladder a source of `bytes` would walk from `preferred`, judged on the pools as read
 /// now. `can_grow` tells whether pools may be grown here (see
 /// [`Sysfs::can_grow`] for the check).
-pub fn plan(
+pub fn preview(
     sysfs: &Sysfs,
     bytes: u64,
     preferred: HugePageSize,
     numa_node: Option<u32>,
     can_grow: bool,
-) -> Result<Vec<PlanStep>, HugetlbError> {
+) -> Result<Vec<PreviewStep>, HugetlbError> {
     let mut steps = Vec::new();
     for page_size in std::iter::successors(Some(preferred), |s| s.smaller()) {
         let needed = bytes.div_ceil(page_size.bytes());
         if !page_size.is_hugetlb() {
-            steps.push(PlanStep {
+            steps.push(PreviewStep {
                 page_size,
                 needed,
                 pool: None,
-                verdict: PlanVerdict::Ordinary,
+                verdict: PreviewVerdict::Ordinary,
             });
             continue;
         }
@@ -98,22 +98,22 @@ pub fn plan(
             node: numa_node,
         };
         if !sysfs.pool_dir(id)?.is_dir() {
-            steps.push(PlanStep {
+            steps.push(PreviewStep {
                 page_size,
                 needed,
                 pool: None,
-                verdict: PlanVerdict::NoPool,
+                verdict: PreviewVerdict::NoPool,
             });
             continue;
         }
         let pool = sysfs.read_pool(id)?;
         let missing = needed.saturating_sub(pool.available());
         let verdict = match (missing, can_grow) {
-            (0, _) => PlanVerdict::Fits,
-            (missing, true) => PlanVerdict::FitsIfGrown { missing },
-            (missing, false) => PlanVerdict::Short { missing },
+            (0, _) => PreviewVerdict::Fits,
+            (missing, true) => PreviewVerdict::FitsIfGrown { missing },
+            (missing, false) => PreviewVerdict::Short { missing },
         };
-        steps.push(PlanStep {
+        steps.push(PreviewStep {
             page_size,
             needed,
             pool: Some(pool),
@@ -128,8 +128,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plan_judges_each_rung_from_the_pools() {
-        let root = std::env::temp_dir().join(format!("pfnstore-plan-{}", std::process::id()));
+    fn preview_judges_each_rung_from_the_pools() {
+        let root = std::env::temp_dir().join(format!("pfnstore-preview-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let one_g = root.join("sys/kernel/mm/hugepages/hugepages-1048576kB");
         std::fs::create_dir_all(&one_g).unwrap();
@@ -142,7 +142,7 @@ mod tests {
             std::fs::write(one_g.join(f), format!("{v}\n")).unwrap();
         }
         let sysfs = Sysfs::at(root.join("sys"), root.join("proc"));
-        let steps = plan(&sysfs, 4 << 30, HugePageSize::Huge1G, None, true).unwrap();
+        let steps = preview(&sysfs, 4 << 30, HugePageSize::Huge1G, None, true).unwrap();
         let verdicts: Vec<_> = steps
             .iter()
             .map(|s| (s.page_size, s.needed, s.verdict))
@@ -153,17 +153,17 @@ mod tests {
                 (
                     HugePageSize::Huge1G,
                     4,
-                    PlanVerdict::FitsIfGrown { missing: 3 }
+                    PreviewVerdict::FitsIfGrown { missing: 3 }
                 ),
-                (HugePageSize::Huge2M, 2048, PlanVerdict::NoPool),
-                (HugePageSize::Base4K, 1 << 20, PlanVerdict::Ordinary),
+                (HugePageSize::Huge2M, 2048, PreviewVerdict::NoPool),
+                (HugePageSize::Base4K, 1 << 20, PreviewVerdict::Ordinary),
             ]
         );
         assert!(!steps[0].would_succeed(false) && steps[0].would_succeed(true));
-        let steps = plan(&sysfs, 1 << 30, HugePageSize::Huge1G, None, false).unwrap();
-        assert_eq!(steps[0].verdict, PlanVerdict::Fits);
-        let steps = plan(&sysfs, 2 << 30, HugePageSize::Huge1G, None, false).unwrap();
-        assert_eq!(steps[0].verdict, PlanVerdict::Short { missing: 1 });
+        let steps = preview(&sysfs, 1 << 30, HugePageSize::Huge1G, None, false).unwrap();
+        assert_eq!(steps[0].verdict, PreviewVerdict::Fits);
+        let steps = preview(&sysfs, 2 << 30, HugePageSize::Huge1G, None, false).unwrap();
+        assert_eq!(steps[0].verdict, PreviewVerdict::Short { missing: 1 });
         assert!(steps[0].to_string().contains("short by 1"));
         std::fs::remove_dir_all(root).unwrap();
     }
