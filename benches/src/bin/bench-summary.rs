@@ -1,6 +1,6 @@
 //! The benchmark summary: one markdown table of every benchmark (pfnstore, each baseline, the
-//! ratio baseline / pfnstore, above 1 meaning pfnstore is faster or smaller), then the scale
-//! curve; and the same as `<out>/summary.json` with the raw criterion medians (ns), the machine
+//! ratio baseline / pfnstore, above 1 meaning pfnstore is faster or smaller, the target where
+//! the brief or an issue sets one and whether this run met it), then the scale curve; and the same as `<out>/summary.json` with the raw criterion medians (ns), the machine
 //! (cores, CPU, kernel, load average before and after), the date and the git revision.
 //!
 //! `scripts/bench.sh` runs the benches, `scale-curve` and `pfnstore prefault`, then this:
@@ -174,18 +174,22 @@ fn run(args: Args) -> Result<(), String> {
 
     let mut text = String::new();
     text.push_str(&format!(
-        "pfnstore benchmark summary: {} at {}, {} cores ({}), kernel {}, load average {} before, {} after\n\n",
+        "pfnstore benchmark summary: {} at {}, {} cores ({}), kernel {}, hugetlb pools {}, load average {} before, {} after{}\n\n",
         machine::now_utc(),
         machine::git_revision(),
         machine.cores,
         machine.cpu,
         machine.kernel,
+        machine::pools_text(&machine.hugetlb_pools),
         load(&machine.load_before),
         load(&machine.load_after),
+        args.elapsed
+            .map_or(String::new(), |s| format!(", measured in {s:.0} s")),
     ));
     text.push_str(
         "Ratio = baseline / pfnstore: above 1, pfnstore is faster (or smaller). Published \
-         figures come from another machine.\n\n",
+         figures come from another machine. Targets are the goals the brief and the issues set \
+         (each names its source); met? is judged on this run's figures.\n\n",
     );
     text.push_str(&table::markdown(&rows));
     text.push('\n');

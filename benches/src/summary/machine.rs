@@ -1,5 +1,6 @@
 //! The machine a summary was measured on, when, and at which revision.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -18,6 +19,76 @@ pub struct Machine {
     pub load_before: Option<[f64; 3]>,
     /// The same after the run.
     pub load_after: Option<[f64; 3]>,
+    /// The hugetlb pools when the summary was made (after the run, which gives back what it
+    /// grew), smallest page first.
+    pub hugetlb_pools: Vec<HugetlbPool>,
+}
+
+/// One hugetlb pool of /sys/kernel/mm/hugepages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HugetlbPool {
+    /// Its page size, KiB.
+    pub page_kib: u64,
+    /// `nr_hugepages`: pages in the pool.
+    pub pages: u64,
+    /// `free_hugepages`: pages not in use.
+    pub free: u64,
+}
+
+/// The pools under `dir` (`/sys/kernel/mm/hugepages`): one `hugepages-<n>kB` directory each.
+/// A pool whose counts cannot be read is left out.
+pub fn hugetlb_pools(dir: &Path) -> Vec<HugetlbPool> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let count = |pool: &Path, name: &str| -> Option<u64> {
+        std::fs::read_to_string(pool.join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let mut pools: Vec<HugetlbPool> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let page_kib = name
+                .to_str()?
+                .strip_prefix("hugepages-")?
+                .strip_suffix("kB")?
+                .parse()
+                .ok()?;
+            let path = entry.path();
+            Some(HugetlbPool {
+                page_kib,
+                pages: count(&path, "nr_hugepages")?,
+                free: count(&path, "free_hugepages")?,
+            })
+        })
+        .collect();
+    pools.sort_by_key(|p| p.page_kib);
+    pools
+}
+
+/// The pools in words: `2 MiB: 0 pages (0 free); 1 GiB: 0 pages (0 free)`.
+pub fn pools_text(pools: &[HugetlbPool]) -> String {
+    if pools.is_empty() {
+        return "no hugetlb pools".to_string();
+    }
+    pools
+        .iter()
+        .map(|p| {
+            let size = if p.page_kib >= 1 << 20 {
+                format!("{} GiB", p.page_kib >> 20)
+            } else if p.page_kib >= 1 << 10 {
+                format!("{} MiB", p.page_kib >> 10)
+            } else {
+                format!("{} KiB", p.page_kib)
+            };
+            format!("{size}: {} pages ({} free)", p.pages, p.free)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl Machine {
@@ -32,6 +103,7 @@ impl Machine {
             kernel: kernel_release(),
             load_before: load_before.and_then(load_average),
             load_after: load_after.and_then(load_average),
+            hugetlb_pools: hugetlb_pools(Path::new("/sys/kernel/mm/hugepages")),
         }
     }
 }
@@ -121,6 +193,47 @@ mod tests {
         assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(utc(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(utc(4_102_444_799), "2099-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn hugetlb_pools_are_read() {
+        let dir =
+            std::env::temp_dir().join(format!("pfnstore-summary-pools-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for (name, pages, free) in [
+            ("hugepages-1048576kB", "2\n", "1\n"),
+            ("hugepages-2048kB", "512\n", "512\n"),
+        ] {
+            let pool = dir.join(name);
+            std::fs::create_dir_all(&pool).unwrap();
+            std::fs::write(pool.join("nr_hugepages"), pages).unwrap();
+            std::fs::write(pool.join("free_hugepages"), free).unwrap();
+        }
+        // Not a pool, and a pool without counts: both left out.
+        std::fs::create_dir_all(dir.join("other")).unwrap();
+        std::fs::create_dir_all(dir.join("hugepages-64kB")).unwrap();
+        let pools = hugetlb_pools(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            pools,
+            vec![
+                HugetlbPool {
+                    page_kib: 2048,
+                    pages: 512,
+                    free: 512
+                },
+                HugetlbPool {
+                    page_kib: 1 << 20,
+                    pages: 2,
+                    free: 1
+                },
+            ]
+        );
+        assert_eq!(
+            pools_text(&pools),
+            "2 MiB: 512 pages (512 free); 1 GiB: 2 pages (1 free)"
+        );
+        assert_eq!(pools_text(&[]), "no hugetlb pools");
     }
 
     #[test]

@@ -64,6 +64,15 @@ impl Baseline {
     }
 }
 
+/// A goal a row is held to, with where it was set, and whether this run met it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Target {
+    /// The goal in words, with its source (`≤ 38 ns (issue 14: LLFree on this machine)`).
+    pub text: String,
+    /// Whether this run's figures meet it; `None` when a figure it needs is missing.
+    pub met: Option<bool>,
+}
+
 /// One benchmark.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Row {
@@ -79,6 +88,8 @@ pub struct Row {
     pub note: Option<String>,
     /// The criterion ids (or other sources) the figures come from.
     pub sources: Vec<String>,
+    /// The goal set for it, if a document sets one.
+    pub target: Option<Target>,
 }
 
 impl Row {
@@ -91,6 +102,7 @@ impl Row {
             baselines: Vec::new(),
             note: None,
             sources: Vec::new(),
+            target: None,
         }
     }
 
@@ -105,6 +117,34 @@ impl Row {
     pub fn noted(mut self, note: impl Into<String>) -> Row {
         self.note = Some(note.into());
         self
+    }
+
+    /// Holds the row to `text`, met (or not) as `met` says.
+    pub fn target(mut self, text: impl Into<String>, met: Option<bool>) -> Row {
+        self.target = Some(Target {
+            text: text.into(),
+            met,
+        });
+        self
+    }
+
+    /// Holds pfnstore's figure to at most `limit` (in the row's unit); `why` says who set it.
+    pub fn target_at_most(self, limit: f64, why: &str) -> Row {
+        let met = self.pfnstore.map(|v| v <= limit);
+        let text = format!("≤ {} ({why})", human(self.unit, limit));
+        self.target(text, met)
+    }
+
+    /// Holds the row to a ratio of at least `min` against the baseline called `baseline`
+    /// (1: pfnstore at least as fast or as small); `text` says the goal and who set it.
+    pub fn target_ratio(self, baseline: &str, min: f64, text: impl Into<String>) -> Row {
+        let met = self
+            .baselines
+            .iter()
+            .find(|b| b.name == baseline)
+            .and_then(|b| b.ratio)
+            .map(|r| r >= min);
+        self.target(text, met)
     }
 
     /// Records where the figures come from.
@@ -155,12 +195,22 @@ fn bytes(value: f64) -> String {
     }
 }
 
-/// The rows as one markdown table: benchmark, pfnstore, baseline, the baseline's figure,
-/// `baseline / pfnstore`. A row with several baselines takes one line per baseline.
+/// `yes`, `no`, or `—` (no target, or a figure it needs is missing).
+fn met(target: Option<&Target>) -> &'static str {
+    match target.and_then(|t| t.met) {
+        Some(true) => "yes",
+        Some(false) => "**no**",
+        None => "—",
+    }
+}
+
+/// The rows as one markdown table: benchmark, pfnstore's median, baseline, the baseline's
+/// median, `baseline / pfnstore`, the target and whether it was met. A row with several
+/// baselines takes one line per baseline; its target is on its first line.
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| benchmark | pfnstore | baseline | baseline's figure | baseline / pfnstore |\n\
-         |---|---:|---|---:|---:|\n",
+        "| benchmark | pfnstore | baseline | baseline's figure | baseline / pfnstore | target | met? |\n\
+         |---|---:|---|---:|---:|---|---|\n",
     );
     for row in rows {
         let ours = match (row.pfnstore, &row.note) {
@@ -172,11 +222,15 @@ pub fn markdown(rows: &[Row]) -> String {
             (Some(note), Some(_)) => format!("{} ({note})", row.benchmark),
             _ => row.benchmark.clone(),
         };
+        let target = row.target.as_ref().map_or("—", |t| t.text.as_str());
+        let met = met(row.target.as_ref());
         if row.baselines.is_empty() {
-            out.push_str(&format!("| {name} | {ours} | — | — | — |\n"));
+            out.push_str(&format!(
+                "| {name} | {ours} | — | — | — | {target} | {met} |\n"
+            ));
             continue;
         }
-        for b in &row.baselines {
+        for (i, b) in row.baselines.iter().enumerate() {
             let figure = match (b.value, &b.text) {
                 (Some(v), Some(t)) => format!("{} ({t})", human(row.unit, v)),
                 (Some(v), None) => human(row.unit, v),
@@ -184,8 +238,9 @@ pub fn markdown(rows: &[Row]) -> String {
                 (None, None) => "not measured".to_string(),
             };
             let r = b.ratio.map_or("—".to_string(), |r| format!("{r:.2}x"));
+            let (target, met) = if i == 0 { (target, met) } else { ("", "") };
             out.push_str(&format!(
-                "| {name} | {ours} | {} | {figure} | {r} |\n",
+                "| {name} | {ours} | {} | {figure} | {r} | {target} | {met} |\n",
                 b.name
             ));
         }
@@ -225,25 +280,54 @@ mod tests {
                     "LLFree",
                     Some(100.0),
                     "another machine",
-                )),
+                ))
+                .target_ratio("bitmap", 1.0, "≤ bitmap"),
             Row::new("prefault, 1 GiB pages", Unit::Ns, None).noted("skipped: no pool"),
-            Row::new("snapshot bytes", Unit::Bytes, Some(2048.0)),
+            Row::new("snapshot bytes", Unit::Bytes, Some(2048.0))
+                .target_at_most(1024.0 * 1024.0, "issue 17"),
         ];
         let table = markdown(&rows);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 2 + 4);
         assert_eq!(
             lines[2],
-            "| 4K convert-and-back | 50.0 ns | bitmap | 40.0 ns | 0.80x |"
+            "| 4K convert-and-back | 50.0 ns | bitmap | 40.0 ns | 0.80x | ≤ bitmap | **no** |"
         );
         assert_eq!(
             lines[3],
-            "| 4K convert-and-back | 50.0 ns | LLFree | 100.0 ns (another machine) | 2.00x |"
+            "| 4K convert-and-back | 50.0 ns | LLFree | 100.0 ns (another machine) | 2.00x |  |  |"
         );
         assert_eq!(
             lines[4],
-            "| prefault, 1 GiB pages | skipped: no pool | — | — | — |"
+            "| prefault, 1 GiB pages | skipped: no pool | — | — | — | — | — |"
         );
-        assert_eq!(lines[5], "| snapshot bytes | 2.0 KiB | — | — | — |");
+        assert_eq!(
+            lines[5],
+            "| snapshot bytes | 2.0 KiB | — | — | — | ≤ 1.00 MiB (issue 17) | yes |"
+        );
+    }
+
+    #[test]
+    fn targets_are_judged_on_the_figures() {
+        let row = |ours: Option<f64>| {
+            Row::new("r", Unit::Ns, ours).with(Baseline::measured("bitmap", 40.0))
+        };
+        let met = |r: Row| r.target.and_then(|t| t.met);
+        assert_eq!(met(row(Some(40.0)).target_at_most(40.0, "x")), Some(true));
+        assert_eq!(met(row(Some(40.5)).target_at_most(40.0, "x")), Some(false));
+        assert_eq!(met(row(None).target_at_most(40.0, "x")), None);
+        assert_eq!(
+            met(row(Some(20.0)).target_ratio("bitmap", 1.8, "x")),
+            Some(true)
+        );
+        assert_eq!(
+            met(row(Some(30.0)).target_ratio("bitmap", 1.8, "x")),
+            Some(false)
+        );
+        assert_eq!(
+            met(row(Some(20.0)).target_ratio("rangemap", 1.0, "x")),
+            None
+        );
+        assert_eq!(met(row(None).target_ratio("bitmap", 1.0, "x")), None);
     }
 }
