@@ -7,6 +7,7 @@
 //! it the function returns an error rather than zeros.
 
 use std::collections::BTreeSet;
+use std::hint::black_box;
 
 use pfnstore_core::testing::{CountingAllocator, XorShift};
 use pfnstore_core::{Geometry, Pfn, PfnRange};
@@ -94,7 +95,8 @@ pub fn metadata_bytes_per_gib(gib: u64) -> Result<Vec<BytesPerGib>, String> {
     // The struct-page array's bytes per GiB do not depend on its size or content: measure 1 GiB.
     let struct_page = {
         let before = live();
-        let array = StructPageArray::new(geometry, chunk);
+        // black_box: an array nobody reads is an allocation the optimiser may leave out.
+        let array = black_box(StructPageArray::new(geometry, chunk));
         let bytes = live() - before;
         drop(array);
         bytes as f64
@@ -106,7 +108,7 @@ pub fn metadata_bytes_per_gib(gib: u64) -> Result<Vec<BytesPerGib>, String> {
         let converted = random_pages(pages, per_million, 0x5eed + per_million);
 
         let before = live();
-        let ours = store(geometry, gib);
+        let ours = black_box(store(geometry, gib));
         for &p in &converted {
             let page = PfnRange::page(Pfn(p)).expect("a page");
             drop(
@@ -124,7 +126,7 @@ pub fn metadata_bytes_per_gib(gib: u64) -> Result<Vec<BytesPerGib>, String> {
         }
 
         let before = live();
-        let bitmap = BitmapTracker::new(geometry, pages);
+        let bitmap = black_box(BitmapTracker::new(geometry, pages));
         for &p in &converted {
             bitmap.convert(p, p + 1, true, &mut changes);
             changes.clear();
@@ -133,7 +135,7 @@ pub fn metadata_bytes_per_gib(gib: u64) -> Result<Vec<BytesPerGib>, String> {
         drop(bitmap);
 
         let before = live();
-        let rmap = RangeMapTracker::new(geometry);
+        let rmap = black_box(RangeMapTracker::new(geometry));
         for &p in &converted {
             rmap.convert(p, p + 1, true, &mut changes);
             changes.clear();

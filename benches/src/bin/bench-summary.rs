@@ -97,6 +97,7 @@ struct Summary<'a> {
     machine: Machine,
     ratio: &'static str,
     rows: &'a [Row],
+    unused_results: &'a [&'a str],
     medians_ns: BTreeMap<&'a str, Median>,
     scale_curve: Result<Vec<ScalePoint>, String>,
     prefault: &'a Result<Vec<logs::Prefault>, String>,
@@ -170,6 +171,7 @@ fn run(args: Args) -> Result<(), String> {
         ));
     }
     let rows = rows::rows(&inputs);
+    let unused = rows::unused(&inputs, &rows);
     let scale = scale_points(&out.join("scale-curve.json"));
 
     let mut text = String::new();
@@ -193,6 +195,12 @@ fn run(args: Args) -> Result<(), String> {
     );
     text.push_str(&table::markdown(&rows));
     text.push('\n');
+    if !unused.is_empty() {
+        text.push_str(&format!(
+            "Results of this run that no row shows (a renamed benchmark?): {}\n\n",
+            unused.join(", ")
+        ));
+    }
     match &scale {
         Ok(points) => {
             text.push_str("Scale curve (synthetic stores, 1,000 files each):\n\n");
@@ -210,6 +218,7 @@ fn run(args: Args) -> Result<(), String> {
         machine,
         ratio: "baseline / pfnstore (above 1: pfnstore is faster or smaller)",
         rows: &rows,
+        unused_results: &unused,
         medians_ns: inputs
             .this_run()
             .map(|m: &Measured| {
@@ -260,6 +269,26 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Needs this binary's counting allocator: every design's bytes are seen, none is zero
+    /// where the design keeps memory, and the struct-page array is 64 bytes per 4 KiB page.
+    #[test]
+    fn bytes_per_gib_are_measured() {
+        let rows = metadata_bytes_per_gib(1).unwrap();
+        assert_eq!(rows.len(), 5);
+        let page_records = 64.0 * (1u64 << 18) as f64;
+        for r in &rows {
+            assert!(
+                r.struct_page >= page_records && r.struct_page < 1.1 * page_records,
+                "{r:?}"
+            );
+            assert!(r.bitmap >= (1u64 << 15) as f64, "{r:?}");
+            assert!(r.pfnstore > 0.0, "{r:?}");
+        }
+        // Converted pages cost the range designs memory.
+        assert!(rows[4].rangemap > rows[1].rangemap && rows[1].rangemap > 0.0);
+        assert!(rows[4].pfnstore > rows[0].pfnstore);
+    }
 
     #[test]
     fn arguments() {
@@ -337,12 +366,14 @@ mod tests {
             .find(|r| r["benchmark"] == "metadata: 1 GiB to private and back (64 GiB space)")
             .unwrap();
         assert_eq!(row["baselines"][0]["ratio"], 16.0);
-        assert!(md.contains("| metadata: 1 GiB to private and back (64 GiB space) | 1.00 µs | bitmap + counters, Mutex | 16.00 µs | 16.00x |"));
+        assert!(md.contains("| metadata: 1 GiB to private and back (64 GiB space) | 1.00 µs | bitmap + counters, Mutex | 16.00 µs | 16.0x |"));
         assert!(md.contains("| handover: snapshot bytes, 1 TiB uniform | 8.2 KiB | — | — | — |"));
         // Rows without a result say so; the bytes rows are computed, not read.
         assert!(md.contains("not measured: no criterion result from this run"));
         assert!(md.contains("metadata bytes, 1% of 4 KiB pages converted at random"));
         assert!(md.contains("Scale curve: not run"));
+        assert!(!md.contains("no row shows"));
+        assert_eq!(json["unused_results"].as_array().map(Vec::len), Some(0));
         assert!(
             json["prefault"]["Err"]
                 .as_str()

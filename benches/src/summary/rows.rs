@@ -122,6 +122,20 @@ pub fn rows(inputs: &Inputs) -> Vec<Row> {
     rows
 }
 
+/// The results of this run that no row shows (a renamed benchmark shows up here rather than
+/// as a silent "not measured").
+pub fn unused<'a>(inputs: &'a Inputs, rows: &[Row]) -> Vec<&'a str> {
+    let shown: std::collections::BTreeSet<&str> = rows
+        .iter()
+        .flat_map(|r| r.sources.iter().map(String::as_str))
+        .collect();
+    inputs
+        .this_run()
+        .map(|m| m.full_id.as_str())
+        .filter(|id| !shown.contains(id))
+        .collect()
+}
+
 const BITMAP: &str = "bitmap + counters, Mutex";
 /// The brief (section 6) on speed.
 const BEAT_BITMAP: &str = "≤ bitmap (brief §6: the baseline to beat on speed)";
@@ -153,11 +167,13 @@ fn metadata(inputs: &Inputs, rows: &mut Vec<Row>) {
         );
     }
     for (_, label) in FRAGMENTATIONS {
-        let group = "metadata/max_mapping_order";
+        let group = "metadata/max_mapping_size";
         rows.push(
             timed(
                 inputs,
-                format!("metadata: max mapping order, {label} of 4 KiB pages converted (8 GiB)"),
+                format!(
+                    "metadata: max mapping size query, {label} of 4 KiB pages converted (8 GiB)"
+                ),
                 &format!("{group}/pfnstore/{label}"),
                 &[
                     (BITMAP, format!("{group}/bitmap/{label}")),
@@ -842,6 +858,23 @@ mod tests {
 
         let r = find(&rows, "prefault");
         assert_eq!(r.note.as_deref(), Some("skipped: not run"));
+    }
+
+    #[test]
+    fn results_no_row_shows_are_listed() {
+        let now = SystemTime::now();
+        let inputs = inputs(
+            vec![
+                measured("pair/4K/1-shard", 37.0, None, now),
+                measured("metadata/renamed_group/pfnstore", 5.0, None, now),
+            ],
+            None,
+        );
+        let rows = rows(&inputs);
+        assert_eq!(
+            unused(&inputs, &rows),
+            vec!["metadata/renamed_group/pfnstore"]
+        );
     }
 
     fn met(row: &Row) -> Option<bool> {

@@ -195,6 +195,17 @@ fn bytes(value: f64) -> String {
     }
 }
 
+/// A ratio with three significant digits or more (`0.80x`, `12.5x`, `4604x`).
+fn ratio_text(r: f64) -> String {
+    if r >= 100.0 {
+        format!("{r:.0}x")
+    } else if r >= 10.0 {
+        format!("{r:.1}x")
+    } else {
+        format!("{r:.2}x")
+    }
+}
+
 /// `yes`, `no`, or `—` (no target, or a figure it needs is missing).
 fn met(target: Option<&Target>) -> &'static str {
     match target.and_then(|t| t.met) {
@@ -237,7 +248,7 @@ pub fn markdown(rows: &[Row]) -> String {
                 (None, Some(t)) => t.clone(),
                 (None, None) => "not measured".to_string(),
             };
-            let r = b.ratio.map_or("—".to_string(), |r| format!("{r:.2}x"));
+            let r = b.ratio.map_or("—".to_string(), ratio_text);
             let (target, met) = if i == 0 { (target, met) } else { ("", "") };
             out.push_str(&format!(
                 "| {name} | {ours} | {} | {figure} | {r} | {target} | {met} |\n",
@@ -259,6 +270,14 @@ mod tests {
         assert_eq!(ratio(None, Some(50.0)), None);
         assert_eq!(ratio(Some(50.0), None), None);
         assert_eq!(ratio(Some(0.0), Some(50.0)), None);
+    }
+
+    #[test]
+    fn ratios_read_with_three_digits() {
+        assert_eq!(ratio_text(0.8), "0.80x");
+        assert_eq!(ratio_text(9.999), "10.00x");
+        assert_eq!(ratio_text(12.54), "12.5x");
+        assert_eq!(ratio_text(4604.02), "4604x");
     }
 
     #[test]
