@@ -428,29 +428,44 @@ const ORANGE: RGBColor = RGBColor(255, 127, 14);
 const GREEN_: RGBColor = RGBColor(44, 160, 44);
 const RED_: RGBColor = RGBColor(214, 39, 40);
 
+/// What the fragmented series are: the fraction converted where every size reached its
+/// target, else the number of pages (the fill capped by `--max-fill`).
+fn fragmented_label(points: &[ScalePoint]) -> String {
+    let reached = |p: &ScalePoint| (p.reached_fraction - p.target_fraction).abs() < 1e-6;
+    match points.first() {
+        None => "fragmented".to_string(),
+        Some(first) if points.iter().all(reached) => {
+            format!("{} % converted", first.target_fraction * 100.0)
+        }
+        Some(first)
+            if points
+                .iter()
+                .all(|p| p.converted_pages == first.converted_pages) =>
+        {
+            format!(
+                "{:.2} M pages converted",
+                first.converted_pages as f64 / 1e6
+            )
+        }
+        Some(_) => "fragmented (see the table)".to_string(),
+    }
+}
+
 /// Draws the three panels; returns whether they have labels.
 fn draw(path: &Path, points: &[ScalePoint]) -> Result<bool, Failure> {
     let labels = register_font();
     let root = BitMapBackend::new(path, (1500, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_error)?;
     let panels = root.split_evenly((1, 3));
-    let pct = points.first().map_or(0.0, |p| p.target_fraction * 100.0);
+    let fragmented = fragmented_label(points);
     let col = |f: fn(&ScalePoint) -> f64| points.iter().map(f).collect::<Vec<_>>();
     panel(
         &panels[0],
         "one 4 KiB conversion",
         points,
         &[
-            (
-                &format!("median, {pct} % converted"),
-                RED_,
-                col(|p| p.median_ns),
-            ),
-            (
-                &format!("p99, {pct} % converted"),
-                ORANGE,
-                col(|p| p.p99_ns),
-            ),
+            (&format!("median, {fragmented}"), RED_, col(|p| p.median_ns)),
+            (&format!("p99, {fragmented}"), ORANGE, col(|p| p.p99_ns)),
             ("median, uniform", BLUE_, col(|p| p.uniform_median_ns)),
             ("p99, uniform", GREEN_, col(|p| p.uniform_p99_ns)),
         ],
@@ -462,11 +477,7 @@ fn draw(path: &Path, points: &[ScalePoint]) -> Result<bool, Failure> {
         "metadata (store + files)",
         points,
         &[
-            (
-                &format!("{pct} % converted"),
-                RED_,
-                col(|p| p.metadata_bytes as f64),
-            ),
+            (&fragmented, RED_, col(|p| p.metadata_bytes as f64)),
             ("uniform", BLUE_, col(|p| p.uniform_metadata_bytes as f64)),
         ],
         &bytes_text,
@@ -562,6 +573,42 @@ mod tests {
         assert!(args(&["--fraction", "2"]).is_err());
         assert!(args(&["--storm"]).is_err());
         assert!(args(&["--bogus", "1"]).is_err());
+    }
+
+    #[test]
+    fn fragmented_series_say_what_was_converted() {
+        let point = |tib: u64, reached: f64, pages: u64| ScalePoint {
+            tib,
+            files: 1000,
+            file_bytes: 1 << 30,
+            target_fraction: 0.01,
+            reached_fraction: reached,
+            converted_pages: pages,
+            fill_threads: 2,
+            fill_seconds: 1.0,
+            uniform_metadata_bytes: 1,
+            metadata_bytes: 2,
+            storm_ops: 2,
+            uniform_median_ns: 1.0,
+            uniform_p99_ns: 1.0,
+            median_ns: 1.0,
+            p99_ns: 1.0,
+            whole_file_fragmented_to_shared_ms: 1.0,
+            whole_file_to_private_ms: 1.0,
+            whole_file_to_shared_ms: 1.0,
+        };
+        assert_eq!(
+            fragmented_label(&[point(1, 0.01, 10), point(4, 0.01, 40)]),
+            "1 % converted"
+        );
+        assert_eq!(
+            fragmented_label(&[point(1, 0.01, 2_682_880), point(4, 0.0025, 2_682_880)]),
+            "2.68 M pages converted"
+        );
+        assert_eq!(
+            fragmented_label(&[point(1, 0.01, 10), point(4, 0.0025, 20)]),
+            "fragmented (see the table)"
+        );
     }
 
     #[test]
