@@ -6,7 +6,8 @@
 //!   punched at the bottom of the space (vm-allocator's first-match walk is O(holes)).
 //! * `threads/<n>/<impl>`: n threads (1, 2, 8 on this 2-core machine) each doing a mixed
 //!   stream (4K 70 %, 2M 25 %, 1G 5 %) of allocs and frees, each thread keeping up to 16
-//!   allocations live; throughput in alloc+free pairs per second.
+//!   allocations live; throughput in alloc+free pairs per second. This is the random-size
+//!   row: sizes drawn among 4K/2M/1G (not random page counts).
 //!
 //! `ours-1-shard` is this allocator with one shard (one lock, like the baseline);
 //! `ours-sharded` has 8 shards.
@@ -19,6 +20,8 @@
 //! * `bulk_4k/<phase>`: 4K frames allocated one after another from empty (up to 1M, then
 //!   freed untimed), and freed newest first or in a random order; time per alloc or free.
 //! * `pair_threads/<n>`: n threads (shards = n) repeating 4K pairs; throughput in pairs/s.
+//! * `bulk_4k_threads/<n>`: n threads (shards = n) each allocating 65,536 4K frames, then
+//!   freeing them (LLFree's bulk workload); throughput in alloc+free pairs/s.
 //! * `fragmented_16g/<phase>`: 16 GiB filled with 4K frames, a random half freed (time per
 //!   free); then 64 random whole 2M blocks freed and 2M allocs find them (time per 2M alloc,
 //!   64 of 64 asserted); a failing 2M request on the fragmented memory.
@@ -27,6 +30,7 @@
 //!
 //! Run: `cargo bench -p pfnstore-benches --bench allocator -- --warm-up-time 1 --measurement-time 2`
 
+use std::cell::RefCell;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -337,6 +341,39 @@ fn pair_threads(c: &mut Criterion) {
     group.finish();
 }
 
+/// 4 KiB frames each thread of `bulk_4k_threads` allocates before freeing them (256 MiB per
+/// thread: 8 threads take 2 GiB of the 16).
+const BULK_PER_THREAD: u64 = 1 << 16;
+
+/// LLFree's "bulk" workload: n threads (shards = n) each allocate `BULK_PER_THREAD` 4 KiB
+/// frames, then free them all, oldest first; criterion times a round (all threads), the
+/// throughput is alloc+free pairs.
+fn bulk_threads(c: &mut Criterion) {
+    let mut group = c.benchmark_group("bulk_4k_threads");
+    for n in [1u64, 2, 8] {
+        group.throughput(Throughput::Elements(n * BULK_PER_THREAD));
+        let a = Arc::new(ours16(n as usize));
+        let jobs = (0..n)
+            .map(|_| {
+                let a = Arc::clone(&a);
+                let held = RefCell::new(Vec::with_capacity(BULK_PER_THREAD as usize));
+                Box::new(move |_| {
+                    let mut held = held.borrow_mut();
+                    held.extend((0..BULK_PER_THREAD).map(|_| page(&a, 1)));
+                    for r in held.drain(..) {
+                        a.free(r).expect("own range");
+                    }
+                }) as Box<dyn Fn(u64) + Send>
+            })
+            .collect();
+        let workers = Workers::new(jobs);
+        group.bench_function(n.to_string(), |b| {
+            b.iter_custom(|iters| (0..iters).map(|_| workers.round(0)).sum())
+        });
+    }
+    group.finish();
+}
+
 /// 16 GiB filled with 4K frames; returns them by frame.
 fn fill(a: &Allocator) -> Vec<Option<PfnRange>> {
     let mut table = vec![None; FRAMES16 as usize];
@@ -497,6 +534,7 @@ criterion_group!(
     pair,
     bulk,
     pair_threads,
+    bulk_threads,
     fragmented
 );
 

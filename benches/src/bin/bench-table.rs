@@ -8,9 +8,13 @@
 //! ```
 //!
 //! The criterion directory defaults to `$CARGO_TARGET_DIR/criterion`, else `target/criterion`.
+//! `bench-summary` (run by `scripts/bench.sh`) gives every row of the benchmark issue, with
+//! published figures, the machine and JSON; this is the raw table of whatever criterion has.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+use pfnstore_benches::criterion_results;
 
 /// Implementation names used in benchmark ids; the first ones are pfnstore's.
 const OURS: [&str; 2] = ["pfnstore", "ours-sharded"];
@@ -27,14 +31,8 @@ const KNOWN: [&str; 7] = [
 fn main() {
     let dir = std::env::args()
         .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map_or_else(|| PathBuf::from("target"), PathBuf::from);
-            target.join("criterion")
-        });
-    let mut found = Vec::new();
-    collect(&dir, &mut found);
+        .map_or_else(criterion_results::default_dir, PathBuf::from);
+    let found = criterion_results::collect(&dir);
     if found.is_empty() {
         eprintln!(
             "no criterion results under {} (run the benches first)",
@@ -44,7 +42,8 @@ fn main() {
     }
     // row -> implementation -> median ns
     let mut rows: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
-    for (full_id, median) in found {
+    for (full_id, measured) in found {
+        let median = measured.median_ns;
         let parts: Vec<&str> = full_id.split('/').collect();
         let (implementation, row) = match parts.iter().position(|p| KNOWN.contains(p)) {
             Some(i) => {
@@ -99,48 +98,6 @@ fn main() {
     }
 }
 
-/// Every `.../new/benchmark.json` below `dir`, with the median of its `estimates.json`.
-fn collect(dir: &Path, out: &mut Vec<(String, f64)>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            if path.file_name().is_some_and(|n| n == "new") {
-                if let Some(result) = read(&path) {
-                    out.push(result);
-                }
-            } else {
-                collect(&path, out);
-            }
-        }
-    }
-}
-
-fn read(new_dir: &Path) -> Option<(String, f64)> {
-    let benchmark = std::fs::read_to_string(new_dir.join("benchmark.json")).ok()?;
-    let estimates = std::fs::read_to_string(new_dir.join("estimates.json")).ok()?;
-    let full_id = string_field(&benchmark, "full_id")?;
-    let median = &estimates[estimates.find("\"median\"")?..];
-    let value = number_field(median, "point_estimate")?;
-    Some((full_id, value))
-}
-
-fn string_field(json: &str, name: &str) -> Option<String> {
-    let key = format!("\"{name}\":\"");
-    let start = json.find(&key)? + key.len();
-    let end = start + json[start..].find('"')?;
-    Some(json[start..end].to_string())
-}
-
-fn number_field(json: &str, name: &str) -> Option<f64> {
-    let key = format!("\"{name}\":");
-    let start = json.find(&key)? + key.len();
-    let end = start + json[start..].find([',', '}'])?;
-    json[start..end].trim().parse().ok()
-}
-
 fn human(ns: f64) -> String {
     if ns >= 1e6 {
         format!("{:.2} ms", ns / 1e6)
@@ -156,15 +113,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fields_are_extracted() {
-        let b = r#"{"group_id":"g","full_id":"alloc/2M/vm-allocator","x":1}"#;
-        assert_eq!(
-            string_field(b, "full_id").as_deref(),
-            Some("alloc/2M/vm-allocator")
-        );
-        let e = r#"{"mean":{"point_estimate":5.0},"median":{"confidence_interval":{"lower_bound":1.0},"point_estimate":93.5,"standard_error":0.3}}"#;
-        let median = &e[e.find("\"median\"").unwrap()..];
-        assert_eq!(number_field(median, "point_estimate"), Some(93.5));
+    fn times_are_human() {
+        assert_eq!(human(93.5), "93.5 ns");
         assert_eq!(human(1500.0), "1.50 us");
+        assert_eq!(human(2.5e6), "2.50 ms");
     }
 }
