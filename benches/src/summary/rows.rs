@@ -140,6 +140,8 @@ const BITMAP: &str = "bitmap + counters, Mutex";
 /// The brief (section 6) on speed.
 const BEAT_BITMAP: &str = "≤ bitmap (brief §6: the baseline to beat on speed)";
 const RANGEMAP: &str = "rangemap, Mutex";
+/// The decided speed target of the metadata fast path (in a fragmented space).
+const BEAT_RANGEMAP_FRAGMENTED: &str = "≥ 3x rangemap in a fragmented space (the settled target)";
 const STRUCT_PAGE: &str = "struct page array (64 B per 4 KiB)";
 
 fn metadata(inputs: &Inputs, rows: &mut Vec<Row>) {
@@ -152,19 +154,23 @@ fn metadata(inputs: &Inputs, rows: &mut Vec<Row>) {
         ),
     ] {
         let group = format!("metadata/convert_4k_and_back_in_{id}");
-        rows.push(
-            timed(
-                inputs,
-                format!("metadata: 4 KiB convert-and-back in {words} (64 GiB space)"),
-                &format!("{group}/pfnstore"),
-                &[
-                    (BITMAP, format!("{group}/bitmap")),
-                    (RANGEMAP, format!("{group}/rangemap")),
-                    (STRUCT_PAGE, format!("{group}/struct_page")),
-                ],
-            )
-            .target_ratio(BITMAP, 1.0, BEAT_BITMAP),
+        let row = timed(
+            inputs,
+            format!("metadata: 4 KiB convert-and-back in {words} (64 GiB space)"),
+            &format!("{group}/pfnstore"),
+            &[
+                (BITMAP, format!("{group}/bitmap")),
+                (RANGEMAP, format!("{group}/rangemap")),
+                (STRUCT_PAGE, format!("{group}/struct_page")),
+            ],
         );
+        // The speed target of the fast path was settled for the space of a running VM: at
+        // least 3x rangemap once the space is fragmented (ARCHITECTURE.md, "Benchmarks").
+        rows.push(if id.contains("fragmented") {
+            row.target_ratio(RANGEMAP, 3.0, BEAT_RANGEMAP_FRAGMENTED)
+        } else {
+            row.target_ratio(BITMAP, 1.0, BEAT_BITMAP)
+        });
     }
     for (_, label) in FRAGMENTATIONS {
         let group = "metadata/max_mapping_size";
