@@ -1,4 +1,4 @@
-//! Allocation benches (issue 4): pfnstore's allocator against rust-vmm's vm-allocator
+//! Allocation benches: pfnstore's allocator against rust-vmm's vm-allocator
 //! `AddressAllocator` behind a parking_lot Mutex (how a VMM uses it), in one run.
 //!
 //! * `alloc_free_empty/<size>/<impl>`: one alloc + free of 4K, 2M or 1G on an empty 64 GiB.
@@ -12,7 +12,7 @@
 //! `ours-1-shard` is this allocator with one shard (one lock, like the baseline);
 //! `ours-sharded` has 8 shards.
 //!
-//! Issue 14's table (pfnstore's side; LLFree is measured outside the project, see
+//! The allocator targets' table (pfnstore's side; LLFree is measured outside the project, see
 //! benches/RESULTS.md), on 16 GiB added dirty with `add_chunk`, one frame of order o aligned to
 //! its size per call:
 //!
@@ -214,7 +214,7 @@ fn threads(c: &mut Criterion) {
     group.finish();
 }
 
-// ----- issue 14: the side-by-side table's cases -----
+// ----- the allocator targets' cases (beside LLFree, benches/RESULTS.md) -----
 
 /// 16 GiB, the size of the side-by-side runs with LLFree.
 const GIB16: u64 = 16;

@@ -224,7 +224,8 @@ fn disjoint_files(
 }
 
 fn disjoint_rows(group: &mut BenchmarkGroup<'_, WallTime>) {
-    // The rows of issue 6 keep their names: synthetic memory, three no-op subscribers.
+    // These rows keep their first names (earlier results in benches/RESULTS.md use them):
+    // synthetic memory, three no-op subscribers.
     let synthetic = stores::synthetic(4, 2);
     disjoint_files(group, "", &synthetic, 3);
     drop(synthetic);

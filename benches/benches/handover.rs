@@ -1,4 +1,4 @@
-//! Live update (issue 17): how long a store takes to snapshot and to rebuild from the
+//! Live update: how long a store takes to snapshot and to rebuild from the
 //! snapshot, and how many bytes the snapshot is, for synthetic stores of 1 TiB and 16 TiB,
 //! uniform and fragmented. The socket transfer itself is a memcpy of those bytes. The snapshot
 //! sizes are printed on stderr (`handover: <case>: snapshot <n> bytes`); with

@@ -1,4 +1,4 @@
-//! Metadata store vs. its baselines (issue 3): conversion of 4K inside a uniform 1G and back
+//! Metadata store vs. its baselines: conversion of 4K inside a uniform 1G and back
 //! (shared and private memory), max-mapping-order at several fragmentations, 1G, 64 GiB and
 //! 1 TiB conversion, and metadata bytes per GiB (printed as a table before the timings, measured with
 //! a counting allocator). Every conversion, ours and the baselines', reports the blocks it split

@@ -1,4 +1,4 @@
-//! Which results make which rows of the summary, in the order the issue lists them: metadata,
+//! Which results make which rows of the summary: metadata,
 //! bytes, allocator (with LLFree's published figures), the facade, prefault, handover.
 
 use std::collections::BTreeMap;
@@ -14,7 +14,7 @@ pub const LLFREE: &str = "LLFree (published, another machine)";
 // LLFree's published figures: L. Wrenger, F. Rommel, A. Halbuer, C. Dietrich, D. Lohmann,
 // "LLFree: Scalable and Optionally-Persistent Page-Frame Allocation", USENIX ATC 2023
 // (https://www.usenix.org/conference/atc23/presentation/wrenger; code: github luhsra/llfree-rs),
-// its user-space evaluation, as quoted by the benchmark issue (16): ~91 ns per 4 KiB alloc+free
+// its user-space evaluation: ~91 ns per 4 KiB alloc+free
 // pair and ~70 ns per 2 MiB pair, flat from 1 to 26 cores, with Linux's buddy allocator ~10x
 // slower under concurrent bulk allocation. They were measured on another machine: the summary
 // shows them beside this run's figures, never as a ratio that claims more.
@@ -23,28 +23,28 @@ pub const LLFREE_4K_PAIR_NS: f64 = 91.0;
 /// The same for a 2 MiB pair, ns.
 pub const LLFREE_2M_PAIR_NS: f64 = 70.0;
 
-// The allocator issue's (14) goals. They come from LLFree measured on this machine beside
-// pfnstore by the llfree-cmp harness (/work/shared/llfree-cmp, one binary, one run): 4 KiB
+// The allocator's targets. They come from LLFree measured on this machine beside
+// pfnstore by the llfree-cmp harness (outside the workspace, one binary, one run): 4 KiB
 // pair 37.9 ns, 2 MiB pair 33.0 ns; bulk 1M x 4 KiB 21.8 ns per alloc, 19.0 ns per free
 // newest first, 20.1 ns per free in random order. They are targets, not measurements of
 // this run.
 /// Where the allocator's targets come from.
-const ISSUE_14: &str = "issue 14: LLFree measured on this machine";
-/// Issue 14: a 4 KiB pair on one thread at or below LLFree's figure here, ns.
+const ALLOCATOR_TARGET: &str = "allocator target: LLFree measured on this machine";
+/// Allocator target: a 4 KiB pair on one thread at or below LLFree's figure here, ns.
 const TARGET_4K_PAIR_NS: f64 = 38.0;
-/// Issue 14: a 2 MiB pair, ns.
+/// Allocator target: a 2 MiB pair, ns.
 const TARGET_2M_PAIR_NS: f64 = 33.0;
-/// Issue 14: a 1 GiB pair stays at or below this, ns.
+/// Allocator target: a 1 GiB pair stays at or below this, ns.
 const TARGET_1G_PAIR_NS: f64 = 60.0;
-/// Issue 14: bulk 4 KiB at most 1.5x LLFree's per alloc and per free (in any order), ns.
+/// Allocator target: bulk 4 KiB at most 1.5x LLFree's per alloc and per free (in any order), ns.
 const TARGET_BULK_ALLOC_NS: f64 = 1.5 * 21.8;
 /// See [`TARGET_BULK_ALLOC_NS`].
 const TARGET_BULK_FREE_NEWEST_NS: f64 = 1.5 * 19.0;
 /// See [`TARGET_BULK_ALLOC_NS`].
 const TARGET_BULK_FREE_RANDOM_NS: f64 = 1.5 * 20.1;
-/// Issue 17: a uniform 1 TiB store hands over in under this, ns.
+/// Live-update target: a uniform 1 TiB store hands over in under this, ns.
 const TARGET_HANDOVER_NS: f64 = 10e6;
-/// Issue 17: and its snapshot is under this, bytes.
+/// Live-update target: and its snapshot is under this, bytes.
 const TARGET_SNAPSHOT_BYTES: f64 = (1u64 << 20) as f64;
 
 /// Everything a summary is made from.
@@ -349,7 +349,7 @@ fn allocator(inputs: &Inputs, rows: &mut Vec<Row>) {
             row = row.with(Baseline::published(LLFREE, Some(ns), "user space"));
         }
         if let Some(limit) = target {
-            row = row.target_at_most(limit, ISSUE_14);
+            row = row.target_at_most(limit, ALLOCATOR_TARGET);
         }
         rows.push(missing_noted(row).from_sources([id.to_string()]));
     }
@@ -375,7 +375,7 @@ fn allocator(inputs: &Inputs, rows: &mut Vec<Row>) {
             per_op(inputs, id),
         );
         if id == "bulk_4k/free-random" {
-            // Issue 14: any free order, and random order within 2x of newest first.
+            // Allocator target: any free order, and random order within 2x of newest first.
             if let Some(v) = newest_first {
                 row = row.with(Baseline::measured("pfnstore, newest first (this run)", v));
             }
@@ -385,13 +385,13 @@ fn allocator(inputs: &Inputs, rows: &mut Vec<Row>) {
             });
             row = row.target(
                 format!(
-                    "≤ {} and ≤ 2x newest first ({ISSUE_14}, 1.5x it)",
+                    "≤ {} and ≤ 2x newest first ({ALLOCATOR_TARGET}, 1.5x it)",
                     human(Unit::Ns, limit)
                 ),
                 met,
             );
         } else {
-            row = row.target_at_most(limit, &format!("{ISSUE_14}, 1.5x it"));
+            row = row.target_at_most(limit, &format!("{ALLOCATOR_TARGET}, 1.5x it"));
         }
         rows.push(missing_noted(row).from_sources([id.to_string()]));
     }
@@ -434,18 +434,18 @@ fn allocator(inputs: &Inputs, rows: &mut Vec<Row>) {
             2 => row.target_ratio(
                 ONE_THREAD,
                 1.8 / n as f64,
-                "throughput ≥ 1.8x 1 thread's (issue 14)",
+                "throughput ≥ 1.8x 1 thread's (allocator target)",
             ),
             8 => {
                 let per_op = |threads: u64| per_op(inputs, &format!("pair_threads/{threads}"));
                 let met = per_op(8).zip(per_op(2)).map(|(eight, two)| eight <= two);
                 let text = match (per_op(8), per_op(2)) {
                     (Some(eight), Some(two)) => format!(
-                        "per operation no slower than 2 threads (issue 14): {} vs {} wall time per pair",
+                        "per operation no slower than 2 threads (allocator target): {} vs {} wall time per pair",
                         human(Unit::Ns, eight),
                         human(Unit::Ns, two)
                     ),
-                    _ => "per operation no slower than 2 threads (issue 14)".to_string(),
+                    _ => "per operation no slower than 2 threads (allocator target)".to_string(),
                 };
                 row.target(text, met)
             }
@@ -704,7 +704,7 @@ fn handover(inputs: &Inputs, rows: &mut Vec<Row>) {
         }
         let uniform_1t = case == "1 TiB uniform";
         if uniform_1t {
-            size = size.target_at_most(TARGET_SNAPSHOT_BYTES, "issue 17");
+            size = size.target_at_most(TARGET_SNAPSHOT_BYTES, "live-update target");
         }
         rows.push(size);
         let snapshot_id = format!("handover/snapshot, {case}");
@@ -726,7 +726,7 @@ fn handover(inputs: &Inputs, rows: &mut Vec<Row>) {
             // the rebuild.
             let both = inputs.median(&snapshot_id).zip(inputs.median(&rebuild_id));
             let text = format!(
-                "snapshot + rebuild < {} (issue 17){}",
+                "snapshot + rebuild < {} (live-update target){}",
                 human(Unit::Ns, TARGET_HANDOVER_NS),
                 both.map_or(String::new(), |(s, r)| format!(
                     ": {}",

@@ -67,7 +67,7 @@ impl Baseline {
 /// A goal a row is held to, with where it was set, and whether this run met it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Target {
-    /// The goal in words, with its source (`≤ 38 ns (issue 14: LLFree on this machine)`).
+    /// The goal in words, with its source (`≤ 38 ns (allocator target: LLFree on this machine)`).
     pub text: String,
     /// Whether this run's figures meet it; `None` when a figure it needs is missing.
     pub met: Option<bool>,
@@ -303,7 +303,7 @@ mod tests {
                 .target_ratio("bitmap", 1.0, "≤ bitmap"),
             Row::new("prefault, 1 GiB pages", Unit::Ns, None).noted("skipped: no pool"),
             Row::new("snapshot bytes", Unit::Bytes, Some(2048.0))
-                .target_at_most(1024.0 * 1024.0, "issue 17"),
+                .target_at_most(1024.0 * 1024.0, "live-update target"),
         ];
         let table = markdown(&rows);
         let lines: Vec<&str> = table.lines().collect();
@@ -322,7 +322,7 @@ mod tests {
         );
         assert_eq!(
             lines[5],
-            "| snapshot bytes | 2.0 KiB | — | — | — | ≤ 1.00 MiB (issue 17) | yes |"
+            "| snapshot bytes | 2.0 KiB | — | — | — | ≤ 1.00 MiB (live-update target) | yes |"
         );
     }
 
