@@ -17,6 +17,17 @@ pub enum Prefault {
     Threads(usize),
 }
 
+impl std::fmt::Display for Prefault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Prefault::None => f.write_str("none (faulted on first touch)"),
+            Prefault::MapPopulate => f.write_str("MAP_POPULATE"),
+            Prefault::Threads(1) => f.write_str("MADV_POPULATE_WRITE on 1 thread"),
+            Prefault::Threads(n) => write!(f, "MADV_POPULATE_WRITE on {n} threads"),
+        }
+    }
+}
+
 impl Prefault {
     /// One thread per available CPU.
     pub fn threads_per_cpu() -> Prefault {

@@ -92,12 +92,27 @@ impl From<&HugetlbError> for StepFailure {
     }
 }
 
+/// A byte count in the largest binary unit that keeps it whole (`2 GiB`, `1536 MiB`, `4 KiB`).
+struct Bytes(u64);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(&str, u32); 5] =
+            [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10), ("B", 0)];
+        let (unit, shift) = UNITS
+            .into_iter()
+            .find(|&(_, shift)| self.0 >> shift > 0 && self.0 & ((1u64 << shift) - 1) == 0)
+            .unwrap_or(("B", 0));
+        write!(f, "{} {unit}", self.0 >> shift)
+    }
+}
+
 impl fmt::Display for SourceReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "asked: {} MiB of {}{}{}, prefault {:?}",
-            self.requested_bytes >> 20,
+            "asked: {} of {}{}{}, prefault {}",
+            Bytes(self.requested_bytes),
             self.preferred,
             if self.strict {
                 " (strict)"
@@ -112,13 +127,13 @@ impl fmt::Display for SourceReport {
         for (i, step) in self.steps.iter().enumerate() {
             write!(
                 f,
-                "  step {}: {} {} MiB of {}",
+                "  step {}: {} {} of {}",
                 i + 1,
                 match step.kind {
                     StepKind::Create => "create",
                     StepKind::Grow => "grow",
                 },
-                step.bytes >> 20,
+                Bytes(step.bytes),
                 step.page_size
             )?;
             if let Some(pool) = step.pool_before {
@@ -138,12 +153,36 @@ impl fmt::Display for SourceReport {
             }
         }
         match (self.obtained, self.pfn_kind) {
-            (Some(size), Some(kind)) => writeln!(
-                f,
-                "obtained: {} MiB of {size}, PFNs {kind}",
-                self.bytes >> 20
-            ),
+            (Some(size), Some(kind)) => {
+                writeln!(f, "obtained: {} of {size}, PFNs {kind}", Bytes(self.bytes))
+            }
             _ => writeln!(f, "obtained: nothing"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts_use_the_largest_unit_that_keeps_them_whole() {
+        let shown = |b: u64| Bytes(b).to_string();
+        assert_eq!(shown(0), "0 B");
+        assert_eq!(shown(4096), "4 KiB");
+        assert_eq!(shown(2 << 30), "2 GiB");
+        assert_eq!(shown(1536 << 20), "1536 MiB");
+        assert_eq!(shown(16 << 40), "16 TiB");
+        assert_eq!(shown(4097), "4097 B");
+    }
+
+    #[test]
+    fn prefault_methods_read_as_words() {
+        assert_eq!(
+            Prefault::Threads(2).to_string(),
+            "MADV_POPULATE_WRITE on 2 threads"
+        );
+        assert_eq!(Prefault::MapPopulate.to_string(), "MAP_POPULATE");
+        assert!(!Prefault::None.to_string().contains("None"));
     }
 }
