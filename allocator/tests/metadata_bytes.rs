@@ -68,3 +68,38 @@ fn metadata_stays_within_two_bits_per_frame() {
         "KiB per GiB: all 4K {all_4k:.2}, random half freed {half:.2}, all freed {freed:.2}, all 2M {huge:.2}"
     );
 }
+
+/// The costliest state there is: every 2 MiB block of every chunk mixed *and* needing its
+/// second bitmap (`S`), here through a two-page allocation in each block with the rest of
+/// the block free and clean. Two bits per frame are 64 KiB per GiB, the least that exact
+/// per-page state (free clean, free dirty, allocation start, allocation continued) can cost;
+/// the six marks per block (0.375 KiB) and each chunk's tables of bitmap groups come on top,
+/// under 1 KiB per GiB together (IMPLEMENTATION.md, "Memory").
+#[test]
+fn the_worst_state_costs_two_bits_per_frame_and_the_block_marks() {
+    const BLOCK: u64 = 512;
+    let before = CountingAllocator::live_bytes();
+    let a = Allocator::new(AllocatorConfig::new(Geometry::X86_64, 1)).unwrap();
+    for c in 0..GIB {
+        a.add_chunk(Pfn(c * C), false).unwrap();
+    }
+    for block in 0..GIB * C / BLOCK {
+        // Two pages in the middle of the block: an allocation that is not one page, with
+        // clean free pages on both sides.
+        let at = Pfn(block * BLOCK + 100);
+        a.alloc_at(PfnRange::from_len(at, 2).unwrap()).unwrap();
+    }
+    a.check_invariants().unwrap();
+    let worst = kib_per_gib(CountingAllocator::live_bytes() - before);
+    let floor = 64.0;
+    let beyond = 1.0;
+    eprintln!("KiB per GiB, every block mixed with S: {worst:.3} (two bits per frame: {floor})");
+    assert!(
+        worst > floor,
+        "the state under test is not the worst one: {worst} KiB per GiB"
+    );
+    assert!(
+        worst <= floor + beyond,
+        "every block mixed with S: {worst} KiB per GiB, more than two bits per frame and the marks"
+    );
+}
