@@ -9,7 +9,7 @@ mod common;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, mpsc};
 
 use common::*;
 use pfnstore::core::{Geometry, Pfn};
@@ -18,8 +18,8 @@ use pfnstore::hugetlb::fd_passing::{recv_with_fd, send_with_fd};
 use pfnstore::hugetlb::{HugePageSize, HugetlbConfig, HugetlbSource, Prefault, SyntheticSource};
 use pfnstore::subscribers::{IommuMapper, Misbehaviour};
 use pfnstore::{
-    AttributeRun, ConvertMode, FileExtent, FileOptions, GuestFile, Interest, PinOwner,
-    Shareability, Store, StoreError, StoreOptions,
+    AttributeRun, Change, ChangeKind, ConvertMode, FileExtent, FileOptions, GuestFile, Interest,
+    PinOwner, Shareability, Store, StoreError, StoreOptions, Subscriber, UnmapError,
 };
 
 const MIB: u64 = 1 << 20;
@@ -396,6 +396,151 @@ fn operations_during_a_handover_are_refused_with_a_typed_error() {
     assert_eq!(seen_rx.recv().unwrap(), Err(StoreError::HandoverInProgress));
     assert!(matches!(sent, Err(HandoverError::ReceiverGone)));
     assert!(files[1].pfn_at(0).is_ok(), "live again");
+}
+
+/// A subscriber that holds the first conversion it is told to unmap until the test releases
+/// it: an operation under way (inside the gate) for as long as the test wants.
+struct HoldsAConversion {
+    /// Told once, when the conversion is held.
+    held: Mutex<Option<mpsc::Sender<()>>>,
+    /// What the held conversion waits for.
+    release: Mutex<mpsc::Receiver<()>>,
+}
+
+/// Releases the held conversion when dropped: also when the test fails, whose unwinding would
+/// otherwise wait forever in the registration's drop for the callback under way.
+struct Release(mpsc::Sender<()>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+impl Subscriber for HoldsAConversion {
+    fn name(&self) -> &str {
+        "holds-a-conversion"
+    }
+
+    fn unmap(&self, change: &Change<'_>) -> Result<(), UnmapError> {
+        if matches!(change.kind, ChangeKind::Convert { .. })
+            && let Some(held) = self.held.lock().unwrap().take()
+        {
+            held.send(()).unwrap();
+            self.release.lock().unwrap().recv().unwrap();
+        }
+        Ok(())
+    }
+
+    fn map(&self, _: &Change<'_>) {}
+
+    fn restore(&self, _: &Change<'_>) -> Result<(), UnmapError> {
+        Ok(())
+    }
+}
+
+/// The quiesce waits for an operation already under way: a snapshot taken while a conversion
+/// is held inside a subscriber's `unmap` does not return before the conversion ends, and it
+/// holds the conversion whole (not the state before it, nor half of it).
+#[test]
+fn a_snapshot_waits_for_a_conversion_under_way_and_holds_it_whole() {
+    let source = SyntheticSource::new(Geometry::X86_64, Pfn(1 << 20), 8).unwrap();
+    let store = Store::synthetic(source, StoreOptions::default().with_shards(2)).unwrap();
+    let a = store
+        .create_file(FileOptions::new(4 * GIB).shared().populated())
+        .unwrap();
+    let b = store
+        .create_file(FileOptions::new(GIB).populated())
+        .unwrap();
+    let files = [a.clone(), b.clone()];
+    let before = dump(&store, &files);
+    let (held_tx, held) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    let holder = Arc::new(HoldsAConversion {
+        held: Mutex::new(Some(held_tx)),
+        release: Mutex::new(release_rx),
+    });
+    let _registration = store
+        .subscribe(&dyn_sub(&holder), Interest::File(a.id()))
+        .unwrap();
+    let release = Release(release);
+
+    // A: a conversion across a chunk boundary, held in its unmap (inside the gate).
+    let converting = std::thread::spawn(move || {
+        a.convert(
+            GIB - MIB,
+            2 * MIB,
+            Shareability::Private,
+            ConvertMode::Preserve,
+        )
+        .map(drop)
+    });
+    held.recv().unwrap();
+
+    // B: a snapshot, which closes the gate and must then wait for A.
+    let (snapshot_tx, snapshot) = mpsc::channel();
+    let snapshotting = {
+        let store = store.clone();
+        std::thread::spawn(move || snapshot_tx.send(store.snapshot()).unwrap())
+    };
+    let returned_early =
+        |snapshot: &mpsc::Receiver<Result<Vec<u8>, HandoverError>>| match snapshot.try_recv() {
+            Err(mpsc::TryRecvError::Empty) => None,
+            Ok(Ok(bytes)) => Some(format!("a snapshot of {} bytes", bytes.len())),
+            other => Some(format!("{other:?}")),
+        };
+    // Until B has closed the gate, another file's operation still runs.
+    loop {
+        if let Some(early) = returned_early(&snapshot) {
+            panic!("the snapshot returned while a conversion was under way: {early}");
+        }
+        match b.pfn_at(0) {
+            Ok(_) => std::thread::yield_now(),
+            Err(StoreError::HandoverInProgress) => break,
+            Err(e) => panic!("while the gate closes: {e}"),
+        }
+    }
+    // The gate is closed and A is still held: B waits, however long A takes. (The rounds give a
+    // gate that does not wait the chance to show it; where it waits, no round can fail.)
+    for _ in 0..1000 {
+        if let Some(early) = returned_early(&snapshot) {
+            panic!("the snapshot returned while a conversion was under way: {early}");
+        }
+        assert_eq!(
+            b.pfn_at(0),
+            Err(StoreError::HandoverInProgress),
+            "the gate opened again while a conversion was under way"
+        );
+        std::thread::yield_now();
+    }
+
+    drop(release);
+    converting.join().unwrap().unwrap();
+    // A hang detector only: the snapshot is due as soon as A has ended.
+    let bytes = snapshot
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the snapshot never returned after the conversion ended")
+        .unwrap();
+    snapshotting.join().unwrap();
+    assert!(b.pfn_at(0).is_ok(), "live again after the snapshot");
+
+    let after = dump(&store, &files);
+    assert_ne!(after, before, "the conversion changed the store");
+    let received = Store::receive_snapshot(&bytes, None, StoreOptions::default()).unwrap();
+    assert_eq!(
+        dump(&received.store, &received.files),
+        after,
+        "the snapshot holds the conversion whole"
+    );
+    let private = received.files[0]
+        .attribute_runs(GIB - MIB, 2 * MIB)
+        .unwrap();
+    assert!(
+        private
+            .iter()
+            .all(|run| run.shareability == Shareability::Private),
+        "{private:?}"
+    );
 }
 
 #[test]
