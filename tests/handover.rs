@@ -7,19 +7,24 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, mpsc};
 
 use common::*;
 use pfnstore::core::{Geometry, Pfn};
 use pfnstore::handover::{HandoverError, Received};
 use pfnstore::hugetlb::fd_passing::{recv_with_fd, send_with_fd};
-use pfnstore::hugetlb::{HugePageSize, HugetlbConfig, HugetlbSource, Prefault, SyntheticSource};
+use pfnstore::hugetlb::pool::{PoolCounts, PoolId, Sysfs, ledger_entries};
+use pfnstore::hugetlb::{
+    HugePageSize, HugetlbConfig, HugetlbError, HugetlbSource, MemorySource, PfnKind, Prefault,
+    SyntheticSource,
+};
 use pfnstore::subscribers::{IommuMapper, Misbehaviour};
 use pfnstore::{
-    AttributeRun, ConvertMode, FileExtent, FileOptions, GuestFile, Interest, PinOwner,
-    Shareability, Store, StoreError, StoreOptions,
+    AttributeRun, Change, ChangeKind, ConvertMode, FileExtent, FileOptions, GuestFile, Interest,
+    PinOwner, Shareability, Store, StoreError, StoreOptions, Subscriber, UnmapError,
 };
 
 const MIB: u64 = 1 << 20;
@@ -398,6 +403,151 @@ fn operations_during_a_handover_are_refused_with_a_typed_error() {
     assert!(files[1].pfn_at(0).is_ok(), "live again");
 }
 
+/// A subscriber that holds the first conversion it is told to unmap until the test releases
+/// it: an operation under way (inside the gate) for as long as the test wants.
+struct HoldsAConversion {
+    /// Told once, when the conversion is held.
+    held: Mutex<Option<mpsc::Sender<()>>>,
+    /// What the held conversion waits for.
+    release: Mutex<mpsc::Receiver<()>>,
+}
+
+/// Releases the held conversion when dropped: also when the test fails, whose unwinding would
+/// otherwise wait forever in the registration's drop for the callback under way.
+struct Release(mpsc::Sender<()>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+impl Subscriber for HoldsAConversion {
+    fn name(&self) -> &str {
+        "holds-a-conversion"
+    }
+
+    fn unmap(&self, change: &Change<'_>) -> Result<(), UnmapError> {
+        if matches!(change.kind, ChangeKind::Convert { .. })
+            && let Some(held) = self.held.lock().unwrap().take()
+        {
+            held.send(()).unwrap();
+            self.release.lock().unwrap().recv().unwrap();
+        }
+        Ok(())
+    }
+
+    fn map(&self, _: &Change<'_>) {}
+
+    fn restore(&self, _: &Change<'_>) -> Result<(), UnmapError> {
+        Ok(())
+    }
+}
+
+/// The quiesce waits for an operation already under way: a snapshot taken while a conversion
+/// is held inside a subscriber's `unmap` does not return before the conversion ends, and it
+/// holds the conversion whole (not the state before it, nor half of it).
+#[test]
+fn a_snapshot_waits_for_a_conversion_under_way_and_holds_it_whole() {
+    let source = SyntheticSource::new(Geometry::X86_64, Pfn(1 << 20), 8).unwrap();
+    let store = Store::synthetic(source, StoreOptions::default().with_shards(2)).unwrap();
+    let a = store
+        .create_file(FileOptions::new(4 * GIB).shared().populated())
+        .unwrap();
+    let b = store
+        .create_file(FileOptions::new(GIB).populated())
+        .unwrap();
+    let files = [a.clone(), b.clone()];
+    let before = dump(&store, &files);
+    let (held_tx, held) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    let holder = Arc::new(HoldsAConversion {
+        held: Mutex::new(Some(held_tx)),
+        release: Mutex::new(release_rx),
+    });
+    let _registration = store
+        .subscribe(&dyn_sub(&holder), Interest::File(a.id()))
+        .unwrap();
+    let release = Release(release);
+
+    // A: a conversion across a chunk boundary, held in its unmap (inside the gate).
+    let converting = std::thread::spawn(move || {
+        a.convert(
+            GIB - MIB,
+            2 * MIB,
+            Shareability::Private,
+            ConvertMode::Preserve,
+        )
+        .map(drop)
+    });
+    held.recv().unwrap();
+
+    // B: a snapshot, which closes the gate and must then wait for A.
+    let (snapshot_tx, snapshot) = mpsc::channel();
+    let snapshotting = {
+        let store = store.clone();
+        std::thread::spawn(move || snapshot_tx.send(store.snapshot()).unwrap())
+    };
+    let returned_early =
+        |snapshot: &mpsc::Receiver<Result<Vec<u8>, HandoverError>>| match snapshot.try_recv() {
+            Err(mpsc::TryRecvError::Empty) => None,
+            Ok(Ok(bytes)) => Some(format!("a snapshot of {} bytes", bytes.len())),
+            other => Some(format!("{other:?}")),
+        };
+    // Until B has closed the gate, another file's operation still runs.
+    loop {
+        if let Some(early) = returned_early(&snapshot) {
+            panic!("the snapshot returned while a conversion was under way: {early}");
+        }
+        match b.pfn_at(0) {
+            Ok(_) => std::thread::yield_now(),
+            Err(StoreError::HandoverInProgress) => break,
+            Err(e) => panic!("while the gate closes: {e}"),
+        }
+    }
+    // The gate is closed and A is still held: B waits, however long A takes. (The rounds give a
+    // gate that does not wait the chance to show it; where it waits, no round can fail.)
+    for _ in 0..1000 {
+        if let Some(early) = returned_early(&snapshot) {
+            panic!("the snapshot returned while a conversion was under way: {early}");
+        }
+        assert_eq!(
+            b.pfn_at(0),
+            Err(StoreError::HandoverInProgress),
+            "the gate opened again while a conversion was under way"
+        );
+        std::thread::yield_now();
+    }
+
+    drop(release);
+    converting.join().unwrap().unwrap();
+    // A hang detector only: the snapshot is due as soon as A has ended.
+    let bytes = snapshot
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the snapshot never returned after the conversion ended")
+        .unwrap();
+    snapshotting.join().unwrap();
+    assert!(b.pfn_at(0).is_ok(), "live again after the snapshot");
+
+    let after = dump(&store, &files);
+    assert_ne!(after, before, "the conversion changed the store");
+    let received = Store::receive_snapshot(&bytes, None, StoreOptions::default()).unwrap();
+    assert_eq!(
+        dump(&received.store, &received.files),
+        after,
+        "the snapshot holds the conversion whole"
+    );
+    let private = received.files[0]
+        .attribute_runs(GIB - MIB, 2 * MIB)
+        .unwrap();
+    assert!(
+        private
+            .iter()
+            .all(|run| run.shareability == Shareability::Private),
+        "{private:?}"
+    );
+}
+
 #[test]
 fn snapshots_grow_with_boundaries_not_with_memory() {
     let bytes = |gib: u64, fragment: bool| {
@@ -431,6 +581,215 @@ fn snapshots_grow_with_boundaries_not_with_memory() {
     assert!(
         (2..=16).contains(&per_boundary),
         "{per_boundary} bytes per converted page"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// In this process, on real 2 MiB hugetlb pages: the memory of another store is refused.
+
+/// The 2 MiB pool's counters.
+fn two_mib_pool() -> PoolCounts {
+    let pool = PoolId {
+        page_size: HugePageSize::Huge2M,
+        node: None,
+    };
+    Sysfs::system().read_pool(pool).unwrap()
+}
+
+/// A store of `bytes` of 2 MiB hugetlb pages, prefaulted (so that its PFNs are real), growing
+/// the pool (given back when the store is dropped, also when a test fails); the reason where
+/// the machine cannot give them.
+fn two_mib_store(bytes: u64) -> Result<Store, String> {
+    let source = HugetlbSource::new(
+        HugetlbConfig::new(bytes)
+            .with_page_size(HugePageSize::Huge2M)
+            .with_strict(true)
+            .with_grow_pool(true)
+            .with_prefault(Prefault::Threads(2)),
+    )
+    .map_err(|e| format!("{} MiB of 2 MiB pages: {e}", bytes / MIB))?;
+    let kind = source.report().pfn_kind;
+    if kind != Some(PfnKind::Real) {
+        return Err(format!("pagemap gives no real PFNs here ({kind:?})"));
+    }
+    Store::from_hugetlb(source, StoreOptions::default().with_shards(1)).map_err(|e| e.to_string())
+}
+
+/// The hugetlb ledger's entries (what every pool growth is owed from), each with its inode and
+/// contents: a growth another owner adopted (and kept) is under another name, with a `from`
+/// line.
+fn ledger_state() -> Vec<(std::path::PathBuf, u64, String)> {
+    ledger_entries(&Sysfs::system())
+        .unwrap()
+        .into_iter()
+        .map(|path| {
+            let ino = std::fs::metadata(&path).unwrap().ino();
+            let contents = std::fs::read_to_string(&path).unwrap();
+            (path, ino, contents)
+        })
+        .collect()
+}
+
+/// The (device, inode) of the store's memfd, as fstat gives it.
+fn memfd_identity(store: &Store) -> (u64, u64) {
+    let meta = memfd_file(store).metadata().unwrap();
+    (meta.dev(), meta.ino())
+}
+
+/// CRC-32 (IEEE, reflected), written apart from the crate's, to seal a snapshot the test edits.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// `snapshot` with the memfd identity `from` replaced by `to`, its checksum made good again: a
+/// well-formed snapshot that `to`'s memfd passes the identity check with.
+fn with_memfd_identity(snapshot: &[u8], from: (u64, u64), to: (u64, u64)) -> Vec<u8> {
+    let (body, crc) = snapshot.split_at(snapshot.len() - 4);
+    assert_eq!(
+        crc32(body).to_le_bytes(),
+        crc,
+        "the test's CRC-32 is the format's"
+    );
+    let bytes = |(dev, ino): (u64, u64)| [dev.to_le_bytes(), ino.to_le_bytes()].concat();
+    let at: Vec<usize> = body
+        .windows(16)
+        .enumerate()
+        .filter(|(_, w)| *w == bytes(from).as_slice())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(at.len(), 1, "the identity is written once: {at:?}");
+    let mut out = body.to_vec();
+    out[at[0]..at[0] + 16].copy_from_slice(&bytes(to));
+    let crc = crc32(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// A store's snapshot rebuilt over the memfd of another real hugetlb store of the same size is
+/// refused with a typed error naming what differs (the memfd's identity; where that matches,
+/// the first chunk's offset and both frames), and so is a memfd of another length; neither
+/// store changes (the sender's stays live and usable, no pool growth changes owner).
+#[test]
+fn the_memory_of_another_store_is_refused_by_name_and_changes_nothing() {
+    let test = "the_memory_of_another_store_is_refused_by_name_and_changes_nothing";
+    let _lock = pfnstore::hugetlb::testing::hugetlb_lock();
+    if let Err(reason) = pfnstore::hugetlb::testing::can_reserve(HugePageSize::Huge2M) {
+        return pfnstore::core::testing::skip(test, &reason);
+    }
+    let pool_before = two_mib_pool();
+    {
+        let (a, b, short) = match (
+            two_mib_store(8 * MIB),
+            two_mib_store(8 * MIB),
+            two_mib_store(4 * MIB),
+        ) {
+            (Ok(a), Ok(b), Ok(short)) => (a, b, short),
+            (Err(reason), ..) | (_, Err(reason), _) | (.., Err(reason)) => {
+                return pfnstore::core::testing::skip(test, &reason);
+            }
+        };
+        let file_a = a
+            .create_file(FileOptions::new(8 * MIB).shared().populated())
+            .unwrap();
+        file_a.write(123, b"store a").unwrap();
+        file_a
+            .convert(
+                2 * MIB + 5 * PAGE,
+                PAGE,
+                Shareability::Private,
+                ConvertMode::Preserve,
+            )
+            .unwrap();
+        let file_b = b
+            .create_file(FileOptions::new(8 * MIB).shared().populated())
+            .unwrap();
+        file_b.write(123, b"store b").unwrap();
+        let (files_a, files_b) = ([file_a.clone()], [file_b.clone()]);
+        let (dump_a, dump_b) = (dump(&a, &files_a), dump(&b, &files_b));
+        let (snapshot_a, snapshot_b) = (a.snapshot().unwrap(), b.snapshot().unwrap());
+        let pool = two_mib_pool();
+        let ledger = ledger_state();
+        assert!(
+            ledger.len() >= 3,
+            "each store's growth has an entry: {ledger:?}"
+        );
+        let (id_a, id_b) = (memfd_identity(&a), memfd_identity(&b));
+        let refused = |bytes: &[u8], memfd_of: &Store| {
+            let memfd = OwnedFd::from(memfd_file(memfd_of));
+            match Store::receive_snapshot(bytes, Some(memfd), StoreOptions::default()) {
+                Ok(_) => panic!("a snapshot was rebuilt over the memory of another store"),
+                Err(e) => e,
+            }
+        };
+
+        // Another store's memfd: the identity check refuses it before anything is mapped...
+        match refused(&snapshot_a, &b) {
+            HandoverError::Memory(HugetlbError::WrongMemfd { recorded, found }) => {
+                assert_eq!((recorded, found), (id_a, id_b));
+            }
+            other => panic!("another store's memfd: {other}"),
+        }
+        // ...and where the identity matches, the frames do not: the first chunk is named, with
+        // the frame the snapshot recorded (A's) and the one the memfd has (B's).
+        match refused(&with_memfd_identity(&snapshot_a, id_a, id_b), &b) {
+            HandoverError::Memory(HugetlbError::PfnMoved {
+                chunk,
+                memfd_offset,
+                recorded,
+                now,
+            }) => {
+                assert_eq!((chunk, memfd_offset), (0, 0));
+                assert_eq!(a.owner_of(recorded), Ok(Some(file_a.id())));
+                assert_eq!(b.owner_of(now), Ok(Some(file_b.id())));
+                assert!(a.owner_of(now).is_err(), "{now} is not A's");
+            }
+            other => panic!("another store's frames: {other}"),
+        }
+        // A memfd of another length.
+        match refused(&snapshot_a, &short) {
+            HandoverError::Memory(HugetlbError::MemfdLength { recorded, found }) => {
+                assert_eq!((recorded, found), (8 * MIB, 4 * MIB));
+            }
+            other => panic!("a shorter memfd: {other}"),
+        }
+
+        // Nothing changed: no page taken from or given to the pool, no growth adopted (its
+        // ledger entry would have been renamed), both stores as they were, records included.
+        assert_eq!(two_mib_pool(), pool);
+        assert_eq!(ledger_state(), ledger);
+        assert_eq!(a.snapshot().unwrap(), snapshot_a);
+        assert_eq!(b.snapshot().unwrap(), snapshot_b);
+        assert_eq!(dump(&a, &files_a), dump_a);
+        assert_eq!(dump(&b, &files_b), dump_b);
+        // The sender's store is live and works.
+        file_a.write(4 * MIB, b"still a").unwrap();
+        let mut buf = [0u8; 7];
+        file_a.read(4 * MIB, &mut buf).unwrap();
+        assert_eq!(&buf, b"still a");
+        file_a
+            .convert(0, 2 * MIB, Shareability::Private, ConvertMode::Preserve)
+            .unwrap();
+        file_a
+            .convert(0, 2 * MIB, Shareability::Shared, ConvertMode::Preserve)
+            .unwrap();
+        a.check_invariants().unwrap();
+        b.check_invariants().unwrap();
+    }
+    assert_eq!(
+        two_mib_pool(),
+        pool_before,
+        "each store gave its own growth back"
     );
 }
 
