@@ -89,13 +89,6 @@ impl ChunkState {
         share.into_iter().chain(coarse).min()
     }
 
-    /// The first offset `p` with `after < p < limit` where any attribute changes.
-    pub(crate) fn next_boundary(&self, after: u32, limit: u32) -> Option<u32> {
-        let share = self.share.next_flip(after, limit);
-        let coarse = self.coarse.next_boundary(after, limit, false);
-        share.into_iter().chain(coarse).min()
-    }
-
     /// The middle blocks `m0..=m1` that are not mapping-uniform, found from the boundaries
     /// inside them (so the cost follows the boundaries, not the number of blocks).
     pub(crate) fn nonuniform_mids(&self, m0: u32, m1: u32, mid_order: u32) -> MidList {

@@ -164,6 +164,12 @@ impl SharePlane {
         }
     }
 
+    /// The flips after `after`, ascending, unless the plane is a bitmap.
+    pub(crate) fn flips_after(&self, after: u32) -> Option<&[u32]> {
+        let (_, flips) = self.list()?;
+        Some(&flips[flips.partition_point(|&p| p <= after)..])
+    }
+
     /// The first flip `p` with `after < p < limit`.
     pub(crate) fn next_flip(&self, after: u32, limit: u32) -> Option<u32> {
         match self {

@@ -57,7 +57,7 @@ impl MetadataStore {
                 range,
                 guards,
                 first,
-                ChunkState::next_boundary,
+                false,
                 |chunk, pos, start, end| {
                     let attrs = chunk.attributes_at(pos);
                     match out.last_mut() {
@@ -82,7 +82,7 @@ impl MetadataStore {
                 range,
                 guards,
                 first,
-                ChunkState::next_mapping_boundary,
+                true,
                 |chunk, pos, start, end| {
                     runs.push(start, end, chunk.mapping_at(pos));
                     Ok(ControlFlow::Continue(()))
@@ -107,7 +107,7 @@ impl MetadataStore {
                 range,
                 guards,
                 first,
-                ChunkState::next_mapping_boundary,
+                true,
                 |chunk, pos, start, end| {
                     let attrs = chunk.mapping_at(pos);
                     match &mut pending {
@@ -146,7 +146,7 @@ impl MetadataStore {
                 range,
                 guards,
                 first,
-                ChunkState::next_boundary,
+                false,
                 |chunk, pos, start, end| {
                     let attrs = chunk.attributes_at(pos);
                     match &mut pending {
@@ -171,14 +171,19 @@ impl MetadataStore {
     }
 
     /// Calls `visit(chunk, offset, start, end)` for each piece of `range` between two
-    /// consecutive boundaries that `next` finds, chunk by chunk, ascending. The guards are the
-    /// read-locked chunks of `range`, the first at slot `first`.
+    /// consecutive boundaries (of the mapping attributes only if `mapping_only`), chunk by
+    /// chunk, ascending. The guards are the read-locked chunks of `range`, the first at slot
+    /// `first`.
+    ///
+    /// A chunk's shareability flips are walked with a cursor (one search per chunk, not one per
+    /// boundary): a fragmented chunk has thousands of flips, and a snapshot or an invariant
+    /// check walks them all.
     pub(super) fn walk_runs<G: Deref<Target = Option<ChunkState>>>(
         &self,
         range: PfnRange,
         guards: &Guards<G>,
         first: usize,
-        next: impl Fn(&ChunkState, u32, u32) -> Option<u32>,
+        mapping_only: bool,
         mut visit: impl FnMut(&ChunkState, u32, Pfn, Pfn) -> Result<ControlFlow<()>, MetadataError>,
     ) -> Result<(), MetadataError> {
         for (k, guard) in guards.iter().enumerate() {
@@ -187,9 +192,20 @@ impl MetadataStore {
                 .expect("read_locked checked every chunk is managed");
             let base = self.chunk_base(first + k).0;
             let (lo, hi) = self.clip(range, first + k);
+            let mut flips = chunk.share.flips_after(lo);
             let mut pos = lo;
             while pos < hi {
-                let end = next(chunk, pos, hi).unwrap_or(hi);
+                let share = match flips.as_mut() {
+                    Some(list) => {
+                        while list.first().is_some_and(|&p| p <= pos) {
+                            *list = &list[1..];
+                        }
+                        list.first().copied().filter(|&p| p < hi)
+                    }
+                    None => chunk.share.next_flip(pos, hi),
+                };
+                let coarse = chunk.coarse.next_boundary(pos, hi, mapping_only);
+                let end = share.into_iter().chain(coarse).min().unwrap_or(hi);
                 let flow = visit(
                     chunk,
                     pos,
