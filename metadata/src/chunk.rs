@@ -31,9 +31,10 @@ impl ChunkState {
             .with_shareability(self.share.value_at(off))
     }
 
-    pub(crate) fn mapping_at(&self, off: u32) -> MappingAttributes {
+    /// The mapping attributes at `off`, whose shareability the caller knows.
+    pub(crate) fn mapping_with(&self, off: u32, shareability: Shareability) -> MappingAttributes {
         MappingAttributes {
-            shareability: self.share.value_at(off),
+            shareability,
             owner: self.coarse.at(off).mapping_key(),
         }
     }

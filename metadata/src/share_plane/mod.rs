@@ -164,10 +164,16 @@ impl SharePlane {
         }
     }
 
-    /// The flips after `after`, ascending, unless the plane is a bitmap.
-    pub(crate) fn flips_after(&self, after: u32) -> Option<&[u32]> {
-        let (_, flips) = self.list()?;
-        Some(&flips[flips.partition_point(|&p| p <= after)..])
+    /// The value at `after` and the flips after it, ascending, unless the plane is a bitmap.
+    pub(crate) fn flips_after(&self, after: u32) -> Option<(Shareability, &[u32])> {
+        let (first, flips) = self.list()?;
+        let before = flips.partition_point(|&p| p <= after);
+        let value = if before % 2 == 0 {
+            first
+        } else {
+            first.flipped()
+        };
+        Some((value, &flips[before..]))
     }
 
     /// The first flip `p` with `after < p < limit`.

@@ -10,7 +10,7 @@ use pfnstore_core::{PageSize, Pfn, PfnRange};
 use super::{Guards, MetadataStore, Slot};
 use crate::chunk::ChunkState;
 use crate::layout::{BlockLayout, RunCollector};
-use crate::{Attributes, FileId, MappingAttributes, MetadataError, Stats};
+use crate::{Attributes, FileId, MappingAttributes, MetadataError, Shareability, Stats};
 
 impl MetadataStore {
     /// Everything known about `pfn`.
@@ -58,8 +58,8 @@ impl MetadataStore {
                 guards,
                 first,
                 false,
-                |chunk, pos, start, end| {
-                    let attrs = chunk.attributes_at(pos);
+                |chunk, pos, share, start, end| {
+                    let attrs = chunk.coarse.at(pos).with_shareability(share);
                     match out.last_mut() {
                         Some((r, a)) if r.end() == start && *a == attrs => {
                             *r = PfnRange::new(r.start(), end)?
@@ -83,8 +83,8 @@ impl MetadataStore {
                 guards,
                 first,
                 true,
-                |chunk, pos, start, end| {
-                    runs.push(start, end, chunk.mapping_at(pos));
+                |chunk, pos, share, start, end| {
+                    runs.push(start, end, chunk.mapping_with(pos, share));
                     Ok(ControlFlow::Continue(()))
                 },
             )?;
@@ -108,8 +108,8 @@ impl MetadataStore {
                 guards,
                 first,
                 true,
-                |chunk, pos, start, end| {
-                    let attrs = chunk.mapping_at(pos);
+                |chunk, pos, share, start, end| {
+                    let attrs = chunk.mapping_with(pos, share);
                     match &mut pending {
                         Some((_, e, a)) if *e == start && *a == attrs => *e = end,
                         _ => {
@@ -147,8 +147,8 @@ impl MetadataStore {
                 guards,
                 first,
                 false,
-                |chunk, pos, start, end| {
-                    let attrs = chunk.attributes_at(pos);
+                |chunk, pos, share, start, end| {
+                    let attrs = chunk.coarse.at(pos).with_shareability(share);
                     match &mut pending {
                         Some((_, e, a)) if *e == start && *a == attrs => *e = end,
                         _ => {
@@ -170,21 +170,27 @@ impl MetadataStore {
         })
     }
 
-    /// Calls `visit(chunk, offset, start, end)` for each piece of `range` between two
+    /// Calls `visit(chunk, offset, shareability, start, end)` for each piece of `range` between two
     /// consecutive boundaries (of the mapping attributes only if `mapping_only`), chunk by
     /// chunk, ascending. The guards are the read-locked chunks of `range`, the first at slot
     /// `first`.
     ///
-    /// A chunk's shareability flips are walked with a cursor (one search per chunk, not one per
-    /// boundary): a fragmented chunk has thousands of flips, and a snapshot or an invariant
-    /// check walks them all.
+    /// A chunk's shareability flips are walked with a cursor, the shareability toggled at each
+    /// (one search per chunk, not one per boundary): a fragmented chunk has thousands of flips,
+    /// and a snapshot or an invariant check walks them all.
     pub(super) fn walk_runs<G: Deref<Target = Option<ChunkState>>>(
         &self,
         range: PfnRange,
         guards: &Guards<G>,
         first: usize,
         mapping_only: bool,
-        mut visit: impl FnMut(&ChunkState, u32, Pfn, Pfn) -> Result<ControlFlow<()>, MetadataError>,
+        mut visit: impl FnMut(
+            &ChunkState,
+            u32,
+            Shareability,
+            Pfn,
+            Pfn,
+        ) -> Result<ControlFlow<()>, MetadataError>,
     ) -> Result<(), MetadataError> {
         for (k, guard) in guards.iter().enumerate() {
             let chunk = guard
@@ -195,20 +201,24 @@ impl MetadataStore {
             let mut flips = chunk.share.flips_after(lo);
             let mut pos = lo;
             while pos < hi {
-                let share = match flips.as_mut() {
-                    Some(list) => {
-                        while list.first().is_some_and(|&p| p <= pos) {
-                            *list = &list[1..];
+                let (share, value) = match flips.as_mut() {
+                    Some((value, list)) => {
+                        while let Some((&p, rest)) = list.split_first()
+                            && p <= pos
+                        {
+                            *list = rest;
+                            *value = value.flipped();
                         }
-                        list.first().copied().filter(|&p| p < hi)
+                        (list.first().copied().filter(|&p| p < hi), *value)
                     }
-                    None => chunk.share.next_flip(pos, hi),
+                    None => (chunk.share.next_flip(pos, hi), chunk.share.value_at(pos)),
                 };
                 let coarse = chunk.coarse.next_boundary(pos, hi, mapping_only);
                 let end = share.into_iter().chain(coarse).min().unwrap_or(hi);
                 let flow = visit(
                     chunk,
                     pos,
+                    value,
                     Pfn(base + u64::from(pos)),
                     Pfn(base + u64::from(end)),
                 )?;
