@@ -527,6 +527,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn file_runs_give_back_what_was_pushed_pins_and_all() {
+        let mut runs = FileRuns::default();
+        runs.push(3, true, true, None, [(PinOwner(1), 2), (PinOwner(7), 1)]);
+        runs.push(4, false, true, Some(QuarantineReason::Operator), []);
+        runs.push(10, false, false, None, [(PinOwner(9), 5)]);
+        runs.push(11, true, false, Some(QuarantineReason::StillPinned), []);
+        let got: Vec<_> = runs
+            .iter()
+            .map(|r| {
+                let pins: Vec<_> = r.pins.iter().map(|p| (p.1.0, p.2)).collect();
+                (
+                    r.pages.start().0,
+                    r.pages.end().0,
+                    r.shared,
+                    r.backed,
+                    r.quarantined,
+                    pins,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 3, true, true, None, vec![(1, 2), (7, 1)]),
+                (3, 4, false, true, Some(QuarantineReason::Operator), vec![]),
+                (4, 10, false, false, None, vec![(9, 5)]),
+                (
+                    10,
+                    11,
+                    true,
+                    false,
+                    Some(QuarantineReason::StillPinned),
+                    vec![]
+                ),
+            ]
+        );
+    }
+
+    #[test]
     fn crc32_matches_the_standard_check_value() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
         assert_eq!(crc32(b""), 0);
