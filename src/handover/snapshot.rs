@@ -297,7 +297,11 @@ fn quarantine_of(code: u8, r: &Reader<'_>) -> Result<Option<QuarantineReason>, H
 
 /// Encodes `image` as a snapshot.
 pub(crate) fn encode(image: &Image) -> Vec<u8> {
+    // The header goes first and its length is filled in at the end: the body is not copied.
     let mut body = Writer(Vec::new());
+    body.0.extend_from_slice(MAGIC);
+    body.0.extend_from_slice(&VERSION.to_le_bytes());
+    body.0.extend_from_slice(&0u64.to_le_bytes());
     let g = &image.geometry;
     body.u32(g.order(pfnstore_core::PageSize::Size2M));
     body.u32(g.order(pfnstore_core::PageSize::Size1G));
@@ -342,11 +346,9 @@ pub(crate) fn encode(image: &Image) -> Vec<u8> {
             end = offsets.end().0;
         }
     }
-    let mut out = Vec::with_capacity(body.0.len() + 24);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&(body.0.len() as u64).to_le_bytes());
-    out.extend_from_slice(&body.0);
+    let mut out = body.0;
+    let len = (out.len() - 20) as u64;
+    out[12..20].copy_from_slice(&len.to_le_bytes());
     let crc = crc32(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     out
@@ -494,30 +496,57 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Image, HandoverError> {
     })
 }
 
-/// CRC-32 (IEEE 802.3, reflected, as zlib computes it).
-pub(crate) fn crc32(bytes: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut table = [0u32; 256];
+/// The CRC-32 tables for eight bytes at a time ("slicing by 8"): `TABLES[0]` is the classic
+/// byte table, `TABLES[k][b]` the CRC of byte `b` followed by `k` zero bytes. A byte at a time
+/// was a third of the time to encode a fragmented store's snapshot.
+const CRC_TABLES: [[u32; 256]; 8] = {
+    let mut tables = [[0u32; 256]; 8];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        tables[0][i] = c;
+        i += 1;
+    }
+    let mut t = 1;
+    while t < 8 {
         let mut i = 0;
         while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            table[i] = c;
+            let prev = tables[t - 1][i];
+            tables[t][i] = (prev >> 8) ^ tables[0][(prev & 0xFF) as usize];
             i += 1;
         }
-        table
-    };
+        t += 1;
+    }
+    tables
+};
+
+/// CRC-32 (IEEE 802.3, reflected, as zlib computes it).
+pub(crate) fn crc32(bytes: &[u8]) -> u32 {
+    let t = &CRC_TABLES;
     let mut crc = !0u32;
-    for &b in bytes {
-        crc = TABLE[((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let lo = crc ^ u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        crc = t[7][(lo & 0xFF) as usize]
+            ^ t[6][((lo >> 8) & 0xFF) as usize]
+            ^ t[5][((lo >> 16) & 0xFF) as usize]
+            ^ t[4][(lo >> 24) as usize]
+            ^ t[3][w[4] as usize]
+            ^ t[2][w[5] as usize]
+            ^ t[1][w[6] as usize]
+            ^ t[0][w[7] as usize];
+    }
+    for &b in words.remainder() {
+        crc = t[0][((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
     }
     !crc
 }
@@ -569,5 +598,26 @@ mod tests {
     fn crc32_matches_the_standard_check_value() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
         assert_eq!(crc32(b""), 0);
+    }
+
+    #[test]
+    fn crc32_eight_bytes_at_a_time_matches_a_byte_at_a_time() {
+        let bytewise = |bytes: &[u8]| {
+            let mut crc = !0u32;
+            for &b in bytes {
+                crc = CRC_TABLES[0][((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
+            }
+            !crc
+        };
+        let bytes: Vec<u8> = (0u32..1000)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for len in (0..40).chain([255, 256, 999, 1000]) {
+            assert_eq!(crc32(&bytes[..len]), bytewise(&bytes[..len]), "{len} bytes");
+        }
+        assert_eq!(
+            crc32(b"The quick brown fox jumps over the lazy dog"),
+            0x414F_A339
+        );
     }
 }
