@@ -231,6 +231,44 @@ impl MetadataStore {
         Ok(())
     }
 
+    /// Calls `visit` with each maximal run of one owner (`None`: no owner) that intersects
+    /// `range`, clipped to it, ascending, until it returns `Break`. Walks the owners only, so
+    /// its cost follows the owner boundaries, not the shareability flips (what checking a
+    /// fragmented file's backing needs).
+    pub fn visit_owner_runs(
+        &self,
+        range: PfnRange,
+        mut visit: impl FnMut(PfnRange, Option<FileId>) -> ControlFlow<()>,
+    ) -> Result<(), MetadataError> {
+        self.read_locked(range, |guards, first| {
+            let mut pending: Option<(Pfn, Pfn, Option<FileId>)> = None;
+            for (k, guard) in guards.iter().enumerate() {
+                let chunk = guard
+                    .as_ref()
+                    .expect("read_locked checked every chunk is managed");
+                let base = self.chunk_base(first + k).0;
+                let (lo, hi) = self.clip(range, first + k);
+                for (start, end, c) in chunk.coarse.runs_in(lo, hi, self.chunk_pages()) {
+                    let (start, end) = (Pfn(base + u64::from(start)), Pfn(base + u64::from(end)));
+                    match &mut pending {
+                        Some((_, e, owner)) if *e == start && *owner == c.owner => *e = end,
+                        _ => {
+                            if let Some((s, e, owner)) = pending.replace((start, end, c.owner))
+                                && visit(PfnRange::new(s, e)?, owner).is_break()
+                            {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some((s, e, owner)) = pending {
+                let _ = visit(PfnRange::new(s, e)?, owner);
+            }
+            Ok(())
+        })
+    }
+
     /// The one file that owns every page of `range` (`None`: no page is owned), or
     /// [`MetadataError::SpansFiles`] naming the first page whose owner differs from the
     /// start's.
