@@ -38,8 +38,11 @@ enum Records {
     /// runs only when read. (Building run records in an array and moving them into the
     /// caller's result stalled on store forwarding, and cost more than the conversion.)
     Chunk { base: u64, change: SmallChange },
-    /// Any other mutation: run records.
-    Runs(Runs),
+    /// Any other mutation: run records, and where the last record of each kind is (its
+    /// index + 1, 0 for none, by `Kind as usize`). Without it a bulk change that records each
+    /// chunk's split after its middle blocks' searched back over every middle-block record so
+    /// far: quadratic in the chunks of a store rebuilt in a live update.
+    Runs { runs: Runs, tails: [u32; 4] },
 }
 
 /// The blocks whose mapping uniformity a mutation changed.
@@ -71,7 +74,10 @@ impl MappingChange {
     pub(crate) fn new(geometry: Geometry) -> MappingChange {
         MappingChange {
             geometry,
-            records: Records::Runs(Runs::default()),
+            records: Records::Runs {
+                runs: Runs::default(),
+                tails: [0; 4],
+            },
         }
     }
 
@@ -87,21 +93,24 @@ impl MappingChange {
         }
     }
 
-    /// The run records, converting a fast-path change into them first.
-    fn runs_mut(&mut self) -> &mut Runs {
+    /// The run records and the tails of their kinds, converting a fast-path change into them
+    /// first.
+    fn runs_mut(&mut self) -> (&mut Runs, &mut [u32; 4]) {
         if let Records::Chunk { .. } = self.records {
             let mut runs = Runs::default();
+            let mut tails = [0u32; 4];
             for (kind, run) in self.all_runs() {
                 runs.push(RunRecord {
                     start: run.start().0,
                     count: run.count() as u32,
                     kind,
                 });
+                tails[kind as usize] = runs.as_slice().len() as u32;
             }
-            self.records = Records::Runs(runs);
+            self.records = Records::Runs { runs, tails };
         }
         match &mut self.records {
-            Records::Runs(runs) => runs,
+            Records::Runs { runs, tails } => (runs, tails),
             Records::Chunk { .. } => unreachable!("converted above"),
         }
     }
@@ -115,18 +124,21 @@ impl MappingChange {
             (Transition::Merge, _) => Kind::MergedMid,
         };
         let pages = self.geometry.pages(size);
-        if let Some(last) = self.runs_mut().last_of(|r| r.kind == kind)
+        let (runs, tails) = self.runs_mut();
+        let tail = tails[kind as usize] as usize;
+        if let Some(last) = tail.checked_sub(1).and_then(|i| runs.get_mut(i))
             && last.start + u64::from(last.count) * pages == start.0
             && last.count < u32::MAX
         {
             last.count += 1;
             return;
         }
-        self.runs_mut().push(RunRecord {
+        runs.push(RunRecord {
             start: start.0,
             count: 1,
             kind,
         });
+        tails[kind as usize] = runs.as_slice().len() as u32;
     }
 
     /// Records the middle blocks of the chunk at `base` listed in `after` but not in `before`
@@ -177,7 +189,7 @@ impl MappingChange {
     pub fn is_empty(&self) -> bool {
         match &self.records {
             Records::Chunk { change, .. } => *change == SmallChange::default(),
-            Records::Runs(runs) => runs.is_empty(),
+            Records::Runs { runs, .. } => runs.is_empty(),
         }
     }
 
@@ -200,7 +212,7 @@ impl MappingChange {
                 .expect("recorded blocks are aligned blocks of managed chunks below PFN_LIMIT")
         };
         let (records, small) = match &self.records {
-            Records::Runs(runs) => (runs.as_slice(), None),
+            Records::Runs { runs, .. } => (runs.as_slice(), None),
             Records::Chunk { base, change } => (&[][..], Some((*base, *change))),
         };
         let from_records = records.iter().map(move |r| {

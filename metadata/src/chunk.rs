@@ -31,9 +31,10 @@ impl ChunkState {
             .with_shareability(self.share.value_at(off))
     }
 
-    pub(crate) fn mapping_at(&self, off: u32) -> MappingAttributes {
+    /// The mapping attributes at `off`, whose shareability the caller knows.
+    pub(crate) fn mapping_with(&self, off: u32, shareability: Shareability) -> MappingAttributes {
         MappingAttributes {
-            shareability: self.share.value_at(off),
+            shareability,
             owner: self.coarse.at(off).mapping_key(),
         }
     }
@@ -86,13 +87,6 @@ impl ChunkState {
     pub(crate) fn next_mapping_boundary(&self, after: u32, limit: u32) -> Option<u32> {
         let share = self.share.next_flip(after, limit);
         let coarse = self.coarse.next_boundary(after, limit, true);
-        share.into_iter().chain(coarse).min()
-    }
-
-    /// The first offset `p` with `after < p < limit` where any attribute changes.
-    pub(crate) fn next_boundary(&self, after: u32, limit: u32) -> Option<u32> {
-        let share = self.share.next_flip(after, limit);
-        let coarse = self.coarse.next_boundary(after, limit, false);
         share.into_iter().chain(coarse).min()
     }
 

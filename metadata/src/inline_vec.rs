@@ -41,12 +41,11 @@ impl<T: Copy + Default, const N: usize> InlineVec<T, N> {
     }
 
     /// The last element that satisfies `pred`.
-    pub(crate) fn last_of(&mut self, pred: impl Fn(&T) -> bool) -> Option<&mut T> {
-        let items = match self {
-            InlineVec::Inline { len, items } => &mut items[..*len],
-            InlineVec::Heap(v) => v.as_mut_slice(),
-        };
-        items.iter_mut().rev().find(|x| pred(x))
+    pub(crate) fn get_mut(&mut self, index: usize) -> Option<&mut T> {
+        match self {
+            InlineVec::Inline { len, items } => items[..*len].get_mut(index),
+            InlineVec::Heap(v) => v.get_mut(index),
+        }
     }
 
     pub(crate) fn last_mut(&mut self) -> Option<&mut T> {
@@ -84,8 +83,9 @@ mod tests {
         assert!(matches!(a, InlineVec::Heap(_)));
         assert_eq!(a.as_slice(), &[0, 1, 2, 3, 4]);
         assert_ne!(a, b);
-        *b.last_of(|_| true).unwrap() = 9;
-        assert_eq!(a.last_of(|x| *x < 3).copied(), Some(2));
+        *b.get_mut(0).unwrap() = 9;
+        assert_eq!(b.get_mut(1), None);
+        assert_eq!(a.get_mut(2).copied(), Some(2));
         assert_eq!(b.as_slice(), &[9]);
         assert!(!b.is_empty());
     }

@@ -189,6 +189,37 @@ impl Harness {
     }
 
     /// Every query on the whole space (or on sampled pages for the 1G geometry).
+    /// The store's `visit_owner_runs` of `range`, collected.
+    fn owner_runs_of_store(
+        &self,
+        range: PfnRange,
+    ) -> Result<Vec<(PfnRange, Option<FileId>)>, pfnstore_metadata::MetadataError> {
+        let mut out = Vec::new();
+        self.store.visit_owner_runs(range, |run, owner| {
+            out.push((run, owner));
+            std::ops::ControlFlow::Continue(())
+        })?;
+        Ok(out)
+    }
+
+    /// What `visit_owner_runs` must give: the reference's runs, merged where the owner
+    /// continues.
+    fn owner_runs_of_model(
+        &self,
+        range: PfnRange,
+    ) -> Result<Vec<(PfnRange, Option<FileId>)>, pfnstore_metadata::MetadataError> {
+        let mut out: Vec<(PfnRange, Option<FileId>)> = Vec::new();
+        for (run, a) in self.model.ranges(range)? {
+            match out.last_mut() {
+                Some((last, owner)) if last.end() == run.start() && *owner == a.owner => {
+                    *last = last.hull(&run);
+                }
+                _ => out.push((run, a.owner)),
+            }
+        }
+        Ok(out)
+    }
+
     fn compare(&self, op: &Op) -> Result<(), TestCaseError> {
         self.store
             .check_invariants()
@@ -207,6 +238,10 @@ impl Harness {
             );
         }
         prop_assert_eq!(self.store.ranges(span), self.model.ranges(span));
+        prop_assert_eq!(
+            self.owner_runs_of_store(span),
+            self.owner_runs_of_model(span)
+        );
         let probes: Vec<Pfn> = if self.exhaustive {
             (span.start().0.saturating_sub(1)..span.end().0 + 1)
                 .map(Pfn)

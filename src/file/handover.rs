@@ -15,24 +15,24 @@ use super::extents::{Extent, Extents};
 use super::mapping::{Direction, HostMapping};
 use crate::StoreError;
 use crate::gate::Ops;
-use crate::handover::{FileImage, FileRun, HandoverError};
+use crate::handover::{FileImage, FileRuns, HandoverError};
 use crate::store::Store;
 
 impl FileInner {
     /// The file's image; the store's gate is closed (nothing changes meanwhile).
     pub(crate) fn image(&self) -> Result<FileImage, HandoverError> {
-        let mut runs: Vec<FileRun> = Vec::new();
+        let mut runs = FileRuns::default();
         if let Some(all) = self.all_pages() {
             self.domain
                 .store()
                 .visit_runs(all.cast(), |run, a| {
-                    runs.push(FileRun {
-                        pages: run.cast(),
-                        shared: a.shareability == Shareability::Shared,
-                        backed: a.owner == Some(self.id),
-                        quarantined: a.quarantined,
-                        pins: a.pins.iter().collect(),
-                    });
+                    runs.push(
+                        run.end().0,
+                        a.shareability == Shareability::Shared,
+                        a.owner == Some(self.id),
+                        a.quarantined,
+                        a.pins.iter(),
+                    );
                     ControlFlow::Continue(())
                 })
                 .map_err(|e| HandoverError::Mismatch(e.to_string()))?;
@@ -110,9 +110,9 @@ impl FileInner {
                 .assign_owner(open, image.id)
                 .map_err(|e| mismatch(&e))?;
         }
-        for run in &image.runs {
+        for run in image.runs.iter() {
             let keys = run.pages.cast::<Pfn>();
-            for (owner, count) in &run.pins {
+            for (_, owner, count) in run.pins {
                 offsets
                     .pin_by(keys, *owner, *count)
                     .map_err(|e| mismatch(&e))?;

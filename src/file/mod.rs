@@ -375,15 +375,16 @@ impl GuestFile {
         };
         let held = inner.extents.read();
         let mut problem = None;
+        // Backed runs are checked as maximal spans of the owner, not as attribute runs: a
+        // fragmented file's runs split at every shareability flip, and walking them (one
+        // lookup in the extents each) dominated a live update's check of the rebuilt store.
         inner
             .domain
             .store()
-            .visit_runs(all.cast(), |run, a| {
-                if a.owner == Some(inner.id) && !held.holes_in(run.cast()).is_empty() {
-                    problem = Some(format!(
-                        "{} is backed but not held",
-                        run.cast::<PageOffset>()
-                    ));
+            .visit_owner_runs(all.cast(), |run, owner| {
+                let run = run.cast::<PageOffset>();
+                if owner == Some(inner.id) && !held.holes_in(run).is_empty() {
+                    problem = Some(format!("{run} is backed but not held"));
                     return ControlFlow::Break(());
                 }
                 ControlFlow::Continue(())

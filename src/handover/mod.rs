@@ -39,7 +39,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 pub use snapshot::VERSION;
-pub(crate) use snapshot::{FileImage, FileRun};
+pub(crate) use snapshot::{FileImage, FileRuns};
 
 use crate::{Store, StoreError, StoreOptions};
 

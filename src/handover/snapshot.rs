@@ -26,7 +26,7 @@
 //! extents (each extent is one allocation on the receiving side), and the receiver checks its
 //! rebuilt totals against the sender's.
 
-use pfnstore_core::{Geometry, OffsetRange, Pfn, PfnRange};
+use pfnstore_core::{Geometry, OffsetRange, PageOffset, Pfn, PfnRange};
 use pfnstore_metadata::{FileId, PinOwner, QuarantineReason};
 
 use super::HandoverError;
@@ -44,14 +44,91 @@ pub(crate) struct PhysicalRun {
     pub(crate) dirty: bool,
 }
 
-/// One run of a file's attributes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct FileRun {
+/// A file's attribute runs (shareability, backed, quarantine, pins with owners), covering it
+/// from offset 0 one after the other. Kept as columns, not as one record per run: a fragmented
+/// file has millions of runs, and a 48-byte record each made building the image and decoding
+/// the snapshot mostly page faults.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct FileRuns {
+    /// Where each run ends (exclusive, in pages), ascending.
+    ends: Vec<u64>,
+    /// Each run's flags: bit 0 shared, bit 1 backed, bits 2.. the quarantine code.
+    flags: Vec<u8>,
+    /// The pins of the runs that have any: (run index, owner, count), by run index.
+    pins: Vec<(usize, PinOwner, u32)>,
+}
+
+/// One run of [`FileRuns`], as read back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileRun<'a> {
     pub(crate) pages: OffsetRange,
     pub(crate) shared: bool,
     pub(crate) backed: bool,
     pub(crate) quarantined: Option<QuarantineReason>,
-    pub(crate) pins: Vec<(PinOwner, u32)>,
+    /// (run index, owner, count): the index is this run's.
+    pub(crate) pins: &'a [(usize, PinOwner, u32)],
+}
+
+impl FileRuns {
+    /// Appends the run that ends at `end` (after the last one).
+    pub(crate) fn push(
+        &mut self,
+        end: u64,
+        shared: bool,
+        backed: bool,
+        quarantined: Option<QuarantineReason>,
+        pins: impl IntoIterator<Item = (PinOwner, u32)>,
+    ) {
+        let index = self.ends.len();
+        self.ends.push(end);
+        self.flags.push(run_flags(shared, backed, quarantined));
+        self.pins
+            .extend(pins.into_iter().map(|(owner, count)| (index, owner, count)));
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Where the last run ends (0 without runs).
+    fn end(&self) -> u64 {
+        self.ends.last().copied().unwrap_or(0)
+    }
+
+    /// The runs, ascending.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = FileRun<'_>> + '_ {
+        let mut start = 0u64;
+        let mut pins = &self.pins[..];
+        self.ends
+            .iter()
+            .zip(&self.flags)
+            .enumerate()
+            .map(move |(index, (&end, &flags))| {
+                let n = pins.iter().take_while(|p| p.0 == index).count();
+                let (these, rest) = pins.split_at(n);
+                pins = rest;
+                let pages = OffsetRange::new(PageOffset(start), PageOffset(end))
+                    .expect("runs are checked non-empty and ascending when pushed or decoded");
+                start = end;
+                FileRun {
+                    pages,
+                    shared: flags & 1 != 0,
+                    backed: flags & 2 != 0,
+                    quarantined: quarantine_reason(flags >> 2)
+                        .expect("quarantine codes are checked when decoded"),
+                    pins: these,
+                }
+            })
+    }
+}
+
+/// A run's flags byte, as the snapshot stores it.
+fn run_flags(shared: bool, backed: bool, quarantined: Option<QuarantineReason>) -> u8 {
+    u8::from(shared) | (u8::from(backed) << 1) | (quarantine_code(quarantined) << 2)
 }
 
 /// A file: its attributes and the memory it holds.
@@ -59,7 +136,7 @@ pub(crate) struct FileRun {
 pub(crate) struct FileImage {
     pub(crate) id: FileId,
     pub(crate) pages: u64,
-    pub(crate) runs: Vec<FileRun>,
+    pub(crate) runs: FileRuns,
     /// (offsets, first PFN): runs of held memory, contiguous in both.
     pub(crate) extents: Vec<(OffsetRange, Pfn)>,
 }
@@ -202,20 +279,29 @@ fn quarantine_code(q: Option<QuarantineReason>) -> u8 {
     }
 }
 
-fn quarantine_of(code: u8, r: &Reader<'_>) -> Result<Option<QuarantineReason>, HandoverError> {
-    Ok(match code {
+/// The reason a quarantine code stands for (`None` for a code no version writes).
+fn quarantine_reason(code: u8) -> Option<Option<QuarantineReason>> {
+    Some(match code {
         0 => None,
         1 => Some(QuarantineReason::UnmapFailed),
         2 => Some(QuarantineReason::ScrubFailed),
         3 => Some(QuarantineReason::Operator),
         4 => Some(QuarantineReason::StillPinned),
-        other => return Err(r.malformed(format!("quarantine reason {other}"))),
+        _ => return None,
     })
+}
+
+fn quarantine_of(code: u8, r: &Reader<'_>) -> Result<Option<QuarantineReason>, HandoverError> {
+    quarantine_reason(code).ok_or_else(|| r.malformed(format!("quarantine reason {code}")))
 }
 
 /// Encodes `image` as a snapshot.
 pub(crate) fn encode(image: &Image) -> Vec<u8> {
+    // The header goes first and its length is filled in at the end: the body is not copied.
     let mut body = Writer(Vec::new());
+    body.0.extend_from_slice(MAGIC);
+    body.0.extend_from_slice(&VERSION.to_le_bytes());
+    body.0.extend_from_slice(&0u64.to_le_bytes());
     let g = &image.geometry;
     body.u32(g.order(pfnstore_core::PageSize::Size2M));
     body.u32(g.order(pfnstore_core::PageSize::Size1G));
@@ -242,14 +328,11 @@ pub(crate) fn encode(image: &Image) -> Vec<u8> {
         body.u64(file.pages);
         // A file's runs cover it from offset 0, one after the other: lengths only.
         body.u64(file.runs.len() as u64);
-        for run in &file.runs {
+        for run in file.runs.iter() {
             body.varint(run.pages.len());
-            let flags = u8::from(run.shared)
-                | (u8::from(run.backed) << 1)
-                | (quarantine_code(run.quarantined) << 2);
-            body.u8(flags);
+            body.u8(run_flags(run.shared, run.backed, run.quarantined));
             body.varint(run.pins.len() as u64);
-            for (owner, count) in &run.pins {
+            for (_, owner, count) in run.pins {
                 body.u32(owner.0);
                 body.u32(*count);
             }
@@ -263,11 +346,9 @@ pub(crate) fn encode(image: &Image) -> Vec<u8> {
             end = offsets.end().0;
         }
     }
-    let mut out = Vec::with_capacity(body.0.len() + 24);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&(body.0.len() as u64).to_le_bytes());
-    out.extend_from_slice(&body.0);
+    let mut out = body.0;
+    let len = (out.len() - 20) as u64;
+    out[12..20].copy_from_slice(&len.to_le_bytes());
     let crc = crc32(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     out
@@ -358,31 +439,29 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Image, HandoverError> {
         let id = FileId(r.u32()?);
         let pages = r.u64()?;
         let runs_n = r.count(3)?;
-        let mut runs = Vec::with_capacity(runs_n);
-        let mut at = 0u64;
+        let mut runs = FileRuns {
+            ends: Vec::with_capacity(runs_n),
+            flags: Vec::with_capacity(runs_n),
+            pins: Vec::new(),
+        };
         for _ in 0..runs_n {
             let len = r.varint()?;
-            let range = OffsetRange::from_len(pfnstore_core::PageOffset(at), len)
+            let range = OffsetRange::from_len(PageOffset(runs.end()), len)
                 .map_err(|e| r.malformed(format!("bad run: {e}")))?;
             let flags = r.u8()?;
-            let quarantined = quarantine_of(flags >> 2, &r)?;
+            quarantine_of(flags >> 2, &r)?;
             let pins_n = r.varint()?;
             if pins_n > 1 << 16 {
                 return Err(r.malformed(format!("{pins_n} pin owners on one run")));
             }
-            let mut pins = Vec::with_capacity(pins_n as usize);
             for _ in 0..pins_n {
-                pins.push((PinOwner(r.u32()?), r.u32()?));
+                runs.pins
+                    .push((runs.ends.len(), PinOwner(r.u32()?), r.u32()?));
             }
-            at = range.end().0;
-            runs.push(FileRun {
-                pages: range,
-                shared: flags & 1 != 0,
-                backed: flags & 2 != 0,
-                quarantined,
-                pins,
-            });
+            runs.ends.push(range.end().0);
+            runs.flags.push(flags);
         }
+        let at = runs.end();
         if !runs.is_empty() && at != pages {
             return Err(r.malformed(format!("{id}'s runs cover {at} of its {pages} pages")));
         }
@@ -417,30 +496,57 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Image, HandoverError> {
     })
 }
 
-/// CRC-32 (IEEE 802.3, reflected, as zlib computes it).
-pub(crate) fn crc32(bytes: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut table = [0u32; 256];
+/// The CRC-32 tables for eight bytes at a time ("slicing by 8"): `TABLES[0]` is the classic
+/// byte table, `TABLES[k][b]` the CRC of byte `b` followed by `k` zero bytes. A byte at a time
+/// was a third of the time to encode a fragmented store's snapshot.
+const CRC_TABLES: [[u32; 256]; 8] = {
+    let mut tables = [[0u32; 256]; 8];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        tables[0][i] = c;
+        i += 1;
+    }
+    let mut t = 1;
+    while t < 8 {
         let mut i = 0;
         while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            table[i] = c;
+            let prev = tables[t - 1][i];
+            tables[t][i] = (prev >> 8) ^ tables[0][(prev & 0xFF) as usize];
             i += 1;
         }
-        table
-    };
+        t += 1;
+    }
+    tables
+};
+
+/// CRC-32 (IEEE 802.3, reflected, as zlib computes it).
+pub(crate) fn crc32(bytes: &[u8]) -> u32 {
+    let t = &CRC_TABLES;
     let mut crc = !0u32;
-    for &b in bytes {
-        crc = TABLE[((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let lo = crc ^ u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        crc = t[7][(lo & 0xFF) as usize]
+            ^ t[6][((lo >> 8) & 0xFF) as usize]
+            ^ t[5][((lo >> 16) & 0xFF) as usize]
+            ^ t[4][(lo >> 24) as usize]
+            ^ t[3][w[4] as usize]
+            ^ t[2][w[5] as usize]
+            ^ t[1][w[6] as usize]
+            ^ t[0][w[7] as usize];
+    }
+    for &b in words.remainder() {
+        crc = t[0][((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
     }
     !crc
 }
@@ -450,8 +556,68 @@ mod tests {
     use super::*;
 
     #[test]
+    fn file_runs_give_back_what_was_pushed_pins_and_all() {
+        let mut runs = FileRuns::default();
+        runs.push(3, true, true, None, [(PinOwner(1), 2), (PinOwner(7), 1)]);
+        runs.push(4, false, true, Some(QuarantineReason::Operator), []);
+        runs.push(10, false, false, None, [(PinOwner(9), 5)]);
+        runs.push(11, true, false, Some(QuarantineReason::StillPinned), []);
+        let got: Vec<_> = runs
+            .iter()
+            .map(|r| {
+                let pins: Vec<_> = r.pins.iter().map(|p| (p.1.0, p.2)).collect();
+                (
+                    r.pages.start().0,
+                    r.pages.end().0,
+                    r.shared,
+                    r.backed,
+                    r.quarantined,
+                    pins,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 3, true, true, None, vec![(1, 2), (7, 1)]),
+                (3, 4, false, true, Some(QuarantineReason::Operator), vec![]),
+                (4, 10, false, false, None, vec![(9, 5)]),
+                (
+                    10,
+                    11,
+                    true,
+                    false,
+                    Some(QuarantineReason::StillPinned),
+                    vec![]
+                ),
+            ]
+        );
+    }
+
+    #[test]
     fn crc32_matches_the_standard_check_value() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
         assert_eq!(crc32(b""), 0);
+    }
+
+    #[test]
+    fn crc32_eight_bytes_at_a_time_matches_a_byte_at_a_time() {
+        let bytewise = |bytes: &[u8]| {
+            let mut crc = !0u32;
+            for &b in bytes {
+                crc = CRC_TABLES[0][((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
+            }
+            !crc
+        };
+        let bytes: Vec<u8> = (0u32..1000)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for len in (0..40).chain([255, 256, 999, 1000]) {
+            assert_eq!(crc32(&bytes[..len]), bytewise(&bytes[..len]), "{len} bytes");
+        }
+        assert_eq!(
+            crc32(b"The quick brown fox jumps over the lazy dog"),
+            0x414F_A339
+        );
     }
 }

@@ -164,6 +164,18 @@ impl SharePlane {
         }
     }
 
+    /// The value at `after` and the flips after it, ascending, unless the plane is a bitmap.
+    pub(crate) fn flips_after(&self, after: u32) -> Option<(Shareability, &[u32])> {
+        let (first, flips) = self.list()?;
+        let before = flips.partition_point(|&p| p <= after);
+        let value = if before % 2 == 0 {
+            first
+        } else {
+            first.flipped()
+        };
+        Some((value, &flips[before..]))
+    }
+
     /// The first flip `p` with `after < p < limit`.
     pub(crate) fn next_flip(&self, after: u32, limit: u32) -> Option<u32> {
         match self {

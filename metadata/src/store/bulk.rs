@@ -2,6 +2,8 @@
 //! sets the shareability of millions of ranges; one [`MetadataStore::set_shareability`] per
 //! range would rebuild a fragmented chunk's flip list once per range, quadratic in its flips.
 
+use std::borrow::Cow;
+
 use pfnstore_core::{Pfn, PfnRange};
 
 use super::MetadataStore;
@@ -79,10 +81,13 @@ impl MetadataStore {
     }
 
     /// `ranges` sorted, with overlapping and touching ones merged; each checked to lie in the
-    /// span.
-    fn merged(&self, ranges: &[PfnRange]) -> Result<Vec<PfnRange>, MetadataError> {
+    /// span. Ranges already so (a rebuilt store's, millions of them) are not copied.
+    fn merged<'a>(&self, ranges: &'a [PfnRange]) -> Result<Cow<'a, [PfnRange]>, MetadataError> {
         for range in ranges {
             range.check_within(&self.span)?;
+        }
+        if ranges.windows(2).all(|w| w[0].end() < w[1].start()) {
+            return Ok(Cow::Borrowed(ranges));
         }
         let mut sorted = ranges.to_vec();
         sorted.sort_unstable_by_key(|r| r.start());
@@ -93,6 +98,6 @@ impl MetadataStore {
                 _ => merged.push(range),
             }
         }
-        Ok(merged)
+        Ok(Cow::Owned(merged))
     }
 }

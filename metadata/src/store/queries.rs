@@ -10,7 +10,7 @@ use pfnstore_core::{PageSize, Pfn, PfnRange};
 use super::{Guards, MetadataStore, Slot};
 use crate::chunk::ChunkState;
 use crate::layout::{BlockLayout, RunCollector};
-use crate::{Attributes, FileId, MappingAttributes, MetadataError, Stats};
+use crate::{Attributes, FileId, MappingAttributes, MetadataError, Shareability, Stats};
 
 impl MetadataStore {
     /// Everything known about `pfn`.
@@ -57,9 +57,9 @@ impl MetadataStore {
                 range,
                 guards,
                 first,
-                ChunkState::next_boundary,
-                |chunk, pos, start, end| {
-                    let attrs = chunk.attributes_at(pos);
+                false,
+                |chunk, pos, share, start, end| {
+                    let attrs = chunk.coarse.at(pos).with_shareability(share);
                     match out.last_mut() {
                         Some((r, a)) if r.end() == start && *a == attrs => {
                             *r = PfnRange::new(r.start(), end)?
@@ -82,9 +82,9 @@ impl MetadataStore {
                 range,
                 guards,
                 first,
-                ChunkState::next_mapping_boundary,
-                |chunk, pos, start, end| {
-                    runs.push(start, end, chunk.mapping_at(pos));
+                true,
+                |chunk, pos, share, start, end| {
+                    runs.push(start, end, chunk.mapping_with(pos, share));
                     Ok(ControlFlow::Continue(()))
                 },
             )?;
@@ -107,9 +107,9 @@ impl MetadataStore {
                 range,
                 guards,
                 first,
-                ChunkState::next_mapping_boundary,
-                |chunk, pos, start, end| {
-                    let attrs = chunk.mapping_at(pos);
+                true,
+                |chunk, pos, share, start, end| {
+                    let attrs = chunk.mapping_with(pos, share);
                     match &mut pending {
                         Some((_, e, a)) if *e == start && *a == attrs => *e = end,
                         _ => {
@@ -146,9 +146,9 @@ impl MetadataStore {
                 range,
                 guards,
                 first,
-                ChunkState::next_boundary,
-                |chunk, pos, start, end| {
-                    let attrs = chunk.attributes_at(pos);
+                false,
+                |chunk, pos, share, start, end| {
+                    let attrs = chunk.coarse.at(pos).with_shareability(share);
                     match &mut pending {
                         Some((_, e, a)) if *e == start && *a == attrs => *e = end,
                         _ => {
@@ -170,16 +170,27 @@ impl MetadataStore {
         })
     }
 
-    /// Calls `visit(chunk, offset, start, end)` for each piece of `range` between two
-    /// consecutive boundaries that `next` finds, chunk by chunk, ascending. The guards are the
-    /// read-locked chunks of `range`, the first at slot `first`.
+    /// Calls `visit(chunk, offset, shareability, start, end)` for each piece of `range` between two
+    /// consecutive boundaries (of the mapping attributes only if `mapping_only`), chunk by
+    /// chunk, ascending. The guards are the read-locked chunks of `range`, the first at slot
+    /// `first`.
+    ///
+    /// A chunk's shareability flips are walked with a cursor, the shareability toggled at each
+    /// (one search per chunk, not one per boundary): a fragmented chunk has thousands of flips,
+    /// and a snapshot or an invariant check walks them all.
     pub(super) fn walk_runs<G: Deref<Target = Option<ChunkState>>>(
         &self,
         range: PfnRange,
         guards: &Guards<G>,
         first: usize,
-        next: impl Fn(&ChunkState, u32, u32) -> Option<u32>,
-        mut visit: impl FnMut(&ChunkState, u32, Pfn, Pfn) -> Result<ControlFlow<()>, MetadataError>,
+        mapping_only: bool,
+        mut visit: impl FnMut(
+            &ChunkState,
+            u32,
+            Shareability,
+            Pfn,
+            Pfn,
+        ) -> Result<ControlFlow<()>, MetadataError>,
     ) -> Result<(), MetadataError> {
         for (k, guard) in guards.iter().enumerate() {
             let chunk = guard
@@ -187,12 +198,27 @@ impl MetadataStore {
                 .expect("read_locked checked every chunk is managed");
             let base = self.chunk_base(first + k).0;
             let (lo, hi) = self.clip(range, first + k);
+            let mut flips = chunk.share.flips_after(lo);
             let mut pos = lo;
             while pos < hi {
-                let end = next(chunk, pos, hi).unwrap_or(hi);
+                let (share, value) = match flips.as_mut() {
+                    Some((value, list)) => {
+                        while let Some((&p, rest)) = list.split_first()
+                            && p <= pos
+                        {
+                            *list = rest;
+                            *value = value.flipped();
+                        }
+                        (list.first().copied().filter(|&p| p < hi), *value)
+                    }
+                    None => (chunk.share.next_flip(pos, hi), chunk.share.value_at(pos)),
+                };
+                let coarse = chunk.coarse.next_boundary(pos, hi, mapping_only);
+                let end = share.into_iter().chain(coarse).min().unwrap_or(hi);
                 let flow = visit(
                     chunk,
                     pos,
+                    value,
                     Pfn(base + u64::from(pos)),
                     Pfn(base + u64::from(end)),
                 )?;
@@ -203,6 +229,44 @@ impl MetadataStore {
             }
         }
         Ok(())
+    }
+
+    /// Calls `visit` with each maximal run of one owner (`None`: no owner) that intersects
+    /// `range`, clipped to it, ascending, until it returns `Break`. Walks the owners only, so
+    /// its cost follows the owner boundaries, not the shareability flips (what checking a
+    /// fragmented file's backing needs).
+    pub fn visit_owner_runs(
+        &self,
+        range: PfnRange,
+        mut visit: impl FnMut(PfnRange, Option<FileId>) -> ControlFlow<()>,
+    ) -> Result<(), MetadataError> {
+        self.read_locked(range, |guards, first| {
+            let mut pending: Option<(Pfn, Pfn, Option<FileId>)> = None;
+            for (k, guard) in guards.iter().enumerate() {
+                let chunk = guard
+                    .as_ref()
+                    .expect("read_locked checked every chunk is managed");
+                let base = self.chunk_base(first + k).0;
+                let (lo, hi) = self.clip(range, first + k);
+                for (start, end, c) in chunk.coarse.runs_in(lo, hi, self.chunk_pages()) {
+                    let (start, end) = (Pfn(base + u64::from(start)), Pfn(base + u64::from(end)));
+                    match &mut pending {
+                        Some((_, e, owner)) if *e == start && *owner == c.owner => *e = end,
+                        _ => {
+                            if let Some((s, e, owner)) = pending.replace((start, end, c.owner))
+                                && visit(PfnRange::new(s, e)?, owner).is_break()
+                            {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some((s, e, owner)) = pending {
+                let _ = visit(PfnRange::new(s, e)?, owner);
+            }
+            Ok(())
+        })
     }
 
     /// The one file that owns every page of `range` (`None`: no page is owned), or
