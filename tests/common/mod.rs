@@ -220,8 +220,30 @@ impl KernelRegion {
     }
 }
 
-/// Every kernel region of this process, from `/proc/self/maps`.
+/// Every kernel region of this process, from `/proc/self/maps` (one read; see
+/// [`stable_regions`] for reading a part of it that other threads may be changing).
 pub(crate) fn kernel_regions() -> Vec<KernelRegion> {
+    read_kernel_regions()
+}
+
+/// `pick` of the kernel regions, read until two reads in a row agree. Other tests of the
+/// binary change their own mappings meanwhile, and the kernel writes the maps file a page at
+/// a time, resuming after the last region it showed, so a read that races with such a change
+/// can show a region twice or cut. Only the part the caller looks at has to be stable; if it
+/// never is (another thread keeps changing it), the last read is returned.
+pub(crate) fn stable_regions<T: PartialEq>(pick: impl Fn(Vec<KernelRegion>) -> T) -> T {
+    let mut last = pick(read_kernel_regions());
+    for _ in 0..100 {
+        let now = pick(read_kernel_regions());
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
+fn read_kernel_regions() -> Vec<KernelRegion> {
     let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
     maps.lines()
         .filter_map(|line| {
@@ -249,17 +271,21 @@ pub(crate) fn kernel_regions() -> Vec<KernelRegion> {
 
 /// The kernel region holding byte `addr`, if any.
 pub(crate) fn kernel_region(addr: usize) -> Option<KernelRegion> {
-    kernel_regions()
-        .into_iter()
-        .find(|r| r.start <= addr && addr < r.end)
+    stable_regions(|regions| {
+        regions
+            .into_iter()
+            .find(|r| r.start <= addr && addr < r.end)
+    })
 }
 
 /// The kernel regions overlapping `start..end`.
 pub(crate) fn kernel_regions_in(start: usize, end: usize) -> Vec<KernelRegion> {
-    kernel_regions()
-        .into_iter()
-        .filter(|r| r.start < end && start < r.end)
-        .collect()
+    stable_regions(|regions| {
+        regions
+            .into_iter()
+            .filter(|r| r.start < end && start < r.end)
+            .collect()
+    })
 }
 
 /// The bytes the kernel has behind `addr..addr + len` of this process, whatever their
@@ -307,7 +333,7 @@ pub(crate) fn references_to_inode(ino: u64) -> (usize, usize) {
         .filter_map(|e| e.ok())
         .filter(|e| std::fs::metadata(e.path()).is_ok_and(|m| m.ino() == ino))
         .count();
-    let regions = kernel_regions().iter().filter(|r| r.inode == ino).count();
+    let regions = stable_regions(|regions| regions.iter().filter(|r| r.inode == ino).count());
     (fds, regions)
 }
 

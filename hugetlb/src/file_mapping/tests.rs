@@ -11,27 +11,42 @@ use crate::{HostView, Memfd};
 const K4: u64 = 4096;
 const M2: u64 = 2 << 20;
 
-/// Kernel regions of this process that overlap the mapping (from /proc/self/maps).
+/// Kernel regions of this process that overlap the mapping (from /proc/self/maps). Other
+/// tests of this binary change their own mappings meanwhile, and the kernel writes the maps
+/// file a page at a time, resuming after the last region it showed: a read that races with
+/// such a change can show a region twice or cut. So the file is read until two reads in a row
+/// agree about this mapping's range (if they never do, the last read counts).
 fn kernel_regions(m: &FileMapping) -> u64 {
     let start = m.as_ptr() as u64;
     let end = start + m.len();
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|line| {
-            let (a, b) = line
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .split_once('-')
-                .unwrap();
-            let (a, b) = (
-                u64::from_str_radix(a, 16).unwrap(),
-                u64::from_str_radix(b, 16).unwrap(),
-            );
-            a < end && b > start
-        })
-        .count() as u64
+    let ours = || -> Vec<(u64, u64)> {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let (a, b) = line
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .split_once('-')
+                    .unwrap();
+                (
+                    u64::from_str_radix(a, 16).unwrap(),
+                    u64::from_str_radix(b, 16).unwrap(),
+                )
+            })
+            .filter(|&(a, b)| a < end && b > start)
+            .collect()
+    };
+    let mut last = ours();
+    for _ in 0..100 {
+        let now = ours();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last.len() as u64
 }
 
 /// The count the mapping keeps is the kernel's (the module's claim), and never less.
