@@ -968,3 +968,42 @@ fn dropping_a_file_with_live_pins_quarantines_only_the_pinned_memory() {
     assert_eq!(store.stats().allocator.total.free_pages, 0);
     store.check_invariants().unwrap();
 }
+
+/// What `ConvertMode::Zero` zeroes: every backed page of the requested range once any page of
+/// it changes, those that already had the target shareability too; and nothing when nothing
+/// changes.
+#[test]
+fn a_zero_conversion_zeroes_the_whole_range_once_anything_changes_and_nothing_otherwise() {
+    let store = ordinary_store(GIB, 1);
+    let file = store
+        .create_file(FileOptions::new(4 * PAGE).shared().populated())
+        .unwrap();
+    let page = |i: u64| [i as u8 + 1; 16];
+    let read = |i: u64| {
+        let mut b = [0u8; 16];
+        file.read(i * PAGE, &mut b).unwrap();
+        b
+    };
+    for i in 0..4 {
+        file.write(i * PAGE, &page(i)).unwrap();
+    }
+    // Nothing changes: nothing is zeroed.
+    let same = file
+        .convert(0, 4 * PAGE, Shareability::Shared, ConvertMode::Zero)
+        .unwrap();
+    assert!(same.is_noop());
+    assert!((0..4).all(|i| read(i) == page(i)));
+    // Page 1 private already; then pages 0..3 to private with ZERO: 0 and 2 change, 1 does
+    // not, and all three are zeroed. Page 3 is outside the range and keeps its bytes.
+    file.convert(PAGE, PAGE, Shareability::Private, ConvertMode::Preserve)
+        .unwrap();
+    file.convert(0, 3 * PAGE, Shareability::Private, ConvertMode::Zero)
+        .unwrap();
+    file.convert(0, 3 * PAGE, Shareability::Shared, ConvertMode::Preserve)
+        .unwrap();
+    for i in 0..3 {
+        assert_eq!(read(i), [0; 16], "page {i}");
+    }
+    assert_eq!(read(3), page(3));
+    store.check_invariants().unwrap();
+}

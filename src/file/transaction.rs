@@ -34,7 +34,10 @@ pub enum ConvertMode {
     /// The bytes stay as they are (in-place conversion).
     #[default]
     Preserve,
-    /// The bytes are zeroed after every user unmapped them and before anyone maps them again.
+    /// The bytes are zeroed after every user unmapped them and before anyone maps them again:
+    /// every backed page of the requested range, also those that already had the target
+    /// shareability, once any page of it changes (a conversion that changes nothing zeroes
+    /// nothing).
     Zero,
 }
 
