@@ -55,7 +55,7 @@ pub(super) fn print(store: &Store, outcome: &Outcome, out: &mut dyn Write) -> st
     )?;
     writeln!(
         out,
-        "refusals: {} while a device held the buffer pinned, {} vetoed by a busy device",
+        "refusals over the whole run (the reuse check included): {} while a device held the buffer pinned, {} vetoed by a busy device",
         outcome.refused_pinned, outcome.refused_vetoed
     )?;
     let stats = store.stats();
