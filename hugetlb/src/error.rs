@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use pfnstore_core::{GeometryError, Pfn, RangeError};
 
-use crate::pool::PoolId;
+use crate::pool::id::PoolId;
 use crate::{HugePageSize, PfnKind, RecordProblem, SourceReport};
 
 /// Everything that can go wrong while obtaining, describing or using memory.

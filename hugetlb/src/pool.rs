@@ -79,7 +79,6 @@
 //! Both processes must share the run directory (same host, same `/run`); a receiver that finds
 //! no entry of the recorded name takes over nothing (its pages were given back already).
 
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -87,11 +86,13 @@ use crate::error::hint;
 use crate::{HugePageSize, HugetlbError};
 
 mod guardian;
+pub(crate) mod id;
 mod ledger;
 mod lock;
 mod reservation;
 
 pub use guardian::GUARDIAN_PATIENCE;
+pub use id::{PoolCounts, PoolId};
 pub use ledger::{Settled, ledger_entries, reconcile};
 pub use lock::PoolLock;
 pub use reservation::PoolReservation;
@@ -105,55 +106,6 @@ pub const POOL_LOCK_FILE: &str = "hugetlb-pool.lock";
 
 /// The ledger's directory in the run directory.
 pub const LEDGER_DIR: &str = "hugetlb-ledger";
-
-/// One pool: a huge page size, system-wide or on one NUMA node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PoolId {
-    /// The page size (1G or 2M).
-    pub page_size: HugePageSize,
-    /// The node, or `None` for the system-wide pool.
-    pub node: Option<u32>,
-}
-
-impl fmt::Display for PoolId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.node {
-            Some(n) => write!(f, "{} pool of node {n}", self.page_size),
-            None => write!(f, "{} pool", self.page_size),
-        }
-    }
-}
-
-/// The counters of one pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct PoolCounts {
-    /// `nr_hugepages`: persistent pages in the pool.
-    pub total: u64,
-    /// `free_hugepages`: pages nobody has faulted in (reserved ones included).
-    pub free: u64,
-    /// `resv_hugepages`: free pages already promised to mappings (system-wide pools only;
-    /// the kernel keeps no per-node count, so 0 there).
-    pub reserved: u64,
-    /// `surplus_hugepages`: pages beyond `total` from overcommit.
-    pub surplus: u64,
-}
-
-impl PoolCounts {
-    /// Pages a new mapping can still reserve: free and not promised to anyone.
-    pub fn available(&self) -> u64 {
-        self.free.saturating_sub(self.reserved)
-    }
-}
-
-impl fmt::Display for PoolCounts {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "total {} free {} reserved {} surplus {}",
-            self.total, self.free, self.reserved, self.surplus
-        )
-    }
-}
 
 /// A pool and its counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

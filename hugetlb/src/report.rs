@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::pool::PoolCounts;
+use crate::pool::id::PoolCounts;
 use crate::{HugePageSize, HugetlbError, PfnKind, Prefault};
 
 /// The whole story of a source.

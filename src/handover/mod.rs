@@ -29,6 +29,7 @@
 //! confirmed would leave two owners of the same memory. (A receiver that cannot deliver its
 //! confirmation can only be talking to a sender that is gone.)
 
+mod codec;
 mod export;
 mod rebuild;
 mod snapshot;

@@ -8,7 +8,7 @@ use pfnstore_hugetlb::{
 };
 
 use super::HandoverError;
-use super::snapshot::{Reader, Writer};
+use super::codec::{Reader, Writer};
 
 fn page_size_code(size: HugePageSize) -> u8 {
     match size {

@@ -45,6 +45,7 @@
 //! blocks only.
 
 mod callback;
+mod domain_core;
 mod plan;
 mod planner;
 mod range_lock;
@@ -55,9 +56,10 @@ mod transaction;
 use pfnstore_core::sync::Arc;
 use pfnstore_core::{BlockRun, Geometry, OffsetRange, PageOffset, PageSize, Pfn, PfnRange};
 
+pub use domain_core::DomainCore;
 pub use plan::{MappingPlan, PlanEntry, Runs};
 pub use range_lock::{LockError, RangeGuard, RangeLocks, chunk_hull};
-pub use registry::{DomainCore, Registration, Snapshot, SubscriberId, SubscriberRegistry};
+pub use registry::{Registration, Snapshot, SubscriberId, SubscriberRegistry};
 pub use subscriber::{Change, ChangeKind, Interest, Subscriber, UnmapError, Veto};
 
 use crate::{FileId, MappingChange, MetadataError, MetadataStore, Shareability};

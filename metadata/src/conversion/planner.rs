@@ -18,8 +18,8 @@ use std::ops::ControlFlow;
 
 use pfnstore_core::{Geometry, OffsetRange, PageOffset, PageSize, Pfn, PfnRange, RangeError};
 
+use super::domain_core::DomainCore;
 use super::plan::{MappingPlan, PlanEntry};
-use super::registry::DomainCore;
 use crate::{FileId, MappingAttributes, MetadataError, Shareability};
 
 /// How a change edits the mapping attributes of the changed pages.

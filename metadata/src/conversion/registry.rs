@@ -43,14 +43,15 @@ use std::sync::{Arc, Weak};
 
 use pfnstore_core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use pfnstore_core::sync::{CachePadded, Mutex, thread};
-use pfnstore_core::{PageOffset, PageSize, Pfn, PfnRange};
+use pfnstore_core::{PageOffset, PageSize};
 
 use super::callback;
+use super::domain_core::DomainCore;
 use super::planner::Planner;
 use super::range_lock::RangeLocks;
 use super::subscriber::{Change, ChangeKind, Interest, Subscriber};
 use super::{ConversionError, lock_error};
-use crate::{FileId, MetadataError, MetadataStore};
+use crate::{FileId, MetadataStore};
 
 /// Identifies a registration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -93,39 +94,6 @@ pub struct SubscriberRegistry {
     epoch: AtomicU64,
     /// Serialises grace periods.
     grace: Mutex<()>,
-}
-
-/// The subscribers one domain calls (weak: see the module docs).
-type Members = Arc<[Weak<dyn Subscriber>]>;
-
-/// One domain's share of the conversion machinery: its metadata, range locks, limits, and its
-/// copy of the interested subscribers with its in-flight counters.
-#[derive(Debug)]
-pub struct DomainCore {
-    pub(crate) file: FileId,
-    serial: u64,
-    pub(crate) store: pfnstore_core::sync::Arc<MetadataStore>,
-    pub(crate) locks: RangeLocks,
-    /// Pages of the file (the metadata covers whole chunks beyond it).
-    pub(crate) pages: u64,
-    /// The largest block the memory behind the file is physically contiguous for.
-    pub(crate) max_block: PageSize,
-    /// Written by every operation of this domain: on cache lines of their own.
-    in_flight: [CachePadded<AtomicUsize>; 2],
-    /// (registry generation, subscribers interested in `file`).
-    cached: CachePadded<Mutex<(u64, Members)>>,
-}
-
-impl DomainCore {
-    /// [`MetadataStore::max_mapping_size`], capped at the domain's largest block.
-    pub(crate) fn max_mapping_size(&self, page: Pfn) -> Result<PageSize, MetadataError> {
-        Ok(self.store.max_mapping_size(page)?.min(self.max_block))
-    }
-
-    /// Every page of the file, as the metadata's keys.
-    pub(crate) fn all_pages(&self) -> Option<PfnRange> {
-        PfnRange::from_len(Pfn(0), self.pages).ok()
-    }
 }
 
 impl SubscriberRegistry {
