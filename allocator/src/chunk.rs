@@ -38,7 +38,44 @@ pub(crate) struct Dims {
     pub mw: usize,
 }
 
+/// One mid block that a range touches: its index in the chunk, its first page, and the part
+/// of it inside the range (`lo..hi`, absolute pages).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MidPart {
+    pub mid: u64,
+    pub first: u64,
+    pub lo: u64,
+    pub hi: u64,
+}
+
+impl MidPart {
+    /// Whether the part is the whole block.
+    pub(crate) fn whole(&self, d: &Dims) -> bool {
+        self.lo == self.first && self.hi == self.first + d.m
+    }
+}
+
 impl Dims {
+    /// The mid blocks that `lo..hi` touches, inside the chunk that starts at page `base`.
+    pub(crate) fn mids_in(self, base: u64, lo: u64, hi: u64) -> impl Iterator<Item = MidPart> {
+        let mut q = lo;
+        std::iter::from_fn(move || {
+            if q >= hi {
+                return None;
+            }
+            let mid = (q - base) >> self.m_shift;
+            let first = base + (mid << self.m_shift);
+            let part = MidPart {
+                mid,
+                first,
+                lo: q,
+                hi: hi.min(first + self.m),
+            };
+            q = part.hi;
+            Some(part)
+        })
+    }
+
     pub(crate) fn new(m: u64, c: u64) -> Dims {
         Dims {
             m,

@@ -59,6 +59,14 @@ struct Cursor {
     base: u64,
 }
 
+/// Brings mid block `mid` of the chunk in `slot` to canonical form after a change of some of
+/// its pages, unless it is the cursor block (which stays mixed while small requests use it).
+fn normalize_unless_cursor(t: &mut Split, d: &Dims, cursor: Option<Cursor>, slot: usize, mid: u64) {
+    if !cursor.is_some_and(|c| c.slot == slot && c.mid == mid) {
+        t.normalize(d, mid);
+    }
+}
+
 /// Collects the dirty parts of an allocation, merging touching pieces.
 #[derive(Debug, Default)]
 struct DirtyCollector {
@@ -477,28 +485,15 @@ impl ShardState {
                 _ => {
                     let cursor = self.cursor;
                     let t = self.split_mut(slot);
-                    let mut q = p;
-                    while q < hi {
-                        let mid = (q - base) >> d.m_shift;
-                        let mb = base + (mid << d.m_shift);
-                        let mhi = hi.min(mb + d.m);
-                        let whole_mid = q == mb && mhi == mb + d.m;
-                        if !t.is(Mark::Mixed, mid) && (whole_mid || t.is(Mark::Clean, mid)) {
+                    for part in d.mids_in(base, p, hi) {
+                        let mid = part.mid;
+                        if !t.is(Mark::Mixed, mid) && (part.whole(&d) || t.is(Mark::Clean, mid)) {
                             t.put(Mark::Clean, mid, true);
                         } else {
                             t.ensure_mixed(&d, mid);
-                            t.clean_pages(&d, mid, q - mb, mhi - mb);
-                            if cursor
-                                != Some(Cursor {
-                                    slot,
-                                    mid,
-                                    base: mb,
-                                })
-                            {
-                                t.normalize(&d, mid);
-                            }
+                            t.clean_pages(&d, mid, part.lo - part.first, part.hi - part.first);
+                            normalize_unless_cursor(t, &d, cursor, slot, mid);
                         }
-                        q = mhi;
                     }
                 }
             }

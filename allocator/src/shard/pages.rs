@@ -2,7 +2,7 @@
 
 use pfnstore_core::Pfn;
 
-use super::{Cursor, DirtyCollector, Fault, ShardState};
+use super::{DirtyCollector, Fault, ShardState, normalize_unless_cursor};
 use crate::AllocError;
 use crate::DirtyRanges;
 use crate::chunk::{Bad, Chunk, Mark};
@@ -167,30 +167,19 @@ impl ShardState {
             } else {
                 let cursor = self.cursor;
                 let t = self.split_mut(slot);
-                let mut q = p;
-                while q < hi {
-                    let mid = (q - base) >> d.m_shift;
-                    let mb = base + (mid << d.m_shift);
-                    let mhi = hi.min(mb + d.m);
-                    if q == mb && mhi == mb + d.m && !t.is(Mark::Mixed, mid) {
+                for part in d.mids_in(base, p, hi) {
+                    let mid = part.mid;
+                    if part.whole(&d) && !t.is(Mark::Mixed, mid) {
                         t.put(Mark::Free, mid, false);
                         t.put(Mark::Clean, mid, false);
                         t.put(Mark::Alloc, mid, true);
-                        t.put(Mark::Start, mid, q == start);
+                        t.put(Mark::Start, mid, part.lo == start);
                     } else {
                         t.ensure_mixed(&d, mid);
-                        t.take_pages(&d, mid, q - mb, mhi - mb, q == start);
-                        if cursor
-                            != Some(Cursor {
-                                slot,
-                                mid,
-                                base: mb,
-                            })
-                        {
-                            t.normalize(&d, mid);
-                        }
+                        let (lo, hi) = (part.lo - part.first, part.hi - part.first);
+                        t.take_pages(&d, mid, lo, hi, part.lo == start);
+                        normalize_unless_cursor(t, &d, cursor, slot, mid);
                     }
-                    q = mhi;
                 }
             }
             self.chunk_changed(slot);
@@ -214,30 +203,18 @@ impl ShardState {
             } else {
                 let cursor = self.cursor;
                 let t = self.split_mut(slot);
-                let mut q = p;
-                while q < hi {
-                    let mid = (q - base) >> d.m_shift;
-                    let mb = base + (mid << d.m_shift);
-                    let mhi = hi.min(mb + d.m);
-                    if q == mb && mhi == mb + d.m && t.is(Mark::Alloc, mid) {
+                for part in d.mids_in(base, p, hi) {
+                    let mid = part.mid;
+                    if part.whole(&d) && t.is(Mark::Alloc, mid) {
                         t.put(Mark::Alloc, mid, false);
                         t.put(Mark::Start, mid, false);
                         t.put(Mark::Free, mid, true);
                         t.put(Mark::Clean, mid, false);
                     } else {
                         t.ensure_mixed(&d, mid);
-                        t.release_pages(&d, mid, q - mb, mhi - mb);
-                        if cursor
-                            != Some(Cursor {
-                                slot,
-                                mid,
-                                base: mb,
-                            })
-                        {
-                            t.normalize(&d, mid);
-                        }
+                        t.release_pages(&d, mid, part.lo - part.first, part.hi - part.first);
+                        normalize_unless_cursor(t, &d, cursor, slot, mid);
                     }
-                    q = mhi;
                 }
             }
             self.chunk_changed(slot);
