@@ -8,7 +8,7 @@ use pfnstore_core::{Geometry, Pfn, PfnRange, RangeError};
 
 use crate::lock::ShardLock;
 use crate::shape::Shape;
-use crate::shard::{Fault, ShardState};
+use crate::shard::{Fault, HotFree, ShardState};
 use crate::stats::{AllocatorStats, Usage};
 use crate::{AllocError, AllocRequest, Allocation, DirtyRanges, ShardHint, ShardId};
 
@@ -174,7 +174,26 @@ impl Allocator {
 
     /// Allocates a range as `request` says. Tries the hinted shard first, then (unless the
     /// hint is [`ShardHint::Only`]) every other shard in turn, one lock at a time.
+    #[inline(always)]
     pub fn alloc(&self, request: AllocRequest) -> Result<Allocation, AllocError> {
+        // Inlined into the caller, so that the allocation is built in the caller's registers
+        // from the hot path's two-register answer (IMPLEMENTATION.md, "Hot paths").
+        #[cfg(not(pfnstore_loom_mutation = "allocator_split_alloc"))]
+        if request.hint == ShardHint::Home {
+            let index = self.home();
+            let hot = self.shards[index].state.with(|state| {
+                state.alloc_hot(request.pages, request.align_pages, request.clean_only)
+            });
+            if let Some((start, clean)) = hot {
+                return Ok(Allocation::hot(start, request.pages, ShardId(index), clean));
+            }
+        }
+        self.alloc_general(request)
+    }
+
+    /// [`Allocator::alloc`] when the hot path does not apply: validation, every shard in
+    /// turn, every placement rule.
+    fn alloc_general(&self, request: AllocRequest) -> Result<Allocation, AllocError> {
         let AllocRequest {
             pages,
             align_pages,
@@ -267,8 +286,32 @@ impl Allocator {
 
     /// Gives back an allocation or any part of one (punching a hole). The pages become free
     /// and dirty. Fails, changing nothing, if any page is not part of that one allocation.
+    #[inline(always)]
     pub fn free(&self, range: PfnRange) -> Result<(), AllocError> {
+        let home = self.home();
+        let (start, end) = (range.start().0, range.end().0);
+        match self.shards[home]
+            .state
+            .with(|state| state.free_hot(start, end))
+        {
+            HotFree::Done => Ok(()),
+            HotFree::General => self.free_general(range),
+            HotFree::NotOwned => self.free_elsewhere(range, home),
+        }
+    }
+
+    /// [`Allocator::free`] of a range that starts in the home shard but is not for the hot
+    /// path: validation, several blocks or chunks, quarantine.
+    fn free_general(&self, range: PfnRange) -> Result<(), AllocError> {
         self.on_owner(range.start(), |state| state.free(range))
+            .map(|_| ())
+    }
+
+    /// [`Allocator::free`] of a range that does not start in the home shard: straight to the
+    /// owner the chunk table names (the home shard has said no already).
+    fn free_elsewhere(&self, range: PfnRange, home: usize) -> Result<(), AllocError> {
+        let op = |state: &mut ShardState| state.free(range);
+        self.follow_owner(range.start(), op, home, Err(Fault::StartNotOwned))
             .map(|_| ())
     }
 
@@ -308,8 +351,18 @@ impl Allocator {
         mut op: impl FnMut(&mut ShardState) -> Result<T, Fault>,
     ) -> Result<(T, ShardId), AllocError> {
         let home = self.home();
-        let mut tried = home;
-        let mut outcome = self.shards[home].state.with(&mut op);
+        let outcome = self.shards[home].state.with(&mut op);
+        self.follow_owner(first, op, home, outcome)
+    }
+
+    /// The rest of [`Allocator::on_owner`]: `outcome` is what shard `tried` answered.
+    fn follow_owner<T>(
+        &self,
+        first: Pfn,
+        mut op: impl FnMut(&mut ShardState) -> Result<T, Fault>,
+        mut tried: usize,
+        mut outcome: Result<T, Fault>,
+    ) -> Result<(T, ShardId), AllocError> {
         // The table may change under us (a chunk removed and re-added elsewhere): follow it
         // until the shard it names says the same as the last one.
         while matches!(outcome, Err(Fault::StartNotOwned)) {

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use pfnstore_core::PfnRange;
+use pfnstore_core::{Pfn, PfnRange};
 
 /// The index of a shard, `0..shards`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -83,6 +83,23 @@ pub struct Allocation {
 }
 
 impl Allocation {
+    /// What a hot path handed out: `pages` pages from `start` (inside a managed chunk), all
+    /// clean or all dirty.
+    #[inline]
+    pub(crate) fn hot(start: u64, pages: u64, shard: ShardId, clean: bool) -> Allocation {
+        let range = PfnRange::new(Pfn(start), Pfn(start + pages))
+            .expect("start < end <= PFN_LIMIT: both lie in a managed chunk");
+        Allocation {
+            range,
+            shard,
+            dirty: if clean {
+                DirtyRanges::new()
+            } else {
+                range.into()
+            },
+        }
+    }
+
     /// Whether any page needs scrubbing.
     pub fn is_dirty(&self) -> bool {
         !self.dirty.is_empty()

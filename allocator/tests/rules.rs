@@ -546,3 +546,70 @@ fn a_waiting_cursor_still_serves_what_partly_used_blocks_cannot() {
     assert_eq!(alloc(&a, 1, 2), range(last_mid * M, 1));
     a.check_invariants().unwrap();
 }
+
+/// `free` answers from the calling thread's home shard when it can (one page, one whole
+/// block), sends everything else there through full validation, and a range that starts in
+/// another shard straight to its owner: every kind of free, good and bad, gives the same
+/// answer in the home shard and in the other one.
+#[test]
+fn frees_get_the_same_answers_in_the_home_shard_and_in_another() {
+    let a = Allocator::new(AllocatorConfig::new(G, 2)).unwrap();
+    let home = a.home_shard();
+    let other = ShardId(1 - home.0);
+    // Chunks 0 and 1 to the home shard, 2 and 3 to the other one: a range from chunk 1 into
+    // chunk 2 crosses shards.
+    for (c, shard) in [(0, home), (1, home), (2, other), (3, other)] {
+        a.add_chunk_to(Pfn(c * C), true, shard).unwrap();
+    }
+    let only = |shard, pages: u64| {
+        let align = if pages.is_power_of_two() { pages } else { 1 };
+        a.alloc(
+            AllocRequest::new(pages)
+                .aligned(align)
+                .hint(ShardHint::Only(shard)),
+        )
+        .unwrap()
+    };
+    for shard in [home, other] {
+        let page = only(shard, 1);
+        let block = only(shard, 512);
+        let chunk = only(shard, C);
+        let run = only(shard, 3);
+        assert!([page.shard, block.shard, chunk.shard, run.shard] == [shard; 4]);
+        for r in [page.range, block.range, chunk.range] {
+            a.free(r).unwrap();
+            assert_eq!(a.free(r), Err(AllocError::DoubleFree { pfn: r.start() }));
+        }
+        // Not for the hot path: part of an allocation (a hole), then the rest.
+        a.free(range(run.range.start().0 + 1, 1)).unwrap();
+        assert_eq!(
+            a.free(run.range),
+            Err(AllocError::DoubleFree {
+                pfn: Pfn(run.range.start().0 + 1)
+            })
+        );
+        a.free(range(run.range.start().0, 1)).unwrap();
+        a.free(range(run.range.start().0 + 2, 1)).unwrap();
+        a.check_invariants().unwrap();
+    }
+    // A range from the home shard's last chunk into the other shard's first one, taken
+    // with `alloc_at` in two parts, and freed as one: it crosses shards.
+    let across = range(2 * C - 1, 2);
+    a.alloc_at(range(2 * C - 1, 1)).unwrap();
+    a.alloc_at(range(2 * C, 1)).unwrap();
+    assert_eq!(
+        a.free(across),
+        Err(AllocError::CrossesShards { pfn: Pfn(2 * C) })
+    );
+    a.free(range(2 * C - 1, 1)).unwrap();
+    a.free(range(2 * C, 1)).unwrap();
+    // No chunk at all.
+    assert_eq!(
+        a.free(range(9 * C, 1)),
+        Err(AllocError::NotManaged { pfn: Pfn(9 * C) })
+    );
+    let s = a.stats();
+    assert_eq!(s.total.allocated_pages, 0);
+    assert_eq!(s.total.free_chunks, 4);
+    a.check_invariants().unwrap();
+}

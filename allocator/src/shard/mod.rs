@@ -26,6 +26,18 @@ pub(crate) enum Fault {
     Outside(u64),
 }
 
+/// What [`ShardState::free_hot`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HotFree {
+    /// Freed.
+    Done,
+    /// Nothing: the range starts in this shard, but takes the general path (validation,
+    /// several blocks, quarantine, ...).
+    General,
+    /// Nothing: the range does not start in this shard.
+    NotOwned,
+}
+
 impl From<AllocError> for Fault {
     fn from(e: AllocError) -> Fault {
         Fault::Rejected(e)
@@ -349,30 +361,50 @@ impl ShardState {
         align: u64,
         clean_only: bool,
     ) -> Option<(PfnRange, DirtyRanges)> {
-        if pages == 1
-            && align == 1
-            && !clean_only
-            && let Some(done) = self.alloc_one_from_cursor()
-        {
-            return Some(done);
-        }
-        if !clean_only
-            && pages == align
-            && (pages == self.d.m || pages == self.d.c)
-            && let Some(done) = self.alloc_whole_block(pages)
-        {
-            return Some(done);
+        if let Some((start, clean)) = self.alloc_hot(pages, align, clean_only) {
+            let range = pfn_range(start, start + pages);
+            return Some((
+                range,
+                if clean {
+                    DirtyRanges::new()
+                } else {
+                    range.into()
+                },
+            ));
         }
         let start = self.place(pages, align, clean_only)?;
         let dirty = self.take(start, start + pages);
         Some((pfn_range(start, start + pages), dirty))
     }
 
+    /// The hot paths of [`ShardState::alloc`]: one page from the cursor, or one whole 2 MiB
+    /// or 1 GiB block. Returns the first page and whether the range is clean, a pair that
+    /// travels in two registers (the callers' `Allocation` is built where it is used, so no
+    /// caller reads it back from memory the callee just wrote, which stalls store forwarding:
+    /// see allocator/IMPLEMENTATION.md, "Hot paths"). `None`: the general path decides.
+    #[inline(never)]
+    pub(crate) fn alloc_hot(
+        &mut self,
+        pages: u64,
+        align: u64,
+        clean_only: bool,
+    ) -> Option<(u64, bool)> {
+        if clean_only || pages != align {
+            None
+        } else if pages == 1 {
+            self.alloc_one_from_cursor()
+        } else if pages == self.d.m || pages == self.d.c {
+            self.alloc_whole_block(pages)
+        } else {
+            None
+        }
+    }
+
     /// The hot path of a 2 MiB or 1 GiB request: a whole free block without page bitmaps.
     /// `None` sends the request down the general path (which also finds out whether there is
     /// room at all).
     #[inline]
-    fn alloc_whole_block(&mut self, pages: u64) -> Option<(PfnRange, DirtyRanges)> {
+    fn alloc_whole_block(&mut self, pages: u64) -> Option<(u64, bool)> {
         let d = self.d;
         self.retire_cursor_if_free();
         let (start, clean) = if pages == d.c {
@@ -404,20 +436,12 @@ impl ShardState {
             (base + (mid << d.m_shift), clean)
         };
         self.allocated_pages += pages;
-        let range = pfn_range(start, start + pages);
-        Some((
-            range,
-            if clean {
-                DirtyRanges::new()
-            } else {
-                range.into()
-            },
-        ))
+        Some((start, clean))
     }
 
     /// The hot path of a 4 KiB request: the first free page of the cursor block.
     #[inline]
-    fn alloc_one_from_cursor(&mut self) -> Option<(PfnRange, DirtyRanges)> {
+    fn alloc_one_from_cursor(&mut self) -> Option<(u64, bool)> {
         let d = self.d;
         let c = self.cursor?;
         let Chunk::Split(t) = &mut self.slots[c.slot].chunk else {
@@ -435,16 +459,7 @@ impl ShardState {
         };
         t.take_pages(&d, c.mid, off, off + 1, true);
         self.allocated_pages += 1;
-        let pfn = c.base + off;
-        let range = pfn_range(pfn, pfn + 1);
-        Some((
-            range,
-            if clean {
-                DirtyRanges::new()
-            } else {
-                range.into()
-            },
-        ))
+        Some((c.base + off, clean))
     }
 
     /// The test-only mutation of the loom models: takes `[start, end)` without checking that
@@ -504,16 +519,27 @@ impl ShardState {
 
     pub(crate) fn free(&mut self, range: PfnRange) -> Result<(), Fault> {
         let (start, end) = (range.start().0, range.end().0);
-        if end - start == 1 && self.free_one(start) {
-            return Ok(());
-        }
-        if self.free_whole_block(start, end) {
+        if self.free_hot(start, end) == HotFree::Done {
             return Ok(());
         }
         self.check_allocated(start, end, true)?;
         self.release(start, end);
         self.split_after(end);
         Ok(())
+    }
+
+    /// The hot paths of [`ShardState::free`]: one page of a mixed block, or one whole block.
+    /// The answer is one byte in a register (for the reason `alloc_hot` gives); anything but
+    /// [`HotFree::Done`] has changed nothing.
+    #[inline(never)]
+    pub(crate) fn free_hot(&mut self, start: u64, end: u64) -> HotFree {
+        if (end - start == 1 && self.free_one(start)) || self.free_whole_block(start, end) {
+            HotFree::Done
+        } else if self.owns(start) {
+            HotFree::General
+        } else {
+            HotFree::NotOwned
+        }
     }
 
     /// The hot path of a 4 KiB free: a one-page allocation in a mixed block. Returns
