@@ -82,21 +82,23 @@ pub struct Allocation {
     pub dirty: DirtyRanges,
 }
 
+/// Builds a range from bounds that an operation derived from valid ranges.
+#[inline]
+pub(crate) fn pfn_range(start: u64, end: u64) -> PfnRange {
+    PfnRange::new(Pfn(start), Pfn(end))
+        .expect("start < end <= PFN_LIMIT: both lie in a managed chunk")
+}
+
 impl Allocation {
     /// What a hot path handed out: `pages` pages from `start` (inside a managed chunk), all
     /// clean or all dirty.
     #[inline]
     pub(crate) fn hot(start: u64, pages: u64, shard: ShardId, clean: bool) -> Allocation {
-        let range = PfnRange::new(Pfn(start), Pfn(start + pages))
-            .expect("start < end <= PFN_LIMIT: both lie in a managed chunk");
+        let range = pfn_range(start, start + pages);
         Allocation {
             range,
             shard,
-            dirty: if clean {
-                DirtyRanges::new()
-            } else {
-                range.into()
-            },
+            dirty: DirtyRanges::all_or_none(range, clean),
         }
     }
 
@@ -132,6 +134,16 @@ impl DirtyRanges {
     /// No dirty range.
     pub const fn new() -> DirtyRanges {
         DirtyRanges(Ranges::None)
+    }
+
+    /// All of `range` dirty, or none of it if it is `clean`.
+    #[inline]
+    pub(crate) fn all_or_none(range: PfnRange, clean: bool) -> DirtyRanges {
+        if clean {
+            DirtyRanges::new()
+        } else {
+            range.into()
+        }
     }
 
     /// Appends `range`, which must come after (and not touch) every range already held.

@@ -11,6 +11,7 @@ use pfnstore_core::{Pfn, PfnRange};
 
 use crate::bits;
 use crate::chunk::{Chunk, Dims, Mark, Split};
+use crate::request::pfn_range;
 use crate::shape::{Shape, align_down};
 use crate::{AllocError, DirtyRanges};
 
@@ -42,12 +43,6 @@ impl From<AllocError> for Fault {
     fn from(e: AllocError) -> Fault {
         Fault::Rejected(e)
     }
-}
-
-/// Builds a range from bounds that an operation derived from valid ranges.
-fn pfn_range(start: u64, end: u64) -> PfnRange {
-    PfnRange::new(Pfn(start), Pfn(end))
-        .expect("start < end <= PFN_LIMIT: both lie in a managed chunk")
 }
 
 #[derive(Debug)]
@@ -363,14 +358,7 @@ impl ShardState {
     ) -> Option<(PfnRange, DirtyRanges)> {
         if let Some((start, clean)) = self.alloc_hot(pages, align, clean_only) {
             let range = pfn_range(start, start + pages);
-            return Some((
-                range,
-                if clean {
-                    DirtyRanges::new()
-                } else {
-                    range.into()
-                },
-            ));
+            return Some((range, DirtyRanges::all_or_none(range, clean)));
         }
         let start = self.place(pages, align, clean_only)?;
         let dirty = self.take(start, start + pages);
